@@ -1,0 +1,3 @@
+from lumctl.cli import main
+
+main()

@@ -1,0 +1,124 @@
+"""The `lumctl` command line: one small command per verb; heavy imports happen inside.
+
+Exit codes: 0 ok, 2 bad input (one line naming file and field), 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="lumctl: pretrain a Large User Model, query it, fuse its answers into DLRMs, evaluate.")
+spec_app = typer.Typer(no_args_is_help=True, help="Validate specs and print their schema.")
+app.add_typer(spec_app, name="spec")
+
+# verb -> module with run(spec, force) -> Path, in the order `lumctl run` follows
+STAGES = {
+    "synth": "lumctl.synth",
+    "tokenize": "lumctl.stages.tokenize",
+    "pack": "lumctl.stages.pack",
+}
+
+SpecArg = typer.Argument(..., help="TOML spec of the experiment", show_default=False)
+ForceOpt = typer.Option(False, "--force", help="rebuild even when the store is up to date")
+
+
+def _guard(fn: Callable[[], object]) -> None:
+    """Run `fn`; map errors to one line and an exit code."""
+    from lumctl.errors import InputError
+    try:
+        fn()
+    except InputError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130)
+    except Exception as e:  # internal failure: one line, the traceback only with LUMCTL_DEBUG=1
+        import os
+        import traceback
+        if os.environ.get("LUMCTL_DEBUG"):
+            traceback.print_exc()
+        typer.echo(f"internal error: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(1)
+
+
+def _run_stage(stage: str, spec_path: Path, force: bool) -> None:
+    from lumctl.errors import InputError
+    from lumctl.specs import load_spec
+
+    def go():
+        spec = load_spec(spec_path)
+        if stage == "synth" and spec.synth is None:
+            raise InputError(str(spec_path), "[synth]: section missing; nothing to generate")
+        importlib.import_module(STAGES[stage]).run(spec, force=force)
+    _guard(go)
+
+
+@app.command()
+def synth(spec: Path = SpecArg, force: bool = ForceOpt):
+    """Generate the synthetic behaviour log of the spec's [synth] section."""
+    _run_stage("synth", spec, force)
+
+
+@app.command()
+def tokenize(spec: Path = SpecArg, force: bool = ForceOpt):
+    """Raw log -> vocabularies, feature tables, per-user sequences and splits (Zarr)."""
+    _run_stage("tokenize", spec, force)
+
+
+@app.command()
+def pack(spec: Path = SpecArg, force: bool = ForceOpt):
+    """Per-user sequences -> packed rows with segment ids, positions, loss mask (Numba)."""
+    _run_stage("pack", spec, force)
+
+
+@app.command()
+def run(spec: Path = SpecArg, force: bool = ForceOpt):
+    """Every implemented stage in order, skipping those already up to date."""
+    from lumctl.specs import load_spec
+
+    def go():
+        s = load_spec(spec)
+        for stage, module in STAGES.items():
+            if getattr(s, stage, None) is None:
+                continue
+            importlib.import_module(module).run(s, force=force)
+    _guard(go)
+
+
+@spec_app.command("validate")
+def spec_validate(specs: list[Path] = typer.Argument(..., help="spec files")):
+    """Validate spec files; print one line per file."""
+    from lumctl.errors import InputError
+    from lumctl.specs import load_spec
+    bad = 0
+    for p in specs:
+        try:
+            s = load_spec(p)
+            typer.echo(f"{p}: ok (experiment '{s.experiment}')")
+        except InputError as e:
+            typer.echo(f"error: {e}", err=True)
+            bad += 1
+    raise typer.Exit(2 if bad else 0)
+
+
+@spec_app.command("schema")
+def spec_schema():
+    """Print the JSON schema of the specs."""
+    from lumctl.specs import Spec
+    typer.echo(json.dumps(Spec.model_json_schema(), indent=2))
+
+
+def main() -> None:  # console script entry point
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

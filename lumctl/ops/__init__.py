@@ -1,0 +1,1 @@
+"""Numba kernels, each beside a plain NumPy/Python reference twin (tests compare them)."""

@@ -1,0 +1,245 @@
+"""Packing many users' token sequences into fixed-length rows, and the attention masks.
+
+Each user contributes `n_tokens[u]` tokens (2 per event with conditions, 1 without). Users are
+placed longest first into rows of `seq_len` tokens, best-fit (the fullest row that still fits)
+or first-fit (the first row that fits). Every kernel has a `*_ref` twin in plain Python/NumPy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+PAD, COND, ITEM = 0, 1, 2  # token types
+
+
+# --------------------------------------------------------------------------- bin assignment
+@njit(cache=True)
+def _assign_best_fit(lengths, order, seq_len):
+    """Best fit decreasing. Rows are kept in buckets by remaining capacity (linked lists), so a
+    placement scans capacities from `length` upward: O(seq_len) worst case, O(1) typical."""
+    n = len(lengths)
+    row = np.empty(n, np.int64)
+    start = np.empty(n, np.int64)
+    head = np.full(seq_len + 1, -1, np.int64)      # head[c] = a row with remaining capacity c
+    nxt = np.empty(n, np.int64)                    # next row in the same bucket
+    used = np.empty(n, np.int64)                   # tokens used per row
+    n_rows = 0
+    for k in range(n):
+        u = order[k]
+        L = lengths[u]
+        r = -1
+        for c in range(L, seq_len + 1):
+            if head[c] != -1:
+                r = head[c]
+                head[c] = nxt[r]
+                break
+        if r == -1:
+            r = n_rows
+            n_rows += 1
+            used[r] = 0
+        row[u] = r
+        start[u] = used[r]
+        used[r] += L
+        c = seq_len - used[r]
+        nxt[r] = head[c]
+        head[c] = r
+    return row, start, n_rows
+
+
+@njit(cache=True)
+def _assign_first_fit(lengths, order, seq_len):
+    """First fit decreasing with a segment tree over rows' remaining capacity: O(log R) a user."""
+    n = len(lengths)
+    size = 1
+    while size < max(n, 1):
+        size *= 2
+    tree = np.zeros(2 * size, np.int64)  # max remaining capacity in each subtree; unopened rows = seq_len
+    for i in range(size, 2 * size):
+        tree[i] = seq_len
+    for i in range(size - 1, 0, -1):
+        tree[i] = max(tree[2 * i], tree[2 * i + 1])
+    row = np.empty(n, np.int64)
+    start = np.empty(n, np.int64)
+    n_rows = 0
+    for k in range(n):
+        u = order[k]
+        L = lengths[u]
+        i = 1
+        while i < size:  # leftmost leaf with capacity >= L
+            i = 2 * i if tree[2 * i] >= L else 2 * i + 1
+        r = i - size
+        row[u] = r
+        start[u] = seq_len - tree[i]
+        tree[i] -= L
+        i //= 2
+        while i >= 1:
+            tree[i] = max(tree[2 * i], tree[2 * i + 1])
+            i //= 2
+        if r + 1 > n_rows:
+            n_rows = r + 1
+    return row, start, n_rows
+
+
+def assign_rows(lengths: np.ndarray, seq_len: int, strategy: str = "best_fit") -> tuple[np.ndarray, np.ndarray, int]:
+    """lengths [U] tokens per user -> (row [U], start [U], n_rows). Longest first, ties by user index."""
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) and (lengths.max() > seq_len or lengths.min() < 1):
+        raise ValueError(f"every user needs 1..{seq_len} tokens (got {lengths.min()}..{lengths.max()})")
+    order = np.argsort(-lengths, kind="stable")
+    fn = _assign_best_fit if strategy == "best_fit" else _assign_first_fit
+    return fn(lengths, order, seq_len)
+
+
+def assign_rows_ref(lengths, seq_len, strategy="best_fit"):
+    """Reference twin of `assign_rows` in plain Python (same placements)."""
+    lengths = [int(x) for x in lengths]
+    order = sorted(range(len(lengths)), key=lambda u: (-lengths[u], u))
+    used: list[int] = []
+    row, start = [0] * len(lengths), [0] * len(lengths)
+    # best fit ties: the most recently filled row of that capacity (the bucket stack's top)
+    stamp: list[int] = []
+    for k, u in enumerate(order):
+        L = lengths[u]
+        fits = [r for r in range(len(used)) if seq_len - used[r] >= L]
+        if not fits:
+            used.append(0); stamp.append(-1)
+            r = len(used) - 1
+        elif strategy == "first_fit":
+            r = fits[0]
+        else:
+            best = min(seq_len - used[r] for r in fits)
+            r = max((r for r in fits if seq_len - used[r] == best), key=lambda r: stamp[r])
+        row[u], start[u] = r, used[r]
+        used[r] += L
+        stamp[r] = k
+    return np.array(row, np.int64), np.array(start, np.int64), len(used)
+
+
+# --------------------------------------------------------------------------- filling rows
+@njit(cache=True)
+def _fill(items, conds, first, count, row, start, n_rows, seq_len, with_cond):
+    """Write the tokens of user u (events first[u] : first[u]+count[u]) at row[u], start[u]."""
+    n_fields = conds.shape[1]
+    typ = np.zeros((n_rows, seq_len), np.int8)
+    item = np.zeros((n_rows, seq_len), np.int32)
+    cond = np.zeros((n_rows, seq_len, n_fields), np.int32)
+    seg = np.full((n_rows, seq_len), -1, np.int32)
+    pos = np.zeros((n_rows, seq_len), np.int32)
+    loss = np.zeros((n_rows, seq_len), np.bool_)
+    target = np.zeros((n_rows, seq_len), np.int32)
+    user = np.full((n_rows, seq_len), -1, np.int32)
+    slot = np.zeros(n_rows, np.int32)  # next segment number per row, in placement order
+    order = np.argsort(start)  # segments numbered left to right within each row
+    for k in range(len(order)):
+        u = order[k]
+        r = row[u]
+        s = slot[r]
+        slot[r] += 1
+        t = start[u]
+        n = count[u]
+        for e in range(n):
+            ev = first[u] + e
+            if with_cond:
+                p = t + 2 * e
+                typ[r, p] = 1
+                for f in range(n_fields):
+                    cond[r, p, f] = conds[ev, f]
+                loss[r, p] = True
+                target[r, p] = items[ev]
+                typ[r, p + 1] = 2
+                item[r, p + 1] = items[ev]
+                for q in range(2):
+                    seg[r, p + q] = s
+                    pos[r, p + q] = 2 * e + q
+                    user[r, p + q] = u
+            else:
+                p = t + e
+                typ[r, p] = 2
+                item[r, p] = items[ev]
+                seg[r, p] = s
+                pos[r, p] = e
+                user[r, p] = u
+                if e + 1 < n:
+                    loss[r, p] = True
+                    target[r, p] = items[ev + 1]
+    return typ, item, cond, seg, pos, loss, target, user
+
+
+def pack_sequences(items: np.ndarray, conds: np.ndarray, first: np.ndarray, count: np.ndarray, seq_len: int,
+                   conditions: bool = True, strategy: str = "best_fit") -> dict[str, np.ndarray]:
+    """Pack users' events into rows.
+
+    items [E] item ids, conds [E, F] condition ids, first [U] / count [U] each user's events
+    (already truncated to the part to pack). Returns arrays [R, S] (cond: [R, S, F]) as in
+    docs/CONTRACTS.md, plus `row` and `start` per user ([U]).
+    """
+    count = np.asarray(count, np.int64)
+    lengths = count * (2 if conditions else 1)
+    conds = np.ascontiguousarray(conds, np.int32).reshape(len(items), -1)
+    row, start, n_rows = assign_rows(lengths, seq_len, strategy)
+    typ, item, cond, seg, pos, loss, target, user = _fill(
+        np.asarray(items, np.int32), conds, np.asarray(first, np.int64), count, row, start, n_rows, seq_len, conditions)
+    return {"type": typ, "item": item, "cond": cond, "segment": seg, "pos": pos, "loss_mask": loss,
+            "target": target, "user": user, "row": row, "start": start}
+
+
+def pack_sequences_ref(items, conds, first, count, seq_len, conditions=True, strategy="best_fit"):
+    """Reference twin of `pack_sequences` in plain Python/NumPy."""
+    items = np.asarray(items)
+    conds = np.asarray(conds).reshape(len(items), -1)
+    lengths = [int(c) * (2 if conditions else 1) for c in count]
+    row, start, R = assign_rows_ref(lengths, seq_len, strategy)
+    F = conds.shape[1]
+    out = {"type": np.zeros((R, seq_len), np.int8), "item": np.zeros((R, seq_len), np.int32),
+           "cond": np.zeros((R, seq_len, F), np.int32), "segment": np.full((R, seq_len), -1, np.int32),
+           "pos": np.zeros((R, seq_len), np.int32), "loss_mask": np.zeros((R, seq_len), bool),
+           "target": np.zeros((R, seq_len), np.int32), "user": np.full((R, seq_len), -1, np.int32)}
+    for r in range(R):
+        users = sorted((u for u in range(len(count)) if row[u] == r), key=lambda u: start[u])
+        for s, u in enumerate(users):
+            evs = list(range(first[u], first[u] + count[u]))
+            toks = []
+            for e, ev in enumerate(evs):
+                nxt = items[evs[e + 1]] if e + 1 < len(evs) else 0
+                if conditions:
+                    toks.append((COND, 0, conds[ev], True, items[ev]))
+                    toks.append((ITEM, items[ev], np.zeros(F), False, 0))
+                else:
+                    toks.append((ITEM, items[ev], np.zeros(F), e + 1 < len(evs), nxt))
+            for p, (t, it, c, lm, tg) in enumerate(toks):
+                j = start[u] + p
+                out["type"][r, j], out["item"][r, j], out["cond"][r, j] = t, it, c
+                out["segment"][r, j], out["pos"][r, j], out["loss_mask"][r, j] = s, p, lm
+                out["target"][r, j], out["user"][r, j] = tg, u
+    out["row"], out["start"] = row, start
+    return out
+
+
+# --------------------------------------------------------------------------- masks
+@njit(cache=True)
+def document_causal_mask(segment):
+    """segment [B, S] -> bool [B, S, S]: query i may attend key j iff same user and j <= i.
+    Padding positions attend only themselves (keeps softmax finite; their outputs are unused)."""
+    B, S = segment.shape
+    mask = np.zeros((B, S, S), np.bool_)
+    for b in range(B):
+        for i in range(S):
+            si = segment[b, i]
+            if si < 0:
+                mask[b, i, i] = True
+                continue
+            j = i
+            while j >= 0 and segment[b, j] == si:
+                mask[b, i, j] = True
+                j -= 1
+    return mask
+
+
+def document_causal_mask_ref(segment: np.ndarray) -> np.ndarray:
+    segment = np.asarray(segment)
+    S = segment.shape[1]
+    same = segment[:, :, None] == segment[:, None, :]
+    causal = np.tril(np.ones((S, S), bool))[None]
+    real = (segment >= 0)[:, :, None]
+    return (same & causal & real) | (~real & np.eye(S, dtype=bool)[None])

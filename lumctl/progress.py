@@ -1,0 +1,21 @@
+"""Console output: one rich console, progress bars for anything that takes more than a few seconds."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def say(msg: str) -> None:
+    console.print(msg)
+
+
+def progress(**kw) -> Progress:
+    """A progress bar on stderr; silent when stderr is not a terminal unless forced."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=False, disable=not sys.stderr.isatty(), **kw)

@@ -1,0 +1,258 @@
+"""Experiment specs: one TOML file per experiment, one section per stage.
+
+Every model forbids unknown keys, documents each field and has defaults that work, so a
+minimal spec is short and a typo fails at validation with a one-line message such as
+`specs/ml-1m.toml: [pack].seq_len: must be > 0 (got -4)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lumctl.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------------------- synth
+class SynthSpec(Strict):
+    """A synthetic behaviour log with known structure (see lumctl/synth.py)."""
+
+    users: int = Field(2000, gt=0, description="number of users")
+    items: int = Field(1000, gt=1, description="number of items")
+    categories: int = Field(20, gt=0, description="item categories (an item attribute)")
+    scenarios: int = Field(3, gt=0, description="scenarios; a user's taste depends on the scenario")
+    events_per_user: tuple[int, int] = Field((20, 120), description="[min, max] events per user")
+    tastes: int = Field(2, gt=0, description="preferred categories per user and scenario")
+    focus: float = Field(0.8, ge=0, le=1, description="share of events drawn from the user's preferred categories")
+    zipf: float = Field(1.1, ge=0, description="popularity skew of items within a category")
+    seed: int = Field(0, description="random seed; the log is a pure function of the spec")
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.events_per_user
+        if not 3 <= lo <= hi:
+            raise ValueError(f"events_per_user must be [min, max] with 3 <= min <= max (got {[lo, hi]})")
+        if self.categories > self.items:
+            raise ValueError(f"categories must be <= items (got {self.categories} > {self.items})")
+        return self
+
+
+# ------------------------------------------------------------------------------------ tokenize
+Format = Literal[
+    "synth",           # the synth store of this experiment
+    "movielens-1m",    # folder with ratings.dat[.gz] (or ratings.users-1-2999.dat.gz), movies.dat, users.dat
+    "movielens-100k",  # folder with u.data, u.item, u.user
+    "movielens-csv",   # MovieLens 20M/25M folder with ratings.csv, movies.csv
+    "amazon-json",     # Amazon raw 5-core review JSON lines (reviewerID, asin, overall, unixReviewTime)
+    "amazon-csv",      # Amazon ratings CSV: user,item,rating,timestamp (no header)
+    "seq-lines",       # S3-Rec: `user item item ...` per line, time ordered
+    "seq-pairs",       # SASRec/BERT4Rec: `user item` per line, grouped by user, time ordered
+    "taobao",          # Taobao UserBehavior CSV: user_id,item_id,category_id,behavior_type,timestamp
+    "table",           # any CSV/parquet with a column mapping
+]
+
+
+class ConditionField(Strict):
+    """One field of the condition token. Several fields make a multi-condition token."""
+
+    name: str = Field(description="field name, e.g. 'rating' or 'genre'")
+    source: Literal["column", "bucket", "item_attr"] = Field(
+        description="column: an event column's values; bucket: a numeric event column cut at `edges`; "
+        "item_attr: an attribute of the event's item (first value of a multi-valued one)")
+    column: str = Field(description="event column (column/bucket) or item attribute (item_attr)")
+    edges: list[float] = Field(default_factory=list, description="bucket edges: value < edges[0] -> labels[0], ...")
+    labels: list[str] = Field(default_factory=list, description="bucket labels, len(edges) + 1")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source == "bucket":
+            if not self.edges:
+                raise ValueError("bucket conditions need `edges`")
+            if sorted(self.edges) != self.edges:
+                raise ValueError(f"edges must be increasing (got {self.edges})")
+            if self.labels and len(self.labels) != len(self.edges) + 1:
+                raise ValueError(f"labels must have len(edges) + 1 = {len(self.edges) + 1} entries (got {len(self.labels)})")
+        elif self.edges or self.labels:
+            raise ValueError("edges/labels only apply to source = 'bucket'")
+        return self
+
+    def bucket_labels(self) -> list[str]:
+        return self.labels or [f"b{k}" for k in range(len(self.edges) + 1)]
+
+
+class SplitSpec(Strict):
+    """How each user's time-ordered events are split into train / valid / test."""
+
+    kind: Literal["leave_one_out", "fraction", "time"] = Field(
+        "leave_one_out", description="leave_one_out: valid = second-to-last, test = last event; "
+        "fraction: per-user chronological fractions; time: global timestamp cutoffs")
+    train: float = Field(0.8, gt=0, lt=1, description="fraction: share of each user's events in train")
+    valid: float = Field(0.1, ge=0, lt=1, description="fraction: share in valid (the rest is test)")
+    valid_from: int | None = Field(None, description="time: events at or after this timestamp are valid")
+    test_from: int | None = Field(None, description="time: events at or after this timestamp are test")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "fraction" and self.train + self.valid >= 1:
+            raise ValueError(f"train + valid must be < 1 (got {self.train + self.valid})")
+        if self.kind == "time":
+            if self.valid_from is None or self.test_from is None:
+                raise ValueError("time split needs valid_from and test_from")
+            if self.valid_from > self.test_from:
+                raise ValueError("valid_from must be <= test_from")
+        return self
+
+
+class TokenizeSpec(Strict):
+    """Raw behaviour log -> vocabularies, feature tables, per-user sequences, splits."""
+
+    format: Format = Field(description="raw log format")
+    path: str = Field("", description="file or folder of the raw log; `${VAR:-default}` is expanded")
+    items_path: str = Field("", description="table format: optional item attribute table (CSV/parquet)")
+    columns: dict[str, str] = Field(default_factory=dict, description=(
+        "table format: standard name -> file column; needs user, item, timestamp; optional rating"))
+    item_columns: dict[str, str] = Field(default_factory=dict, description="table format: item table, needs item")
+    delimiter: str = Field(",", min_length=1, max_length=1, description="table format CSV delimiter")
+    header: bool = Field(True, description="table format: the CSV has a header row")
+    conditions: list[ConditionField] = Field(default_factory=list, description="condition fields (empty = no conditions)")
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    min_user_events: int = Field(3, ge=1, description="drop users with fewer events (leave-one-out needs 3)")
+    min_item_events: int = Field(1, ge=1, description="drop items with fewer events (one pass)")
+    popularity_buckets: int = Field(16, gt=0, description="log2 buckets of item popularity (training events)")
+    strict: bool = Field(False, description="stop at the first malformed row (with its line number) instead of skipping")
+
+    @field_validator("path", "items_path")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return expand_vars(v)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.format != "synth" and not self.path:
+            raise ValueError(f"path is required for format '{self.format}'")
+        if self.format == "table":
+            missing = {"user", "item", "timestamp"} - set(self.columns)
+            if missing:
+                raise ValueError(f"columns must map {sorted(missing)} for format 'table'")
+        names = [c.name for c in self.conditions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"condition names must be unique (got {names})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- pack
+class PackSpec(Strict):
+    """Per-user token sequences -> packed rows of `seq_len` tokens (Numba)."""
+
+    seq_len: int = Field(4096, gt=0, description="tokens per packed row")
+    max_items: int = Field(200, gt=0, description="keep each user's most recent `max_items` events")
+    conditions: bool = Field(True, description="write condition tokens (false = item-only ablation)")
+    strategy: Literal["best_fit", "first_fit"] = Field("best_fit", description="bin packing, longest users first")
+    chunk_rows: int = Field(64, gt=0, description="rows per Zarr chunk")
+
+    @model_validator(mode="after")
+    def _check(self):
+        need = self.max_items * (2 if self.conditions else 1)
+        if self.seq_len < need:
+            raise ValueError(f"seq_len must be >= {need} tokens to hold max_items = {self.max_items} (got {self.seq_len})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- spec
+class Spec(Strict):
+    """One experiment."""
+
+    experiment: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", description="name; outputs go to <store_root>/<experiment>/")]
+    store_root: str = Field("stores", description="root folder of all stores; `${VAR:-default}` is expanded")
+    synth: SynthSpec | None = Field(None, description="generate the raw log (format = 'synth')")
+    tokenize: TokenizeSpec
+    pack: PackSpec = Field(default_factory=PackSpec)
+
+    @field_validator("store_root")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return expand_vars(v)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.tokenize.format == "synth" and self.synth is None:
+            raise ValueError("tokenize.format = 'synth' needs a [synth] section")
+        return self
+
+    def store(self, stage: str) -> Path:
+        return Path(self.store_root) / self.experiment / stage
+
+    def section_hash(self, *sections: str) -> str:
+        d = {s: getattr(self, s).model_dump(mode="json") if getattr(self, s) is not None else None for s in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+STAGES = ("synth", "tokenize", "pack")  # the order `lumctl run` follows
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_vars(value: str) -> str:
+    """Expand `${NAME}` and `${NAME:-default}` from the environment."""
+    return _VAR.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+
+
+def _format_error(path: str, err: dict) -> str:
+    loc = [str(p) for p in err["loc"]]
+    if not loc:
+        where = ""
+    elif len(loc) == 1:
+        where = loc[0] if loc[0] in Spec.model_fields and loc[0] in ("experiment", "store_root") else f"[{loc[0]}]"
+    else:
+        where = f"[{loc[0]}]." + ".".join(loc[1:])
+    msg = err["msg"]
+    msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    else:
+        msg = msg[0].lower() + msg[1:] if msg else msg
+        if "input" in err and not isinstance(err["input"], dict) and "(got" not in msg:
+            msg += f" (got {err['input']!r})"
+    msg = msg.replace("greater than", ">").replace("less than", "<").replace("Input should be", "must be")
+    msg = msg.replace("input should be", "must be")
+    return f"{path}: {where + ': ' if where else ''}{msg}"
+
+
+def parse_spec(data: dict, path: str = "<spec>") -> Spec:
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        raise InputError(path, _format_error(path, e.errors()[0]).split(": ", 1)[1]) from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a TOML spec; any problem becomes one InputError line."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(str(p), "spec file not found")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(str(p), "spec is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(str(p), f"invalid TOML: {e}") from None
+    return parse_spec(data, str(p))

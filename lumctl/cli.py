@@ -23,6 +23,7 @@ STAGES = {
     "synth": "lumctl.synth",
     "tokenize": "lumctl.stages.tokenize",
     "pack": "lumctl.stages.pack",
+    "pretrain": "lumctl.stages.pretrain",
 }
 
 SpecArg = typer.Argument(..., help="TOML spec of the experiment", show_default=False)
@@ -77,6 +78,19 @@ def tokenize(spec: Path = SpecArg, force: bool = ForceOpt):
 def pack(spec: Path = SpecArg, force: bool = ForceOpt):
     """Per-user sequences -> packed rows with segment ids, positions, loss mask (Numba)."""
     _run_stage("pack", spec, force)
+
+
+@app.command()
+def pretrain(spec: Path = SpecArg, force: bool = ForceOpt,
+             resume: bool = typer.Option(False, "--resume", help="continue from the newest step checkpoint"),
+             until_step: int = typer.Option(None, "--until-step", help="stop after this step (resume later)")):
+    """Train the LUM user encoder on packed rows (next-condition-item InfoNCE)."""
+    from lumctl.specs import load_spec
+
+    def go():
+        from lumctl.stages import pretrain as stage
+        stage.run(load_spec(spec), force=force, resume=resume, until_step=until_step)
+    _guard(go)
 
 
 @app.command()

@@ -61,6 +61,17 @@ def _check_utf8(path: Path, data: bytes) -> None:
                          "is the encoding right for this format?") from None
 
 
+def _physical_line(data: bytes, row_number: int) -> int:
+    """File line of pyarrow's row `row_number` (1-based): pyarrow skips empty lines when numbering."""
+    seen = 0
+    for line_no, line in enumerate(data.split(b"\n"), start=1):
+        if line not in (b"", b"\r"):
+            seen += 1
+            if seen == row_number:
+                return line_no
+    return row_number
+
+
 def _read_delimited(path: Path, names: list[str], *, delimiter: str, strict: bool, header: bool = False,
                     encoding: str = "utf8", data: bytes | None = None,
                     numeric: dict[str, str] | None = None) -> tuple[pa.Table, int]:
@@ -92,7 +103,7 @@ def _read_delimited(path: Path, names: list[str], *, delimiter: str, strict: boo
     except pa.ArrowInvalid as e:
         if bad["first"] is not None:
             num, exp, act = bad["first"]
-            where = f"{path}:{num}" if num is not None else str(path)
+            where = f"{path}:{_physical_line(data, num)}" if num is not None else str(path)
             raise InputError(where, f"expected {exp} fields, got {act}") from None
         raise InputError(str(path), f"cannot parse: {str(e).splitlines()[0]}") from None
     if header:
@@ -109,7 +120,7 @@ def _read_delimited(path: Path, names: list[str], *, delimiter: str, strict: boo
         if n_bad:
             first = int(np.flatnonzero(~ok.to_numpy(zero_copy_only=False))[0])
             if strict:
-                line = first + 1 + (1 if header else 0)
+                line = _physical_line(data, first + 1 + (1 if header else 0))
                 raise InputError(f"{path}:{line}", f"field '{name}': expected a number, got {col[first].as_py()!r}")
             table = table.filter(ok)
             malformed += n_bad

@@ -174,6 +174,94 @@ class PackSpec(Strict):
         return self
 
 
+
+# ------------------------------------------------------------------------------------ pretrain
+class ModelSpec(Strict):
+    """The user encoder: a named preset, single dimensions overridable."""
+
+    kind: Literal["lum"] = Field("lum", description="model family")
+    preset: Literal["tiny", "small", "19m", "100m", "300m", "1b"] = Field("tiny", description="size preset")
+    d_model: int | None = Field(None, gt=0, description="override the preset's width")
+    n_layers: int | None = Field(None, gt=0, description="override the preset's depth")
+    n_heads: int | None = Field(None, gt=0, description="override the preset's heads")
+    d_ff: int | None = Field(None, gt=0, description="override the preset's SwiGLU width")
+    d_feat: int = Field(0, ge=0, description="width of each token feature embedding (0 = d_model)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    attention: Literal["auto", "flex", "sdpa"] = Field("auto", description="auto = flex on CUDA, sdpa elsewhere")
+    item_features: bool = Field(True, description="use item side features (genres, category, popularity)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        d, h = self.d_model, self.n_heads
+        if d is not None and h is not None and d % h:
+            raise ValueError(f"d_model must be divisible by n_heads (got {d} and {h})")
+        return self
+
+
+class LossSpec(Strict):
+    """InfoNCE at condition positions: the output at c_l against the embedding of item i_l."""
+
+    negatives: Literal["in_batch", "sampled", "full"] = Field("in_batch", description=(
+        "in_batch: the other items of the batch; sampled: `num_sampled` drawn items with log-Q correction; "
+        "full: the whole catalogue"))
+    num_sampled: int = Field(128, gt=0, description="sampled: negatives per step (shared by all positions)")
+    sampler: Literal["uniform", "popularity"] = Field("uniform", description="sampled: item distribution")
+    temperature: float = Field(0.05, gt=0, description="tau of the cosine similarity")
+    learn_temperature: bool = Field(False, description="learn tau (initialised at `temperature`)")
+
+
+class OptimSpec(Strict):
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr = lr * min_lr_ratio")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.98))
+    warmup_steps: int = Field(100, ge=0)
+    epochs: float = Field(10, gt=0, description="passes over the packed rows (ignored when max_steps > 0)")
+    max_steps: int = Field(0, ge=0, description="optimizer steps (0 = from epochs)")
+    batch_rows: int = Field(4, gt=0, description="packed rows per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    clip: float = Field(1.0, ge=0, description="max grad norm (0 = off)")
+
+
+class EvalSpec(Strict):
+    """Next-item retrieval: full ranking over all items, items in the history filtered."""
+
+    every_steps: int = Field(0, ge=0, description="validate every N steps (0 = once per epoch)")
+    ks: list[int] = Field([10, 50, 200], min_length=1)
+    select: str = Field("ndcg@10", description="validation metric that picks the best checkpoint")
+    condition: dict[str, str] = Field(default_factory=dict, description=(
+        "query condition at the held-out position, field -> value (e.g. rating = 'high'); "
+        "fields not named are '<any>'. Never taken from the held-out interaction."))
+    oracle: bool = Field(False, description="also report the score with the held-out event's own condition (labelled oracle)")
+    batch_rows: int = Field(16, gt=0, description="packed rows per evaluation batch")
+
+    @field_validator("select")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if not re.fullmatch(r"(hr|ndcg)@\d+|mrr", v):
+            raise ValueError(f"select must be hr@K, ndcg@K or mrr (got {v!r})")
+        return v
+
+
+class PretrainSpec(Strict):
+    """Step 1: train the user encoder on packed rows."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    condition_dropout: float = Field(0.1, ge=0, le=1, description="train prob. of replacing a condition field by '<any>'")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the model")
+    checkpoint_every: int = Field(0, ge=0, description="write step-%08d/ every N steps (0 = once per epoch)")
+    keep_checkpoints: int = Field(2, gt=0, description="step checkpoints kept on disk")
+    log_every: int = Field(10, gt=0)
+
+
 # ---------------------------------------------------------------------------------------- spec
 class Spec(Strict):
     """One experiment."""
@@ -183,6 +271,7 @@ class Spec(Strict):
     synth: SynthSpec | None = Field(None, description="generate the raw log (format = 'synth')")
     tokenize: TokenizeSpec
     pack: PackSpec = Field(default_factory=PackSpec)
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
 
     @field_validator("store_root")
     @classmethod
@@ -203,7 +292,7 @@ class Spec(Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-STAGES = ("synth", "tokenize", "pack")  # the order `lumctl run` follows
+STAGES = ("synth", "tokenize", "pack", "pretrain")  # the order `lumctl run` follows
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

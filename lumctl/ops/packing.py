@@ -118,7 +118,7 @@ def assign_rows_ref(lengths, seq_len, strategy="best_fit"):
 
 # --------------------------------------------------------------------------- filling rows
 @njit(cache=True)
-def _fill(items, conds, first, count, row, start, n_rows, seq_len, with_cond):
+def _fill(items, conds, times, first, count, row, start, n_rows, seq_len, with_cond):
     """Write the tokens of user u (events first[u] : first[u]+count[u]) at row[u], start[u]."""
     n_fields = conds.shape[1]
     typ = np.zeros((n_rows, seq_len), np.int8)
@@ -129,6 +129,7 @@ def _fill(items, conds, first, count, row, start, n_rows, seq_len, with_cond):
     loss = np.zeros((n_rows, seq_len), np.bool_)
     target = np.zeros((n_rows, seq_len), np.int32)
     user = np.full((n_rows, seq_len), -1, np.int32)
+    ts = np.zeros((n_rows, seq_len), np.int64)
     slot = np.zeros(n_rows, np.int32)  # next segment number per row, in placement order
     order = np.argsort(start)  # segments numbered left to right within each row
     for k in range(len(order)):
@@ -150,6 +151,7 @@ def _fill(items, conds, first, count, row, start, n_rows, seq_len, with_cond):
                 typ[r, p + 1] = 2
                 item[r, p + 1] = items[ev]
                 for q in range(2):
+                    ts[r, p + q] = times[ev]
                     seg[r, p + q] = s
                     pos[r, p + q] = 2 * e + q
                     user[r, p + q] = u
@@ -157,36 +159,40 @@ def _fill(items, conds, first, count, row, start, n_rows, seq_len, with_cond):
                 p = t + e
                 typ[r, p] = 2
                 item[r, p] = items[ev]
+                ts[r, p] = times[ev]
                 seg[r, p] = s
                 pos[r, p] = e
                 user[r, p] = u
                 if e + 1 < n:
                     loss[r, p] = True
                     target[r, p] = items[ev + 1]
-    return typ, item, cond, seg, pos, loss, target, user
+    return typ, item, cond, seg, pos, loss, target, user, ts
 
 
 def pack_sequences(items: np.ndarray, conds: np.ndarray, first: np.ndarray, count: np.ndarray, seq_len: int,
-                   conditions: bool = True, strategy: str = "best_fit") -> dict[str, np.ndarray]:
+                   conditions: bool = True, strategy: str = "best_fit", times: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Pack users' events into rows.
 
     items [E] item ids, conds [E, F] condition ids, first [U] / count [U] each user's events
-    (already truncated to the part to pack). Returns arrays [R, S] (cond: [R, S, F]) as in
+    (already truncated to the part to pack), times [E] event timestamps (optional). Returns arrays [R, S] (cond: [R, S, F]) as in
     docs/CONTRACTS.md, plus `row` and `start` per user ([U]).
     """
     count = np.asarray(count, np.int64)
     lengths = count * (2 if conditions else 1)
     conds = np.ascontiguousarray(conds, np.int32).reshape(len(items), -1)
     row, start, n_rows = assign_rows(lengths, seq_len, strategy)
-    typ, item, cond, seg, pos, loss, target, user = _fill(
-        np.asarray(items, np.int32), conds, np.asarray(first, np.int64), count, row, start, n_rows, seq_len, conditions)
+    times = np.zeros(len(items), np.int64) if times is None else np.asarray(times, np.int64)
+    typ, item, cond, seg, pos, loss, target, user, ts = _fill(
+        np.asarray(items, np.int32), conds, times, np.asarray(first, np.int64), count, row, start, n_rows, seq_len,
+        conditions)
     return {"type": typ, "item": item, "cond": cond, "segment": seg, "pos": pos, "loss_mask": loss,
-            "target": target, "user": user, "row": row, "start": start}
+            "target": target, "user": user, "ts": ts, "row": row, "start": start}
 
 
-def pack_sequences_ref(items, conds, first, count, seq_len, conditions=True, strategy="best_fit"):
+def pack_sequences_ref(items, conds, first, count, seq_len, conditions=True, strategy="best_fit", times=None):
     """Reference twin of `pack_sequences` in plain Python/NumPy."""
     items = np.asarray(items)
+    times = np.zeros(len(items), np.int64) if times is None else np.asarray(times)
     conds = np.asarray(conds).reshape(len(items), -1)
     lengths = [int(c) * (2 if conditions else 1) for c in count]
     row, start, R = assign_rows_ref(lengths, seq_len, strategy)
@@ -194,7 +200,8 @@ def pack_sequences_ref(items, conds, first, count, seq_len, conditions=True, str
     out = {"type": np.zeros((R, seq_len), np.int8), "item": np.zeros((R, seq_len), np.int32),
            "cond": np.zeros((R, seq_len, F), np.int32), "segment": np.full((R, seq_len), -1, np.int32),
            "pos": np.zeros((R, seq_len), np.int32), "loss_mask": np.zeros((R, seq_len), bool),
-           "target": np.zeros((R, seq_len), np.int32), "user": np.full((R, seq_len), -1, np.int32)}
+           "target": np.zeros((R, seq_len), np.int32), "user": np.full((R, seq_len), -1, np.int32),
+           "ts": np.zeros((R, seq_len), np.int64)}
     for r in range(R):
         users = sorted((u for u in range(len(count)) if row[u] == r), key=lambda u: start[u])
         for s, u in enumerate(users):
@@ -203,15 +210,15 @@ def pack_sequences_ref(items, conds, first, count, seq_len, conditions=True, str
             for e, ev in enumerate(evs):
                 nxt = items[evs[e + 1]] if e + 1 < len(evs) else 0
                 if conditions:
-                    toks.append((COND, 0, conds[ev], True, items[ev]))
-                    toks.append((ITEM, items[ev], np.zeros(F), False, 0))
+                    toks.append((COND, 0, conds[ev], True, items[ev], times[ev]))
+                    toks.append((ITEM, items[ev], np.zeros(F), False, 0, times[ev]))
                 else:
-                    toks.append((ITEM, items[ev], np.zeros(F), e + 1 < len(evs), nxt))
-            for p, (t, it, c, lm, tg) in enumerate(toks):
+                    toks.append((ITEM, items[ev], np.zeros(F), e + 1 < len(evs), nxt, times[ev]))
+            for p, (t, it, c, lm, tg, tm) in enumerate(toks):
                 j = start[u] + p
                 out["type"][r, j], out["item"][r, j], out["cond"][r, j] = t, it, c
                 out["segment"][r, j], out["pos"][r, j], out["loss_mask"][r, j] = s, p, lm
-                out["target"][r, j], out["user"][r, j] = tg, u
+                out["target"][r, j], out["user"][r, j], out["ts"][r, j] = tg, u, tm
     out["row"], out["start"] = row, start
     return out
 

@@ -2,7 +2,8 @@
 
 Store layout (`stores/<experiment>/pack/rows.zarr`), arrays as in docs/CONTRACTS.md:
   type int8 [R, S], item int32 [R, S], cond int32 [R, S, F], segment int32 [R, S],
-  pos int32 [R, S], loss_mask bool [R, S], target int32 [R, S], user int32 [R, S]
+  pos int32 [R, S], loss_mask bool [R, S], target int32 [R, S], user int32 [R, S],
+  ts int64 [R, S] (the event's timestamp, for models with time features such as HSTU)
 The training part of each user (events before its split's train_end), most recent
 `max_items` kept.
 """
@@ -21,7 +22,7 @@ from lumctl.specs import PackSpec, Spec
 from lumctl.stages import tokenize
 from lumctl.store import atomic_dir, is_up_to_date, require_store, store_hash, write_manifest
 
-ROW_KEYS = ("type", "item", "cond", "segment", "pos", "loss_mask", "target", "user")
+ROW_KEYS = ("type", "item", "cond", "segment", "pos", "loss_mask", "target", "user", "ts")
 
 
 def user_windows(offsets: np.ndarray, end: np.ndarray, max_items: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +39,7 @@ def pack_train(data: dict[str, np.ndarray], p: PackSpec) -> tuple[dict[str, np.n
     keep = count > 0
     users = np.flatnonzero(keep)
     rows = pack_sequences(data["events/item"], data["events/cond"], first[keep], count[keep], p.seq_len,
-                          p.conditions, p.strategy)
+                          p.conditions, p.strategy, data["events/timestamp"])
     real_user = np.where(rows["user"] >= 0, users[np.maximum(rows["user"], 0)], -1).astype(np.int32)
     rows["user"] = real_user
     tokens = int((rows["type"] > 0).sum())

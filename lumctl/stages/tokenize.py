@@ -97,7 +97,8 @@ def _split_points(spec: TokenizeSpec, offsets: np.ndarray, ts: np.ndarray) -> np
     n = np.diff(offsets)
     s = spec.split
     if s.kind == "leave_one_out":
-        return np.stack([n - 2, n - 1], axis=1).astype(np.int64)
+        # users with < 3 events (min_user_events < 3) keep no training events, not negative ones
+        return np.stack([np.maximum(n - 2, 0), np.maximum(n - 1, 0)], axis=1).astype(np.int64)
     if s.kind == "fraction":
         tr = np.maximum(1, np.floor(n * s.train)).astype(np.int64)
         va = np.maximum(tr, np.floor(n * (s.train + s.valid))).astype(np.int64)

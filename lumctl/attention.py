@@ -1,0 +1,56 @@
+"""Attention masks for packed rows, on the two backends.
+
+- sdpa: a dense bool mask (B, S, S) built by Numba (`lumctl.ops.packing.document_causal_mask`)
+- flex: a `torch.nn.attention.flex_attention` BlockMask from segment ids (document-causal),
+  with the kernel compiled on CUDA (eager elsewhere)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def document_causal_block_mask(segment: torch.Tensor):
+    """segment (B, S) int, -1 at padding -> BlockMask: same user and causal; padding sees itself."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, S = segment.shape
+
+    def mask_mod(b, h, q, kv):
+        same = (segment[b, q] == segment[b, kv]) & (segment[b, q] >= 0)
+        return (same & (kv <= q)) | (q == kv)
+
+    return create_block_mask(mask_mod, B, None, S, S, device=segment.device)
+
+
+def query_block_mask(segment: torch.Tensor, is_query: torch.Tensor):
+    """Grouped queries: like document-causal, but a query token sees its user's prefix and
+    itself, never the other queries (used by `lumctl query`)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, S = segment.shape
+
+    def mask_mod(b, h, q, kv):
+        same = (segment[b, q] == segment[b, kv]) & (segment[b, q] >= 0)
+        return (same & (kv <= q) & ~is_query[b, kv]) | (q == kv)
+
+    return create_block_mask(mask_mod, B, None, S, S, device=segment.device)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex(q, k, v, block_mask):
+    from torch.nn.attention.flex_attention import flex_attention
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    return fn(q, k, v, block_mask=block_mask)
+
+
+def make_mask(batch: dict, backend: str):
+    """The mask a model's forward expects for `batch` on `backend`."""
+    if backend == "flex":
+        return document_causal_block_mask(batch["segment"])
+    return batch["mask"]

@@ -1,0 +1,54 @@
+"""InfoNCE for next-condition-item prediction.
+
+    L = -mean_l log( exp(s(o_l, e_{i_l})/tau) / (exp(s(o_l, e_{i_l})/tau) + sum_k exp(s(o_l, e_k)/tau)) )
+
+with s the cosine similarity, o_l the output at a trained (condition) position and e the item
+token encoder's embedding. Negatives: the other items of the batch (`in_batch`; each distinct
+item counted once, so a negative equal to the positive — an accidental hit — cannot occur),
+`sampled` items (shared by all positions, log-Q corrected, accidental hits masked), or the
+`full` catalogue.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FIRST_ITEM = 2  # ids 0 and 1 are padding and unknown
+
+
+def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: str, tau: torch.Tensor | float,
+             num_sampled: int = 128, sample_logq: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """o (N, D) outputs at trained positions, target (N,) item ids; `item_table(ids) -> (M, D)`.
+    `sample_logq` (I,) log sampling probability of each item (sampled negatives)."""
+    o = F.normalize(o.float(), dim=-1)
+    if negatives == "full":
+        keys = F.normalize(item_table(None).float(), dim=-1)                  # (I, D)
+        logits = o @ keys.T / tau                                             # (N, I)
+        logits[:, :FIRST_ITEM] = float("-inf")
+        return F.cross_entropy(logits, target)
+    if negatives == "in_batch":
+        cand, label = torch.unique(target, return_inverse=True)               # (M,), (N,)
+        keys = F.normalize(item_table(cand).float(), dim=-1)                  # (M, D)
+        return F.cross_entropy(o @ keys.T / tau, label)
+    # sampled: K shared negatives from Q, logits corrected by -log Q (Bengio & Senecal; Yi et al. 2019)
+    probs = sample_logq.exp()
+    neg = torch.multinomial(probs, num_sampled, replacement=True, generator=generator).to(target.device)  # (K,)
+    pos_keys = F.normalize(item_table(target).float(), dim=-1)                # (N, D)
+    neg_keys = F.normalize(item_table(neg).float(), dim=-1)                   # (K, D)
+    pos = (o * pos_keys).sum(-1, keepdim=True) / tau                          # (N, 1)
+    neg_logits = o @ neg_keys.T / tau - sample_logq.to(o.device)[neg]         # (N, K)
+    neg_logits = neg_logits.masked_fill(neg[None, :] == target[:, None], float("-inf"))  # accidental hits
+    logits = torch.cat([pos, neg_logits], 1)
+    return F.cross_entropy(logits, torch.zeros_like(target))
+
+
+def sampling_logq(popularity_counts: torch.Tensor, sampler: str) -> torch.Tensor:
+    """log Q over item ids for sampled negatives; padding/unknown never drawn."""
+    if sampler == "uniform":
+        w = torch.ones_like(popularity_counts, dtype=torch.float64)
+    else:
+        w = popularity_counts.double().clamp(min=0) + 1.0
+    w[:FIRST_ITEM] = 0
+    return (w / w.sum()).log().float()

@@ -1,0 +1,420 @@
+"""Stage `pretrain`: train the user encoder on packed rows (next-condition-item InfoNCE).
+
+Output (`stores/<experiment>/pretrain/`):
+  checkpoints/step-%08d/   model.pt, optim.pt, state.json, config.json   (resume points)
+  checkpoints/best/        weights of the best validation step so far
+  final/                   the best-validation model: model.pt + config.json (resolved spec,
+                           model config, upstream store hashes) + metrics.json (valid and test)
+  metrics.jsonl            one JSON object per log/eval step;  loss.png  the loss curve
+  manifest.json            written last
+Validation picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from queue import Queue
+
+import numpy as np
+import torch
+
+from lumctl import models
+from lumctl.attention import make_mask
+from lumctl.errors import InputError
+from lumctl.loss import info_nce, sampling_logq
+from lumctl.metrics import retrieval_metrics
+from lumctl.ops.packing import document_causal_mask, pack_sequences
+from lumctl.progress import progress, say
+from lumctl.specs import PretrainSpec, Spec
+from lumctl.stages import pack as pack_stage
+from lumctl.stages import tokenize
+from lumctl.store import atomic_dir, is_up_to_date, read_manifest, require_store, store_hash, write_manifest
+
+TENSOR_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "segment": torch.int32,
+               "pos": torch.int32, "loss_mask": torch.bool, "target": torch.long, "ts": torch.long}
+
+
+# ------------------------------------------------------------------------------------ setup
+def resolve_device(p: PretrainSpec) -> torch.device:
+    if p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise InputError("[pretrain].device", "cuda requested but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def model_config(p: PretrainSpec, data: dict, cond_names: list[str], device: torch.device) -> dict:
+    """The family's config as a plain dict (stored in checkpoints; downstream rebuilds from it)."""
+    from lumctl.models.lum import PRESETS
+    d, L, H, ff = PRESETS[p.model.preset]
+    m = p.model
+    attention = m.attention if m.attention != "auto" else ("flex" if device.type == "cuda" else "sdpa")
+    feats = m.item_features
+    return {
+        "n_items": int(len(data["vocab/item"])),
+        "cond_vocab": [len(data[f"vocab/cond_{n}"]) for n in cond_names],
+        "n_genres": int(data["items/genres"].shape[1]) if feats and "items/genres" in data else 0,
+        "n_categories": int(len(data["vocab/category"])) if feats and "items/category" in data else 0,
+        "n_popularity": int(data["items/popularity"].max()) + 1 if feats else 0,
+        "d_model": m.d_model or d, "n_layers": m.n_layers or L, "n_heads": m.n_heads or H, "d_ff": m.d_ff or ff,
+        "d_feat": m.d_feat, "dropout": m.dropout, "attention": attention,
+    }
+
+
+def build_model(kind: str, config: dict, data: dict | None = None) -> torch.nn.Module:
+    model = models.build(kind, config)
+    if data is not None and hasattr(model, "items"):
+        model.items.set_features(data.get("items/genres"), data.get("items/category"), data.get("items/popularity"))
+    return model
+
+
+# ------------------------------------------------------------------------------------ data
+def to_batch(rows: dict[str, np.ndarray], idx: np.ndarray, device: torch.device, dense_mask: bool) -> dict:
+    """Select rows `idx` and move them to `device` as tensors (with the Numba dense mask for sdpa)."""
+    b = {k: torch.from_numpy(np.ascontiguousarray(rows[k][idx])).to(TENSOR_KEYS[k]) for k in TENSOR_KEYS}
+    if dense_mask:
+        b["mask"] = torch.from_numpy(document_causal_mask(rows["segment"][idx]))
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in b.items()}
+
+
+class Batches:
+    """Deterministic stream of row batches: epoch e visits rows in permutation(seed, e).
+    Batch number `step` is a pure function of (seed, step), so resuming needs no loader state.
+    A background thread prepares the next batches (mask building, host->device copy)."""
+
+    def __init__(self, rows: dict, batch_rows: int, seed: int, device: torch.device, dense_mask: bool):
+        self.rows, self.b, self.seed, self.device, self.dense = rows, batch_rows, seed, device, dense_mask
+        self.n = len(rows["type"])
+        self.per_epoch = math.ceil(self.n / batch_rows)
+
+    def indices(self, k: int) -> np.ndarray:
+        epoch, j = divmod(k, self.per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return np.sort(perm[j * self.b:(j + 1) * self.b])
+
+    def stream(self, start: int, stop: int):
+        q: Queue = Queue(maxsize=3)
+
+        def work():
+            for k in range(start, stop):
+                q.put(to_batch(self.rows, self.indices(k), self.device, self.dense))
+            q.put(None)
+        threading.Thread(target=work, daemon=True).start()
+        while (b := q.get()) is not None:
+            yield b
+
+
+def drop_conditions(cond: torch.Tensor, typ: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Replace each condition field by 1 ('<any>') with probability p, so '<any>' is learned."""
+    if p <= 0 or cond.shape[-1] == 0:
+        return cond
+    drop = torch.rand(cond.shape, generator=gen, device="cpu").to(cond.device) < p
+    return torch.where(drop & (typ == 1)[..., None], torch.ones_like(cond), cond)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def eval_rows(data: dict, split: str, max_items: int, seq_len: int, conditions: bool,
+              query_cond: np.ndarray | None) -> tuple[dict, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Pack each user's prefix plus the held-out event (the first valid or the first test event).
+    The held-out event's condition is replaced by `query_cond` (never its own, unless oracle
+    passes None). Returns (rows, position of the output that scores the held-out item per user,
+    target item per user, seen items per user)."""
+    offsets, split_at = data["users/offsets"], data["users/split"]
+    n = np.diff(offsets)
+    end = split_at[:, 0] if split == "valid" else split_at[:, 1]
+    users = np.flatnonzero((end >= 1) & (end < n))
+    count = np.minimum(end[users], max_items - 1) + 1            # prefix + held-out
+    first = offsets[users] + end[users] + 1 - count
+    idx = np.concatenate([np.arange(f, f + c) for f, c in zip(first, count)]) if len(users) else np.zeros(0, np.int64)
+    items = data["events/item"][idx]
+    conds = data["events/cond"][idx].copy()
+    last = np.cumsum(count) - 1
+    if query_cond is not None and conds.shape[1]:
+        conds[last] = query_cond
+    local_first = np.concatenate([[0], np.cumsum(count)[:-1]])
+    rows = pack_sequences(items, conds, local_first, count, seq_len, conditions, "best_fit", data["events/timestamp"][idx])
+    out_pos = rows["start"] + (2 * (count - 1) if conditions else count - 2)
+    target = items[last]
+    seen = [data["events/item"][offsets[u]:offsets[u] + end[u]] for u in users]
+    return rows, np.stack([rows["row"], out_pos], 1), target, seen
+
+
+@torch.no_grad()
+def evaluate(model, data: dict, split: str, p: PretrainSpec, pack_spec, device, query_cond, autocast) -> dict:
+    """Full-ranking next-item retrieval; items already in the user's history are filtered."""
+    model.eval()
+    rows, where, target, seen = eval_rows(data, split, pack_spec.max_items, pack_spec.seq_len,
+                                          pack_spec.conditions, query_cond)
+    backend = model.config.attention
+    with autocast():
+        keys = torch.nn.functional.normalize(model.item_table(None).float(), dim=-1)  # (I, D)
+    R = len(rows["type"])
+    ranks = np.empty(len(target), np.int64)
+    order = np.argsort(where[:, 0], kind="stable")
+    ptr = 0
+    for r0 in range(0, R, p.eval.batch_rows):
+        idx = np.arange(r0, min(R, r0 + p.eval.batch_rows))
+        b = to_batch(rows, idx, device, backend == "sdpa")
+        with autocast():
+            out = model(b, make_mask(b, backend))                    # (B, S, D)
+        sel = order[ptr:ptr + np.searchsorted(where[order[ptr:], 0], idx[-1], side="right")]
+        ptr += len(sel)
+        q = torch.nn.functional.normalize(out[torch.as_tensor(where[sel, 0] - r0), torch.as_tensor(where[sel, 1])].float(), dim=-1)
+        scores = q @ keys.T                                          # (n, I)
+        scores[:, :2] = float("-inf")
+        t = torch.as_tensor(target[sel], device=device)
+        pos_score = scores.gather(1, t[:, None])
+        for k, u in enumerate(sel):
+            s = torch.as_tensor(seen[u], device=device)
+            scores[k, s[s != target[u]]] = float("-inf")             # filter history (not the target itself)
+        ranks[sel] = (scores > pos_score).sum(1).cpu().numpy()
+    model.train()
+    return retrieval_metrics(ranks, p.eval.ks)
+
+
+def query_condition(p: PretrainSpec, data: dict, cond_names: list[str]) -> np.ndarray:
+    """Condition ids for the held-out position from [pretrain.eval].condition; unnamed -> '<any>'."""
+    out = np.ones(len(cond_names), np.int32)
+    for field, value in p.eval.condition.items():
+        if field not in cond_names:
+            raise InputError("[pretrain.eval].condition", f"unknown condition field '{field}' (fields: {cond_names})")
+        vocab = list(data[f"vocab/cond_{field}"])
+        if value not in vocab:
+            raise InputError(f"[pretrain.eval].condition.{field}", f"unknown value '{value}' (values: {vocab[1:]})")
+        out[cond_names.index(field)] = vocab.index(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(path: Path, model, opt=None, state: dict | None = None, config: dict | None = None) -> None:
+    with atomic_dir(path) as tmp:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        if opt is not None:
+            torch.save(opt.state_dict(), tmp / "optim.pt")
+        if state is not None:
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    steps = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
+    return steps[-1] if steps else None
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model from a self-describing checkpoint folder (config.json + model.pt)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    model = build_model(cfg["kind"], cfg["model"])
+    model.load_state_dict(torch.load(Path(path) / "model.pt", map_location=device, weights_only=True))
+    return model.to(device), cfg
+
+
+def lr_at(step: int, total: int, o) -> float:
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    t = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def flops_per_row(n_params: int, d_model: int, n_layers: int, segment: np.ndarray, tokens: int) -> float:
+    """Training FLOPs of one batch: 6·N per token for the weights, plus causal attention per user
+    segment (QK^T and AV: 2·2·d·L(L+1)/2 per layer forward), times 3 for forward + backward."""
+    lens = []
+    for row in segment:
+        r = row[row >= 0]
+        if len(r):
+            lens.append(np.bincount(r))
+    L = np.concatenate(lens).astype(np.float64) if lens else np.zeros(0)
+    attn = 3 * n_layers * 2 * d_model * float((L * (L + 1)).sum())
+    return 6.0 * n_params * tokens + attn
+
+
+# ------------------------------------------------------------------------------------ run
+def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int | None = None) -> Path:
+    p = spec.pretrain
+    out = spec.store("pretrain")
+    tok_store, pack_store = spec.store("tokenize"), spec.store("pack")
+    inputs = {"tokenize": store_hash(require_store(tok_store, "tokenize")),
+              "pack": store_hash(require_store(pack_store, "pack"))}
+    spec_hash = spec.section_hash("pretrain")
+    if not force and is_up_to_date(out, spec_hash, inputs):
+        say(f"pretrain: {out} is up to date")
+        return out
+    started = time.time()
+    ckpt_dir = out / "checkpoints"
+    resume_from = newest_checkpoint(ckpt_dir) if resume else None
+    if resume_from is not None:
+        st = json.loads((resume_from / "state.json").read_text())
+        if st.get("spec_hash") != spec_hash or st.get("inputs") != inputs:
+            raise InputError(str(resume_from), "checkpoint was made from another spec or other inputs; rerun without --resume")
+    elif out.exists():
+        shutil.rmtree(out)  # a fresh run never mixes with an older one
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(p.seed)
+    device = resolve_device(p)
+    data = tokenize.load(tok_store)
+    cond_names = [c["name"] for c in _cond_fields(tok_store)]
+    rows = pack_stage.load(pack_store)
+    conditions = bool(rows["type"].max() == 2 and (rows["type"] == 1).any())
+    if not conditions:
+        rows["cond"] = rows["cond"][..., :0]
+    data_c = dict(data)
+    data_c["events/cond"] = data["events/cond"] if conditions else data["events/cond"][:, :0]
+    cfg = model_config(p, data, cond_names if conditions else [], device)
+    model = build_model(p.model.kind, cfg, data).to(device)
+    if p.model.attention == "flex" and device.type == "cpu":
+        say("pretrain: flex attention on CPU runs eagerly (slow); sdpa is the CPU default")
+    log_tau = torch.nn.Parameter(torch.tensor(math.log(p.loss.temperature), device=device),
+                                 requires_grad=p.loss.learn_temperature)
+    decay = [q for n_, q in model.named_parameters() if q.ndim >= 2 and "items.id" not in n_ and "conds.fields" not in n_]
+    no_decay = [q for n_, q in model.named_parameters() if not (q.ndim >= 2 and "items.id" not in n_ and "conds.fields" not in n_)]
+    groups = [{"params": decay, "weight_decay": p.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if p.loss.learn_temperature:
+        groups.append({"params": [log_tau], "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=p.optim.lr, betas=p.optim.betas, fused=device.type == "cuda")
+    fwd = torch.compile(model) if p.compile else model
+    bf16 = p.dtype == "bf16" or (p.dtype == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast(device.type, enabled=False))
+
+    micro = Batches(rows, p.optim.batch_rows, p.seed, device, cfg["attention"] == "sdpa")
+    steps_per_epoch = math.ceil(micro.per_epoch / p.optim.grad_accum)
+    total = p.optim.max_steps or max(1, round(p.optim.epochs * steps_per_epoch))
+    eval_every = p.eval.every_steps or steps_per_epoch
+    ckpt_every = p.checkpoint_every or steps_per_epoch
+    counts = torch.from_numpy(np.bincount(rows["target"][rows["loss_mask"]], minlength=cfg["n_items"]))
+    logq = sampling_logq(counts, p.loss.sampler).to(device)
+    qcond = query_condition(p, data, cond_names) if conditions else None
+    n_params = model.num_params()
+    config_json = {"kind": p.model.kind, "model": cfg, "spec": spec.model_dump(mode="json"), "inputs": inputs,
+                   "condition_fields": cond_names if conditions else [], "conditions": conditions,
+                   "max_items": spec.pack.max_items, "seq_len": spec.pack.seq_len, "n_params": n_params}
+
+    step, best, best_step = 0, -float("inf"), -1
+    if resume_from is not None:
+        model.load_state_dict(torch.load(resume_from / "model.pt", map_location=device, weights_only=True))
+        opt.load_state_dict(torch.load(resume_from / "optim.pt", map_location=device, weights_only=True))
+        st = json.loads((resume_from / "state.json").read_text())
+        step, best, best_step = st["step"], st["best"], st["best_step"]
+        log_tau.data.fill_(st["log_tau"])
+        say(f"pretrain: resuming from {resume_from.name} (step {step})")
+    say(f"pretrain: {p.model.kind} {p.model.preset} ({n_params / 1e6:.2f}M non-embedding params, d={cfg['d_model']}, "
+        f"L={cfg['n_layers']}), {len(micro.rows['type'])} rows x {spec.pack.seq_len}, {total} steps, "
+        f"{cfg['attention']} attention, {'bf16' if bf16 else 'fp32'}, {device}")
+    metrics_f = open(out / "metrics.jsonl", "a")
+    stop = min(total, until_step) if until_step is not None else total
+    stream = micro.stream(step * p.optim.grad_accum, stop * p.optim.grad_accum)
+    t_last, tok_last, flops_last = time.time(), 0, 0.0
+    with progress() as bar:
+        task = bar.add_task("pretrain", total=total, completed=step, info="")
+        while step < stop:
+            gen = torch.Generator().manual_seed(p.seed * 1_000_003 + step)
+            torch.manual_seed(p.seed * 1_000_003 + step)  # dropout: a pure function of (seed, step)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, p.optim)
+            loss_sum = 0.0
+            for _ in range(p.optim.grad_accum):
+                b = next(stream)
+                if conditions:
+                    b["cond"] = drop_conditions(b["cond"], b["type"], p.condition_dropout, gen)
+                with autocast():
+                    o = fwd(b, make_mask(b, cfg["attention"]))                      # (B, S, D)
+                    loss = info_nce(o[b["loss_mask"]], b["target"][b["loss_mask"]], model.item_table,
+                                    negatives=p.loss.negatives, tau=log_tau.exp(), num_sampled=p.loss.num_sampled,
+                                    sample_logq=logq, generator=gen)
+                (loss / p.optim.grad_accum).backward()
+                loss_sum += loss.item() / p.optim.grad_accum
+                tok_last += int((b["type"] > 0).sum())
+                seg = b["segment"].cpu().numpy()
+                flops_last += flops_per_row(n_params, cfg["d_model"], cfg["n_layers"], seg, int((seg >= 0).sum()))
+            if p.optim.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), p.optim.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % p.log_every == 0 or step == stop:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = max(1e-9, time.time() - t_last)
+                rec = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
+                       "lr": opt.param_groups[0]["lr"], "tau": float(log_tau.exp()), "tokens_per_s": round(tok_last / dt, 1),
+                       "tflops": round(flops_last / dt / 1e12, 3)}
+                metrics_f.write(json.dumps(rec) + "\n"); metrics_f.flush()
+                t_last, tok_last, flops_last = time.time(), 0, 0.0
+                bar.update(task, completed=step, info=f"loss {loss_sum:.4f} {rec['tokens_per_s']:,.0f} tok/s")
+            else:
+                bar.update(task, completed=step)
+            if step % eval_every == 0 or step == total:
+                val = evaluate(model, data_c, "valid", p, spec.pack, device, qcond, autocast)
+                score = val[p.eval.select]
+                metrics_f.write(json.dumps({"step": step, "split": "valid", **val}) + "\n"); metrics_f.flush()
+                if score > best:
+                    best, best_step = score, step
+                    save_checkpoint(ckpt_dir / "best", model, config=config_json)
+                say(f"pretrain: step {step} valid " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "n")
+                    + (" (best)" if best_step == step else ""))
+                t_last = time.time()
+            if step % ckpt_every == 0 or step == stop:
+                state = {"step": step, "best": best, "best_step": best_step, "log_tau": float(log_tau),
+                         "spec_hash": spec_hash, "inputs": inputs}
+                save_checkpoint(ckpt_dir / f"step-{step:08d}", model, opt, state, config_json)
+                for old in sorted(ckpt_dir.glob("step-*"))[:-p.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+    metrics_f.close()
+    if step < total:
+        say(f"pretrain: stopped at step {step} of {total} (--until-step); continue with --resume")
+        return out
+
+    # the best validation checkpoint is the model; the test item is scored once, here
+    best_model, _ = load_model(ckpt_dir / "best", device)
+    results = {"best_step": best_step, "select": p.eval.select,
+               "valid": evaluate(best_model, data_c, "valid", p, spec.pack, device, qcond, autocast),
+               "test": evaluate(best_model, data_c, "test", p, spec.pack, device, qcond, autocast),
+               "query_condition": {n: str(data[f"vocab/cond_{n}"][i]) for n, i in zip(cond_names, qcond)} if conditions else {}}
+    if p.eval.oracle and conditions:
+        results["test_oracle_condition"] = evaluate(best_model, data_c, "test", p, spec.pack, device, None, autocast)
+    with atomic_dir(out / "final") as tmp:
+        torch.save(best_model.state_dict(), tmp / "model.pt")
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
+    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    write_manifest(out, stage="pretrain", spec_hash=spec_hash, inputs=inputs, started=started,
+                   counts={"steps": total, "best_step": best_step, "n_params": n_params,
+                           "test": results["test"], "valid": results["valid"]})
+    t = results["test"]
+    say(f"pretrain: test hr@10={t['hr@10']:.4f} ndcg@10={t['ndcg@10']:.4f} mrr={t['mrr']:.4f} "
+        f"(best step {best_step}) in {time.time() - started:.0f}s -> {out}")
+    return out
+
+
+def _cond_fields(tok_store: Path) -> list[dict]:
+    from lumctl import zarrio
+    return list(zarrio.open_read(Path(tok_store) / "data.zarr").attrs["conditions"])
+
+
+def plot_loss(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = [json.loads(line) for line in open(metrics_path)]
+    tr = [r for r in recs if "loss" in r]
+    va = [r for r in recs if r.get("split") == "valid"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr])
+    ax[0].set(xlabel="step", ylabel="InfoNCE loss", title="training loss")
+    if va:
+        for k in ("hr@10", "ndcg@10"):
+            ax[1].plot([r["step"] for r in va], [r[k] for r in va], marker="o", label=k)
+        ax[1].legend()
+    ax[1].set(xlabel="step", title="validation")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -5,7 +5,6 @@ Exit codes: 0 ok, 2 bad input (one line naming file and field), 1 internal failu
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -17,14 +16,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="lumctl: pretrain a Large User Model, query it, fuse its answers into DLRMs, evaluate.")
 spec_app = typer.Typer(no_args_is_help=True, help="Validate specs and print their schema.")
 app.add_typer(spec_app, name="spec")
-
-# verb -> module with run(spec, force) -> Path, in the order `lumctl run` follows
-STAGES = {
-    "synth": "lumctl.synth",
-    "tokenize": "lumctl.stages.tokenize",
-    "pack": "lumctl.stages.pack",
-    "pretrain": "lumctl.stages.pretrain",
-}
 
 SpecArg = typer.Argument(..., help="TOML spec of the experiment", show_default=False)
 ForceOpt = typer.Option(False, "--force", help="rebuild even when the store is up to date")
@@ -58,7 +49,8 @@ def _run_stage(stage: str, spec_path: Path, force: bool) -> None:
         spec = load_spec(spec_path)
         if stage == "synth" and spec.synth is None:
             raise InputError(str(spec_path), "[synth]: section missing; nothing to generate")
-        importlib.import_module(STAGES[stage]).run(spec, force=force)
+        from lumctl.stages import stage_module
+        stage_module(stage).run(spec, force=force)
     _guard(go)
 
 
@@ -99,11 +91,8 @@ def run(spec: Path = SpecArg, force: bool = ForceOpt):
     from lumctl.specs import load_spec
 
     def go():
-        s = load_spec(spec)
-        for stage, module in STAGES.items():
-            if getattr(s, stage, None) is None:
-                continue
-            importlib.import_module(module).run(s, force=force)
+        from lumctl.stages import run_all
+        run_all(load_spec(spec), force=force)
     _guard(go)
 
 

@@ -1,60 +1,54 @@
-"""Shared helpers: writing specs as TOML into tmp_path, running the CLI, locating real data."""
-
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# CI clones the repository with `shared/` beside it
-DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-def to_toml(data: dict) -> str:
-    """A small TOML writer: top-level scalars, then one [section] per top-level dict."""
-    lines = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines += [f"{json.dumps(kk)} = {_toml_value(vv)}" for kk, vv in v.items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_spec(path: Path, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_toml(data), encoding="utf-8")
+def write_spec(path: Path, text: str) -> Path:
+    path.write_text(text)
     return path
 
 
-def invoke(*args: str):
-    """Run the real CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
-    from typer.testing import CliRunner
+TINY = """
+experiment = "tiny"
+store_root = "{root}"
 
-    from lumctl.cli import app
-    return CliRunner().invoke(app, [str(a) for a in args])
+[synth]
+users = 60
+items = 40
+categories = 4
+scenarios = 2
+events_per_user = [5, 30]
+seed = 1
+
+[tokenize]
+format = "synth"
+conditions = [
+  {{ name = "scenario", source = "column", column = "scenario" }},
+  {{ name = "category", source = "item_attr", column = "category" }},
+]
+
+[pack]
+seq_len = 128
+max_items = 30
+conditions = {conditions}
+
+[pretrain]
+model = {{ preset = "tiny", d_model = 32, n_heads = 2, d_ff = 64 }}
+optim = {{ max_steps = {steps}, batch_rows = 4, lr = 3e-3, warmup_steps = 2 }}
+eval = {{ every_steps = {every}, condition = {{ scenario = "s0" }}, batch_rows = 8 }}
+checkpoint_every = {ckpt}
+log_every = 1
+"""
 
 
 @pytest.fixture
-def spec_file(tmp_path):
-    """write(data, name='x.toml') -> path of a spec in tmp_path whose store_root is tmp_path/stores."""
-    def write(data: dict, name: str = "x.toml") -> Path:
-        data = {"store_root": str(tmp_path / "stores"), **data}
-        return write_spec(tmp_path / name, data)
-    return write
+def tiny_spec(tmp_path):
+    def make(steps=6, every=3, ckpt=2, conditions="true", name="tiny.toml"):
+        return write_spec(tmp_path / name, TINY.format(root=tmp_path / "stores", steps=steps, every=every,
+                                                        ckpt=ckpt, conditions=conditions))
+    return make

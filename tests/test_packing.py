@@ -18,13 +18,14 @@ from lumctl.ops.packing import (
     pack_sequences_ref,
 )
 
-KEYS = ("type", "item", "cond", "segment", "pos", "loss_mask", "target", "user")
+KEYS = ("type", "item", "cond", "segment", "pos", "loss_mask", "target", "user", "ts")
 
 # three users: u0 has events 0..2, u1 events 3..4, u2 event 5
 ITEMS = np.array([10, 11, 12, 20, 21, 30], np.int32)
 CONDS = np.array([[3], [4], [5], [6], [7], [8]], np.int32)
 FIRST = np.array([0, 3, 5])
 COUNT = np.array([3, 2, 1])
+TIMES = np.array([100, 101, 102, 200, 201, 300], np.int64)
 
 
 def _check_equal(out: dict, expected: dict) -> None:
@@ -36,7 +37,7 @@ def _check_equal(out: dict, expected: dict) -> None:
 @pytest.mark.parametrize("strategy", ["best_fit", "first_fit"])
 def test_pack_with_conditions_by_hand(strategy):
     # lengths 6, 4, 2 tokens in rows of 8: u0 -> row 0 (2 left), u1 -> new row 1, u2 -> row 0 at 6
-    out = pack_sequences(ITEMS, CONDS, FIRST, COUNT, seq_len=8, conditions=True, strategy=strategy)
+    out = pack_sequences(ITEMS, CONDS, FIRST, COUNT, seq_len=8, conditions=True, strategy=strategy, times=TIMES)
     _check_equal(out, {
         "row": [0, 1, 0],
         "start": [0, 0, 6],
@@ -56,15 +57,21 @@ def test_pack_with_conditions_by_hand(strategy):
                    [20, 0, 21, 0, 0, 0, 0, 0]],
         "user": [[0, 0, 0, 0, 0, 0, 2, 2],
                  [1, 1, 1, 1, -1, -1, -1, -1]],
+        # both tokens of an event carry its timestamp
+        "ts": [[100, 100, 101, 101, 102, 102, 300, 300],
+               [200, 200, 201, 201, 0, 0, 0, 0]],
     })
     assert out["type"].dtype == np.int8 and out["loss_mask"].dtype == np.bool_
-    assert out["cond"].shape == (2, 8, 1)
+    assert out["cond"].shape == (2, 8, 1) and out["ts"].dtype == np.int64
+    # without times, ts is all zeros
+    no_times = pack_sequences(ITEMS, CONDS, FIRST, COUNT, seq_len=8, conditions=True, strategy=strategy)
+    assert (no_times["ts"] == 0).all()
 
 
 @pytest.mark.parametrize("strategy", ["best_fit", "first_fit"])
 def test_pack_item_only_by_hand(strategy):
     # lengths 3, 2, 1 tokens in rows of 4: u0 -> row 0 (1 left), u1 -> row 1, u2 -> row 0 at 3
-    out = pack_sequences(ITEMS, CONDS, FIRST, COUNT, seq_len=4, conditions=False, strategy=strategy)
+    out = pack_sequences(ITEMS, CONDS, FIRST, COUNT, seq_len=4, conditions=False, strategy=strategy, times=TIMES)
     _check_equal(out, {
         "row": [0, 1, 0],
         "start": [0, 0, 3],
@@ -84,6 +91,8 @@ def test_pack_item_only_by_hand(strategy):
                    [21, 0, 0, 0]],
         "user": [[0, 0, 0, 2],
                  [1, 1, -1, -1]],
+        "ts": [[100, 101, 102, 300],
+               [200, 201, 0, 0]],
     })
 
 
@@ -159,11 +168,13 @@ def packing_cases(draw, max_users=12, max_events=12):
     rng = np.random.default_rng(seed)
     items = rng.integers(2, 1000, n_events).astype(np.int32)
     conds = rng.integers(2, 50, (n_events, n_fields)).astype(np.int32)
+    times = np.sort(rng.integers(1, 2**40, n_events)).astype(np.int64)
     strategy = draw(st.sampled_from(["best_fit", "first_fit"]))
-    return items, conds, np.asarray(first, np.int64), np.asarray(counts, np.int64), seq_len, conditions, strategy
+    return (items, conds, np.asarray(first, np.int64), np.asarray(counts, np.int64), seq_len, conditions, strategy,
+            times)
 
 
-def _check_packing(items, conds, first, count, seq_len, conditions, out):
+def _check_packing(items, conds, first, count, seq_len, conditions, out, times):
     per_tok = 2 if conditions else 1
     lengths = count * per_tok
     R = out["type"].shape[0]
@@ -185,7 +196,7 @@ def _check_packing(items, conds, first, count, seq_len, conditions, out):
     np.testing.assert_array_equal(pad, out["segment"] == -1)
     assert not out["loss_mask"][pad].any()
     assert (out["item"][pad] == 0).all() and (out["target"][pad] == 0).all() and (out["cond"][pad] == 0).all()
-    assert (out["pos"][pad] == 0).all()
+    assert (out["pos"][pad] == 0).all() and (out["ts"][pad] == 0).all()
     assert int((~pad).sum()) == int(lengths.sum())  # every event token exactly once in total
 
     for u in range(len(count)):
@@ -200,6 +211,7 @@ def _check_packing(items, conds, first, count, seq_len, conditions, out):
         assert len(set(out["segment"][r, span].tolist())) == 1
         typ, item, cond = out["type"][r, span], out["item"][r, span], out["cond"][r, span]
         loss, target = out["loss_mask"][r, span], out["target"][r, span]
+        np.testing.assert_array_equal(out["ts"][r, span], np.repeat(times[ev], 2 if conditions else 1))
         if conditions:
             np.testing.assert_array_equal(typ, np.tile([1, 2], count[u]))
             np.testing.assert_array_equal(item[1::2], items[ev])       # order kept
@@ -226,10 +238,10 @@ def _check_packing(items, conds, first, count, seq_len, conditions, out):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(packing_cases())
 def test_pack_properties_and_reference_twin(case):
-    items, conds, first, count, seq_len, conditions, strategy = case
-    out = pack_sequences(items, conds, first, count, seq_len, conditions, strategy)
-    _check_packing(items, conds, first, count, seq_len, conditions, out)
-    ref = pack_sequences_ref(items, conds, first, count, seq_len, conditions, strategy)
+    items, conds, first, count, seq_len, conditions, strategy, times = case
+    out = pack_sequences(items, conds, first, count, seq_len, conditions, strategy, times)
+    _check_packing(items, conds, first, count, seq_len, conditions, out, times)
+    ref = pack_sequences_ref(items, conds, first, count, seq_len, conditions, strategy, times)
     assert set(ref) == set(out)
     for k in out:
         np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
@@ -252,7 +264,7 @@ def test_assign_rows_matches_reference(lengths, extra, strategy):
 @settings(max_examples=100, deadline=None)
 @given(packing_cases(max_users=8, max_events=8))
 def test_both_strategies_pack_everything(case):
-    items, conds, first, count, seq_len, conditions, _ = case
+    items, conds, first, count, seq_len, conditions, _, _ = case
     total = int(count.sum()) * (2 if conditions else 1)
     for strategy in ("best_fit", "first_fit"):
         out = pack_sequences(items, conds, first, count, seq_len, conditions, strategy)
@@ -263,7 +275,7 @@ def test_both_strategies_pack_everything(case):
 @settings(max_examples=100, deadline=None)
 @given(packing_cases(max_users=8, max_events=6))
 def test_mask_is_same_user_and_causal(case):
-    items, conds, first, count, seq_len, conditions, strategy = case
+    items, conds, first, count, seq_len, conditions, strategy, _ = case
     out = pack_sequences(items, conds, first, count, seq_len, conditions, strategy)
     mask = document_causal_mask(out["segment"])
     user = out["user"]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, invoke, write_spec
+from helpers import REPO, invoke, write_toml
 from lumctl.errors import InputError
 from lumctl.specs import PackSpec, Spec, SynthSpec, TokenizeSpec, expand_vars, load_spec, parse_spec
 
@@ -108,7 +108,7 @@ def test_experiment_names(name):
 # ------------------------------------------------------------------------------ messages
 def test_error_message_is_one_line_naming_file_and_field(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_spec(tmp_path / "specs" / "x.toml", minimal(pack={"seq_len": -4}))
+    write_toml(tmp_path / "specs" / "x.toml", minimal(pack={"seq_len": -4}))
     with pytest.raises(InputError) as e:
         load_spec("specs/x.toml")
     assert str(e.value) == "specs/x.toml: [pack].seq_len: must be > 0 (got -4)"
@@ -191,7 +191,7 @@ def test_expand_vars(monkeypatch):
 def test_spec_paths_are_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("LUMTEST_DATA", "/mnt/data")
     monkeypatch.delenv("LUMTEST_STORES", raising=False)
-    p = write_spec(tmp_path / "s.toml", {
+    p = write_toml(tmp_path / "s.toml", {
         "experiment": "x", "store_root": "${LUMTEST_STORES:-/tmp/st}",
         "tokenize": {"format": "table", "path": "${LUMTEST_DATA:-../shared/data}/log.csv",
                      "items_path": "${LUMTEST_DATA}/items.csv",

@@ -1,1 +1,26 @@
 """One module per stage; each exposes `run(spec, force=False) -> Path`."""
+
+from __future__ import annotations
+
+import importlib
+
+# stage -> module, in the order `lumctl run` follows
+ORDER = {
+    "synth": "lumctl.synth",
+    "tokenize": "lumctl.stages.tokenize",
+    "pack": "lumctl.stages.pack",
+    "pretrain": "lumctl.stages.pretrain",
+}
+
+
+def stage_module(stage: str):
+    return importlib.import_module(ORDER[stage])
+
+
+def run_all(spec, upto: str | None = None, force: bool = False) -> None:
+    """Run every stage the spec has, in order, up to and including `upto`; up-to-date ones skip."""
+    for stage in ORDER:
+        if getattr(spec, stage, None) is not None:
+            stage_module(stage).run(spec, force=force)
+        if stage == upto:
+            break

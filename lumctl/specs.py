@@ -252,7 +252,15 @@ class PretrainSpec(Strict):
     loss: LossSpec = Field(default_factory=LossSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
-    condition_dropout: float = Field(0.1, ge=0, le=1, description="train prob. of replacing a condition field by '<any>'")
+    condition_dropout: float | dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(0.1, description=(
+        "train probability of replacing a condition field by '<any>' (one number, or field -> probability)"))
+
+    @field_validator("condition_dropout")
+    @classmethod
+    def _dropout(cls, v):
+        if isinstance(v, float) and not 0 <= v <= 1:
+            raise ValueError(f"must be in [0, 1] (got {v})")
+        return v
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")

@@ -111,11 +111,11 @@ class Batches:
             yield b
 
 
-def drop_conditions(cond: torch.Tensor, typ: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-    """Replace each condition field by 1 ('<any>') with probability p, so '<any>' is learned."""
-    if p <= 0 or cond.shape[-1] == 0:
+def drop_conditions(cond: torch.Tensor, typ: torch.Tensor, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Replace condition field f by 1 ('<any>') with probability p[f], so '<any>' is learned."""
+    if cond.shape[-1] == 0 or not (p > 0).any():
         return cond
-    drop = torch.rand(cond.shape, generator=gen, device="cpu").to(cond.device) < p
+    drop = torch.rand(cond.shape, generator=gen, device="cpu").to(cond.device) < p.to(cond.device)
     return torch.where(drop & (typ == 1)[..., None], torch.ones_like(cond), cond)
 
 
@@ -147,34 +147,44 @@ def eval_rows(data: dict, split: str, max_items: int, seq_len: int, conditions: 
 
 
 @torch.no_grad()
-def evaluate(model, data: dict, split: str, p: PretrainSpec, pack_spec, device, query_cond, autocast) -> dict:
+def evaluate(model, data: dict, split: str, p: PretrainSpec, pack_spec, device, query_cond, autocast,
+             cache: dict | None = None) -> dict:
     """Full-ranking next-item retrieval; items already in the user's history are filtered."""
+    key = (split, None if query_cond is None else tuple(int(x) for x in query_cond))
+    if cache is not None and key in cache:
+        rows, where, target, seen = cache[key]
+    else:
+        rows, where, target, seen = eval_rows(data, split, pack_spec.max_items, pack_spec.seq_len,
+                                              pack_spec.conditions, query_cond)
+        if cache is not None:
+            cache[key] = rows, where, target, seen
     model.eval()
-    rows, where, target, seen = eval_rows(data, split, pack_spec.max_items, pack_spec.seq_len,
-                                          pack_spec.conditions, query_cond)
     backend = model.config.attention
     with autocast():
         keys = torch.nn.functional.normalize(model.item_table(None).float(), dim=-1)  # (I, D)
-    R = len(rows["type"])
+        q = torch.empty(len(target), keys.shape[1], device=device)                   # (U, D) query outputs
+        R = len(rows["type"])
+        for r0 in range(0, R, p.eval.batch_rows):
+            idx = np.arange(r0, min(R, r0 + p.eval.batch_rows))
+            b = to_batch(rows, idx, device, backend == "sdpa")
+            out = model(b, make_mask(b, backend))                                     # (B, S, D)
+            sel = np.flatnonzero((where[:, 0] >= r0) & (where[:, 0] < r0 + len(idx)))
+            q[torch.as_tensor(sel, device=device)] = out[torch.as_tensor(where[sel, 0] - r0), torch.as_tensor(where[sel, 1])].float()
+    q = torch.nn.functional.normalize(q, dim=-1)
     ranks = np.empty(len(target), np.int64)
-    order = np.argsort(where[:, 0], kind="stable")
-    ptr = 0
-    for r0 in range(0, R, p.eval.batch_rows):
-        idx = np.arange(r0, min(R, r0 + p.eval.batch_rows))
-        b = to_batch(rows, idx, device, backend == "sdpa")
-        with autocast():
-            out = model(b, make_mask(b, backend))                    # (B, S, D)
-        sel = order[ptr:ptr + np.searchsorted(where[order[ptr:], 0], idx[-1], side="right")]
-        ptr += len(sel)
-        q = torch.nn.functional.normalize(out[torch.as_tensor(where[sel, 0] - r0), torch.as_tensor(where[sel, 1])].float(), dim=-1)
-        scores = q @ keys.T                                          # (n, I)
+    for u0 in range(0, len(target), 1024):
+        u1 = min(len(target), u0 + 1024)
+        scores = q[u0:u1] @ keys.T                                                    # (n, I)
         scores[:, :2] = float("-inf")
-        t = torch.as_tensor(target[sel], device=device)
-        pos_score = scores.gather(1, t[:, None])
-        for k, u in enumerate(sel):
-            s = torch.as_tensor(seen[u], device=device)
-            scores[k, s[s != target[u]]] = float("-inf")             # filter history (not the target itself)
-        ranks[sel] = (scores > pos_score).sum(1).cpu().numpy()
+        t = torch.as_tensor(target[u0:u1], device=device, dtype=torch.long)
+        pos = scores.gather(1, t[:, None])
+        lens = [len(seen[u]) for u in range(u0, u1)]
+        r_idx = torch.as_tensor(np.repeat(np.arange(u1 - u0), lens), device=device)
+        c_idx = torch.as_tensor(np.concatenate([seen[u] for u in range(u0, u1)]) if sum(lens) else np.zeros(0, np.int64),
+                                device=device, dtype=torch.long)
+        scores[r_idx, c_idx] = float("-inf")                                          # filter the history ...
+        scores.scatter_(1, t[:, None], pos)                                           # ... but never the target
+        ranks[u0:u1] = (scores > pos).sum(1).cpu().numpy()
     model.train()
     return retrieval_metrics(ranks, p.eval.ks)
 
@@ -293,12 +303,15 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     counts = torch.from_numpy(np.bincount(rows["target"][rows["loss_mask"]], minlength=cfg["n_items"]))
     logq = sampling_logq(counts, p.loss.sampler).to(device)
     qcond = query_condition(p, data, cond_names) if conditions else None
+    cd = p.condition_dropout
+    drop_p = torch.tensor([cd.get(n, 0.0) if isinstance(cd, dict) else cd for n in cond_names])
     n_params = model.num_params()
     config_json = {"kind": p.model.kind, "model": cfg, "spec": spec.model_dump(mode="json"), "inputs": inputs,
                    "condition_fields": cond_names if conditions else [], "conditions": conditions,
                    "max_items": spec.pack.max_items, "seq_len": spec.pack.seq_len, "n_params": n_params}
 
     step, best, best_step = 0, -float("inf"), -1
+    eval_cache: dict = {}
     if resume_from is not None:
         model.load_state_dict(torch.load(resume_from / "model.pt", map_location=device, weights_only=True))
         opt.load_state_dict(torch.load(resume_from / "optim.pt", map_location=device, weights_only=True))
@@ -324,7 +337,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             for _ in range(p.optim.grad_accum):
                 b = next(stream)
                 if conditions:
-                    b["cond"] = drop_conditions(b["cond"], b["type"], p.condition_dropout, gen)
+                    b["cond"] = drop_conditions(b["cond"], b["type"], drop_p, gen)
                 with autocast():
                     o = fwd(b, make_mask(b, cfg["attention"]))                      # (B, S, D)
                     loss = info_nce(o[b["loss_mask"]], b["target"][b["loss_mask"]], model.item_table,
@@ -353,7 +366,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             else:
                 bar.update(task, completed=step)
             if step % eval_every == 0 or step == total:
-                val = evaluate(model, data_c, "valid", p, spec.pack, device, qcond, autocast)
+                val = evaluate(model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache)
                 score = val[p.eval.select]
                 metrics_f.write(json.dumps({"step": step, "split": "valid", **val}) + "\n"); metrics_f.flush()
                 if score > best:
@@ -376,7 +389,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     # the best validation checkpoint is the model; the test item is scored once, here
     best_model, _ = load_model(ckpt_dir / "best", device)
     results = {"best_step": best_step, "select": p.eval.select,
-               "valid": evaluate(best_model, data_c, "valid", p, spec.pack, device, qcond, autocast),
+               "valid": evaluate(best_model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache),
                "test": evaluate(best_model, data_c, "test", p, spec.pack, device, qcond, autocast),
                "query_condition": {n: str(data[f"vocab/cond_{n}"][i]) for n, i in zip(cond_names, qcond)} if conditions else {}}
     if p.eval.oracle and conditions:

@@ -57,7 +57,7 @@ def read_manifest(store: Path) -> dict | None:
         m = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return m if m.get("complete") is True else None
+    return m if isinstance(m, dict) and m.get("complete") is True else None
 
 
 def require_store(store: Path, stage: str) -> dict:

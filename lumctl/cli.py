@@ -86,6 +86,23 @@ def pretrain(spec: Path = SpecArg, force: bool = ForceOpt,
 
 
 @app.command()
+def query(spec: Path = SpecArg, force: bool = ForceOpt,
+          users: str = typer.Option(None, "--users", help="limit the run to some users: tokenize-store user "
+                                    "indices such as 0-99 or 1,5,7")):
+    """Grouped conditional queries of the pretrained LUM at point-in-time snapshots -> feature store."""
+    from lumctl.errors import InputError
+    from lumctl.specs import load_spec
+
+    def go():
+        s = load_spec(spec)
+        if s.query is None:
+            raise InputError(str(spec), "[query]: section missing; nothing to query")
+        from lumctl.stages import query as stage
+        stage.run(s, force=force, users=users)
+    _guard(go)
+
+
+@app.command()
 def run(spec: Path = SpecArg, force: bool = ForceOpt):
     """Every implemented stage in order, skipping those already up to date."""
     from lumctl.specs import load_spec

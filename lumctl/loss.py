@@ -5,7 +5,7 @@
 with s the cosine similarity, o_l the output at a trained (condition) position and e the item
 token encoder's embedding. Negatives: the other items of the batch (`in_batch`; each distinct
 item counted once, so a negative equal to the positive — an accidental hit — cannot occur),
-`sampled` items (shared by all positions, log-Q corrected, accidental hits masked), or the
+`sampled` items (`num_sampled` per position, log-Q corrected, accidental hits masked), or the
 `full` catalogue.
 """
 
@@ -32,14 +32,15 @@ def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: st
         cand, label = torch.unique(target, return_inverse=True)               # (M,), (N,)
         keys = F.normalize(item_table(cand).float(), dim=-1)                  # (M, D)
         return F.cross_entropy(o @ keys.T / tau, label)
-    # sampled: K shared negatives from Q, logits corrected by -log Q (Bengio & Senecal; Yi et al. 2019)
-    probs = sample_logq.exp()
-    neg = torch.multinomial(probs, num_sampled, replacement=True, generator=generator).to(target.device)  # (K,)
+    # sampled: K negatives per position from Q, logits corrected by -log Q (Bengio & Senecal; Yi et al. 2019)
+    N = len(target)
+    neg = torch.multinomial(sample_logq.exp().cpu(), N * num_sampled, replacement=True,
+                            generator=generator).view(N, num_sampled).to(target.device)  # (N, K)
     pos_keys = F.normalize(item_table(target).float(), dim=-1)                # (N, D)
-    neg_keys = F.normalize(item_table(neg).float(), dim=-1)                   # (K, D)
+    neg_keys = F.normalize(item_table(neg.flatten()).float(), dim=-1).view(N, num_sampled, -1)  # (N, K, D)
     pos = (o * pos_keys).sum(-1, keepdim=True) / tau                          # (N, 1)
-    neg_logits = o @ neg_keys.T / tau - sample_logq.to(o.device)[neg]         # (N, K)
-    neg_logits = neg_logits.masked_fill(neg[None, :] == target[:, None], float("-inf"))  # accidental hits
+    neg_logits = torch.einsum("nd,nkd->nk", o, neg_keys) / tau - sample_logq.to(o.device)[neg]  # (N, K)
+    neg_logits = neg_logits.masked_fill(neg == target[:, None], float("-inf"))  # accidental hits
     logits = torch.cat([pos, neg_logits], 1)
     return F.cross_entropy(logits, torch.zeros_like(target))
 

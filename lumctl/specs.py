@@ -176,22 +176,41 @@ class PackSpec(Strict):
 
 
 # ------------------------------------------------------------------------------------ pretrain
+# the presets of each family (lumctl/models/<kind>.py PRESETS; a test keeps them in sync)
+FAMILY_PRESETS = {
+    "lum": ("tiny", "small", "19m", "100m", "300m", "1b"),
+    "sasrec": ("tiny", "small", "sasrec-ml1m"),
+    "hstu": ("tiny", "small", "hstu-ml1m", "hstu-large-ml1m"),
+}
+
+
 class ModelSpec(Strict):
     """The user encoder: a named preset, single dimensions overridable."""
 
-    kind: Literal["lum"] = Field("lum", description="model family")
-    preset: Literal["tiny", "small", "19m", "100m", "300m", "1b"] = Field("tiny", description="size preset")
+    kind: Literal["lum", "sasrec", "hstu"] = Field("lum", description=(
+        "model family: lum, or the item-only baselines sasrec / hstu (need [pack] conditions = false)"))
+    preset: Literal["tiny", "small", "19m", "100m", "300m", "1b", "sasrec-ml1m", "hstu-ml1m", "hstu-large-ml1m"] = Field(
+        "tiny", description="size preset of the family (see FAMILY_PRESETS); *-ml1m are generative-recommenders' ML-1M sizes")
     d_model: int | None = Field(None, gt=0, description="override the preset's width")
     n_layers: int | None = Field(None, gt=0, description="override the preset's depth")
     n_heads: int | None = Field(None, gt=0, description="override the preset's heads")
-    d_ff: int | None = Field(None, gt=0, description="override the preset's SwiGLU width")
-    d_feat: int = Field(0, ge=0, description="width of each token feature embedding (0 = d_model)")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    attention: Literal["auto", "flex", "sdpa"] = Field("auto", description="auto = flex on CUDA, sdpa elsewhere")
-    item_features: bool = Field(True, description="use item side features (genres, category, popularity)")
+    d_ff: int | None = Field(None, gt=0, description="override the preset's SwiGLU (lum) / FFN (sasrec) width; hstu has none")
+    d_feat: int = Field(0, ge=0, description="lum: width of each token feature embedding (0 = d_model)")
+    dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "lum: residual/attention dropout; sasrec: embedding, attention and FFN dropout; hstu: embedding and linear dropout"))
+    attention: Literal["auto", "flex", "sdpa"] = Field("auto", description=(
+        "auto = flex on CUDA, sdpa elsewhere; hstu's SiLU attention always runs dense (flex: mask from segments)"))
+    item_features: bool = Field(True, description="lum: use item side features (genres, category, popularity); baselines ignore it")
 
     @model_validator(mode="after")
     def _check(self):
+        if self.preset not in FAMILY_PRESETS[self.kind]:
+            raise ValueError(f"preset '{self.preset}' is not a {self.kind} preset "
+                             f"({self.kind} presets: {', '.join(FAMILY_PRESETS[self.kind])})")
+        if self.kind != "lum" and self.d_feat:
+            raise ValueError(f"d_feat is a lum option; {self.kind} has no token feature encoder")
+        if self.kind == "hstu" and self.d_ff is not None:
+            raise ValueError("d_ff does not apply to hstu (it has no feed-forward layer)")
         d, h = self.d_model, self.n_heads
         if d is not None and h is not None and d % h:
             raise ValueError(f"d_model must be divisible by n_heads (got {d} and {h})")
@@ -204,7 +223,7 @@ class LossSpec(Strict):
     negatives: Literal["in_batch", "sampled", "full"] = Field("in_batch", description=(
         "in_batch: the other items of the batch; sampled: `num_sampled` drawn items with log-Q correction; "
         "full: the whole catalogue"))
-    num_sampled: int = Field(128, gt=0, description="sampled: negatives per step (shared by all positions)")
+    num_sampled: int = Field(128, gt=0, description="sampled: negatives drawn for each trained position")
     sampler: Literal["uniform", "popularity"] = Field("uniform", description="sampled: item distribution")
     temperature: float = Field(0.05, gt=0, description="tau of the cosine similarity")
     learn_temperature: bool = Field(False, description="learn tau (initialised at `temperature`)")
@@ -235,6 +254,10 @@ class EvalSpec(Strict):
         "query condition at the held-out position, field -> value (e.g. rating = 'high'); "
         "fields not named are '<any>'. Never taken from the held-out interaction."))
     oracle: bool = Field(False, description="also report the score with the held-out event's own condition (labelled oracle)")
+    mixture: str | None = Field(None, description=(
+        "a condition field whose every value is queried; items are scored by sum_v p(v | user history) "
+        "p(item | user, v) (history-only weights, no held-out information)"))
+    mixture_smoothing: float = Field(1.0, gt=0, description="additive smoothing of p(v | user history)")
     batch_rows: int = Field(16, gt=0, description="packed rows per evaluation batch")
 
     @field_validator("select")
@@ -270,6 +293,58 @@ class PretrainSpec(Strict):
     log_every: int = Field(10, gt=0)
 
 
+# --------------------------------------------------------------------------------------- query
+class QuerySpec(Strict):
+    """Step 2: grouped conditional queries of a pretrained LUM at point-in-time snapshots.
+
+    The query list is the cartesian product, in this order, of `conditions` (or one all-'<any>'
+    condition when empty), every value of each field in `each`, and the ranks 1..k of each
+    field in `top_k`; condition fields not named are '<any>'. Example, 3 rating buckets x the
+    user's 2 most frequent genres = 6 queries:  each = ["rating"]  top_k = { genre = 2 }
+    """
+
+    checkpoint: str = Field("final", description=(
+        "checkpoint folder: a path under <store_root>/<experiment>/pretrain/ (final, checkpoints/best, "
+        "checkpoints/step-00001000) or an absolute path; the model is rebuilt from its config.json"))
+    conditions: list[dict[str, str]] = Field(default_factory=list, description=(
+        "explicit query conditions, each field -> value (a vocabulary value or '<any>'); empty = one "
+        "all-'<any>' condition"))
+    each: list[str] = Field(default_factory=list, description=(
+        "fields queried at every value of their vocabulary: one query per value (cartesian product over fields)"))
+    top_k: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict, description=(
+        "field -> k: one query per rank 1..k holding the user's k most frequent values of the field in the "
+        "snapshot's prefix (ties: the most recent first); '<any>' where the user has fewer than k values"))
+    snapshot: Literal["split", "every_n_events"] = Field("split", description=(
+        "split: one snapshot per split boundary (the prefix before the first valid event, used for valid, "
+        "and before the first test event, used for test); every_n_events: one after every K events of a user"))
+    every_n_events: int | None = Field(None, gt=0, description="K of snapshot = 'every_n_events'")
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of user_emb and item_emb")
+    batch_rows: int = Field(8, gt=0, description="packed query rows per forward pass")
+    seq_len: int | None = Field(None, gt=0, description=(
+        "tokens per packed query row (default: the checkpoint's seq_len, enlarged to fit the longest prefix "
+        "plus all queries)"))
+    max_items: int | None = Field(None, gt=1, description=(
+        "a snapshot's model input is its most recent max_items - 1 events plus the queries, as in pretrain's "
+        "evaluation (default: the checkpoint's max_items)"))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "auto = CUDA (flex attention, bf16 autocast) when available, else CPU (sdpa, fp32)"))
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.snapshot == "every_n_events") != (self.every_n_events is not None):
+            raise ValueError("snapshot = 'every_n_events' and every_n_events = K go together "
+                             f"(got snapshot = '{self.snapshot}', every_n_events = {self.every_n_events})")
+        if len(set(self.each)) != len(self.each):
+            raise ValueError(f"each lists a field twice (got {self.each})")
+        both = sorted(set(self.each) & set(self.top_k))
+        if both:
+            raise ValueError(f"a field is either in each or in top_k, not both (got {both})")
+        named = sorted({f for c in self.conditions for f in c} & (set(self.each) | set(self.top_k)))
+        if named:
+            raise ValueError(f"fields in each/top_k cannot also be fixed in conditions (got {named})")
+        return self
+
+
 # ---------------------------------------------------------------------------------------- spec
 class Spec(Strict):
     """One experiment."""
@@ -280,6 +355,7 @@ class Spec(Strict):
     tokenize: TokenizeSpec
     pack: PackSpec = Field(default_factory=PackSpec)
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+    query: QuerySpec | None = Field(None, description="Step 2: grouped queries into a point-in-time feature store")
 
     @field_validator("store_root")
     @classmethod
@@ -300,7 +376,7 @@ class Spec(Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-STAGES = ("synth", "tokenize", "pack", "pretrain")  # the order `lumctl run` follows
+STAGES = ("synth", "tokenize", "pack", "pretrain", "query")  # the order `lumctl run` follows
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

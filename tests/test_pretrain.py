@@ -81,7 +81,7 @@ def test_sampled_negatives_mask_accidental_hits_and_correct_log_q():
     loss = info_nce(o, target, _table(ITEMS), negatives="sampled", tau=tau, num_sampled=64,
                     sample_logq=only, generator=gen)
     gen = torch.Generator().manual_seed(0)
-    neg = torch.multinomial(only.exp(), 64, replacement=True, generator=gen)
+    neg = torch.multinomial(only.exp(), 64, replacement=True, generator=gen)  # one position: its 64 draws
     n4 = int((neg == 4).sum())  # draws of the positive (item 2) are masked
     s_pos = F.cosine_similarity(o, torch.tensor([ITEMS[2]]))[0].item() / tau
     s4 = F.cosine_similarity(o, torch.tensor([ITEMS[4]]))[0].item() / tau - math.log(0.5)

@@ -250,3 +250,202 @@ def document_causal_mask_ref(segment: np.ndarray) -> np.ndarray:
     causal = np.tril(np.ones((S, S), bool))[None]
     real = (segment >= 0)[:, :, None]
     return (same & causal & real) | (~real & np.eye(S, dtype=bool)[None])
+
+
+# --------------------------------------------------------------------------- grouped queries
+@njit(cache=True)
+def _fill_queries(items, conds, first, count, queries, row, start, n_rows, seq_len):
+    """Document d = prefix events first[d] : first[d]+count[d] as (condition, item) pairs, then
+    the N query condition tokens queries[d or 0] ([N, F]), all at position 2*count[d]."""
+    n_fields = conds.shape[1]
+    n_q = queries.shape[1]
+    per_doc = queries.shape[0] > 1
+    typ = np.zeros((n_rows, seq_len), np.int8)
+    item = np.zeros((n_rows, seq_len), np.int32)
+    cond = np.zeros((n_rows, seq_len, n_fields), np.int32)
+    seg = np.full((n_rows, seq_len), -1, np.int32)
+    pos = np.zeros((n_rows, seq_len), np.int32)
+    is_query = np.zeros((n_rows, seq_len), np.bool_)
+    doc = np.full((n_rows, seq_len), -1, np.int32)
+    query_pos = np.zeros((len(count), n_q), np.int64)
+    slot = np.zeros(n_rows, np.int32)
+    order = np.argsort(start)  # segments numbered left to right within each row
+    for k in range(len(order)):
+        d = order[k]
+        r = row[d]
+        s = slot[r]
+        slot[r] += 1
+        t = start[d]
+        n = count[d]
+        for e in range(n):
+            ev = first[d] + e
+            p = t + 2 * e
+            typ[r, p] = 1
+            for f in range(n_fields):
+                cond[r, p, f] = conds[ev, f]
+            typ[r, p + 1] = 2
+            item[r, p + 1] = items[ev]
+            for q in range(2):
+                seg[r, p + q] = s
+                pos[r, p + q] = 2 * e + q
+                doc[r, p + q] = d
+        qd = d if per_doc else 0
+        for q in range(n_q):
+            p = t + 2 * n + q
+            typ[r, p] = 1
+            for f in range(n_fields):
+                cond[r, p, f] = queries[qd, q, f]
+            seg[r, p] = s
+            pos[r, p] = 2 * n          # every query sits right after the prefix
+            is_query[r, p] = True
+            doc[r, p] = d
+            query_pos[d, q] = p
+    return typ, item, cond, seg, pos, is_query, doc, query_pos
+
+
+def _query_array(queries, n_docs: int, n_fields: int) -> np.ndarray:
+    q = np.asarray(queries, np.int32)
+    if q.ndim == 2:
+        q = q[None]
+    if q.ndim != 3 or q.shape[0] not in (1, n_docs) or q.shape[2] != n_fields or q.shape[1] < 1:
+        raise ValueError(f"queries must be [N, {n_fields}] or [{n_docs}, N, {n_fields}] with N >= 1 (got {np.shape(queries)})")
+    return np.ascontiguousarray(q)
+
+
+def pack_queries(items: np.ndarray, conds: np.ndarray, first: np.ndarray, count: np.ndarray, queries: np.ndarray,
+                 seq_len: int, strategy: str = "best_fit") -> dict[str, np.ndarray]:
+    """Pack grouped-query documents into rows (Step 2).
+
+    Document d (one user at one snapshot) is its prefix events first[d] : first[d]+count[d]
+    (`c_1 i_1 ... c_L i_L`, as pack_sequences with conditions) followed by N query condition
+    tokens `c_q1 ... c_qN` from queries [N, F] (shared) or [D, N, F] (per document); every query
+    token has position 2*count[d] and type 1. Returns [R, S] arrays type, item, cond ([R, S, F]),
+    segment, pos, is_query, doc (document index, -1 at padding), and per document row [D],
+    start [D], query_pos [D, N] (the column of each query token in its row).
+    """
+    count = np.asarray(count, np.int64)
+    conds = np.ascontiguousarray(conds, np.int32).reshape(len(items), -1)
+    q = _query_array(queries, len(count), conds.shape[1])
+    row, start, n_rows = assign_rows(2 * count + q.shape[1], seq_len, strategy)
+    typ, item, cond, seg, pos, is_query, doc, query_pos = _fill_queries(
+        np.asarray(items, np.int32), conds, np.asarray(first, np.int64), count, q, row, start, n_rows, seq_len)
+    return {"type": typ, "item": item, "cond": cond, "segment": seg, "pos": pos, "is_query": is_query,
+            "doc": doc, "row": row, "start": start, "query_pos": query_pos}
+
+
+def pack_queries_ref(items, conds, first, count, queries, seq_len, strategy="best_fit"):
+    """Reference twin of `pack_queries` in plain Python/NumPy."""
+    items = np.asarray(items)
+    conds = np.asarray(conds).reshape(len(items), -1)
+    F = conds.shape[1]
+    q = np.asarray(queries)
+    q = q[None] if q.ndim == 2 else q
+    N = q.shape[1]
+    row, start, R = assign_rows_ref([2 * int(c) + N for c in count], seq_len, strategy)
+    out = {"type": np.zeros((R, seq_len), np.int8), "item": np.zeros((R, seq_len), np.int32),
+           "cond": np.zeros((R, seq_len, F), np.int32), "segment": np.full((R, seq_len), -1, np.int32),
+           "pos": np.zeros((R, seq_len), np.int32), "is_query": np.zeros((R, seq_len), bool),
+           "doc": np.full((R, seq_len), -1, np.int32)}
+    query_pos = np.zeros((len(count), N), np.int64)
+    for r in range(R):
+        docs = sorted((d for d in range(len(count)) if row[d] == r), key=lambda d: start[d])
+        for s, d in enumerate(docs):
+            toks = []
+            for e in range(int(count[d])):
+                ev = first[d] + e
+                toks.append((COND, 0, conds[ev], 2 * e, False))
+                toks.append((ITEM, items[ev], np.zeros(F), 2 * e + 1, False))
+            for n in range(N):
+                toks.append((COND, 0, q[d if len(q) > 1 else 0, n], 2 * int(count[d]), True))
+            for p, (t, it, c, ps, isq) in enumerate(toks):
+                j = start[d] + p
+                out["type"][r, j], out["item"][r, j], out["cond"][r, j] = t, it, c
+                out["segment"][r, j], out["pos"][r, j], out["is_query"][r, j], out["doc"][r, j] = s, ps, isq, d
+            query_pos[d] = start[d] + 2 * int(count[d]) + np.arange(N)
+    out["row"], out["start"], out["query_pos"] = row, start, query_pos
+    return out
+
+
+@njit(cache=True)
+def grouped_query_mask(segment, is_query):
+    """segment, is_query [B, S] -> bool [B, S, S]. Key j is visible from token i iff same
+    document, j <= i and j is not a query token, and every token sees itself: prefix tokens are
+    document-causal, a query token sees its whole prefix and itself but no other query.
+    Padding positions attend only themselves."""
+    B, S = segment.shape
+    mask = np.zeros((B, S, S), np.bool_)
+    for b in range(B):
+        for i in range(S):
+            mask[b, i, i] = True
+            si = segment[b, i]
+            if si < 0:
+                continue
+            j = i - 1
+            while j >= 0 and segment[b, j] == si:
+                if not is_query[b, j]:
+                    mask[b, i, j] = True
+                j -= 1
+    return mask
+
+
+def grouped_query_mask_ref(segment: np.ndarray, is_query: np.ndarray) -> np.ndarray:
+    segment, is_query = np.asarray(segment), np.asarray(is_query, bool)
+    S = segment.shape[1]
+    same = segment[:, :, None] == segment[:, None, :]
+    causal = np.tril(np.ones((S, S), bool))[None]
+    real = (segment >= 0)[:, :, None]
+    eye = np.eye(S, dtype=bool)[None]
+    return (same & causal & real & ~is_query[:, None, :]) | eye
+
+
+@njit(cache=True)
+def top_values(values, first, count, k):
+    """values [E] ids of one condition field; per document d the k most frequent ids >= 2 among
+    values[first[d] : first[d]+count[d]], most frequent first, ties: the most recent occurrence
+    first. [D, k] int32, 1 ('<any>') where a document has fewer than k distinct ids."""
+    D = len(count)
+    out = np.ones((D, k), np.int32)
+    V = 2
+    for e in range(len(values)):
+        V = max(V, values[e] + 1)
+    cnt = np.zeros(V, np.int64)
+    last = np.full(V, -1, np.int64)
+    seen = np.empty(V, np.int64)
+    for d in range(D):
+        n_seen = 0
+        for e in range(first[d], first[d] + count[d]):
+            v = values[e]
+            if v < 2:
+                continue
+            if cnt[v] == 0:
+                seen[n_seen] = v
+                n_seen += 1
+            cnt[v] += 1
+            last[v] = e
+        for r in range(min(k, n_seen)):
+            best = -1
+            for m in range(n_seen):
+                v = seen[m]
+                if cnt[v] > 0 and (best < 0 or cnt[v] > cnt[best] or (cnt[v] == cnt[best] and last[v] > last[best])):
+                    best = v
+            out[d, r] = best
+            cnt[best] = -cnt[best]  # taken (restored to 0 below)
+        for m in range(n_seen):
+            cnt[seen[m]] = 0
+            last[seen[m]] = -1
+    return out
+
+
+def top_values_ref(values, first, count, k):
+    """Reference twin of `top_values`."""
+    out = np.ones((len(count), k), np.int32)
+    for d in range(len(count)):
+        stats: dict[int, list[int]] = {}
+        for e in range(int(first[d]), int(first[d]) + int(count[d])):
+            v = int(values[e])
+            if v >= 2:
+                c, _ = stats.get(v, [0, -1])
+                stats[v] = [c + 1, e]
+        ranked = sorted(stats, key=lambda v: (-stats[v][0], -stats[v][1]))[:k]
+        out[d, :len(ranked)] = ranked
+    return out

@@ -10,6 +10,7 @@ ORDER = {
     "tokenize": "lumctl.stages.tokenize",
     "pack": "lumctl.stages.pack",
     "pretrain": "lumctl.stages.pretrain",
+    "query": "lumctl.stages.query",        # only when the spec has a [query] section
 }
 
 

@@ -51,10 +51,12 @@ def resolve_device(p: PretrainSpec) -> torch.device:
 
 def model_config(p: PretrainSpec, data: dict, cond_names: list[str], device: torch.device) -> dict:
     """The family's config as a plain dict (stored in checkpoints; downstream rebuilds from it)."""
-    from lumctl.models.lum import PRESETS
-    d, L, H, ff = PRESETS[p.model.preset]
     m = p.model
     attention = m.attention if m.attention != "auto" else ("flex" if device.type == "cuda" else "sdpa")
+    if m.kind != "lum":  # item-only baselines (sasrec, hstu) build their own from their PRESETS
+        return models.module(m.kind).config_from_spec(m, data, cond_names, attention)
+    from lumctl.models.lum import PRESETS
+    d, L, H, ff = PRESETS[m.preset]
     feats = m.item_features
     return {
         "n_items": int(len(data["vocab/item"])),
@@ -147,35 +149,79 @@ def eval_rows(data: dict, split: str, max_items: int, seq_len: int, conditions: 
 
 
 @torch.no_grad()
-def evaluate(model, data: dict, split: str, p: PretrainSpec, pack_spec, device, query_cond, autocast,
-             cache: dict | None = None) -> dict:
-    """Full-ranking next-item retrieval; items already in the user's history are filtered."""
-    key = (split, None if query_cond is None else tuple(int(x) for x in query_cond))
-    if cache is not None and key in cache:
-        rows, where, target, seen = cache[key]
-    else:
-        rows, where, target, seen = eval_rows(data, split, pack_spec.max_items, pack_spec.seq_len,
-                                              pack_spec.conditions, query_cond)
-        if cache is not None:
-            cache[key] = rows, where, target, seen
-    model.eval()
+def query_outputs(model, rows: dict, where: np.ndarray, batch_rows: int, device, autocast) -> torch.Tensor:
+    """Outputs at the positions `where` [(row, position)] of packed eval rows -> (U, D) float32."""
     backend = model.config.attention
+    q = torch.empty(len(where), model.config.d_model, device=device)
+    R = len(rows["type"])
     with autocast():
-        keys = torch.nn.functional.normalize(model.item_table(None).float(), dim=-1)  # (I, D)
-        q = torch.empty(len(target), keys.shape[1], device=device)                   # (U, D) query outputs
-        R = len(rows["type"])
-        for r0 in range(0, R, p.eval.batch_rows):
-            idx = np.arange(r0, min(R, r0 + p.eval.batch_rows))
+        for r0 in range(0, R, batch_rows):
+            idx = np.arange(r0, min(R, r0 + batch_rows))
             b = to_batch(rows, idx, device, backend == "sdpa")
             out = model(b, make_mask(b, backend))                                     # (B, S, D)
             sel = np.flatnonzero((where[:, 0] >= r0) & (where[:, 0] < r0 + len(idx)))
-            q[torch.as_tensor(sel, device=device)] = out[torch.as_tensor(where[sel, 0] - r0), torch.as_tensor(where[sel, 1])].float()
-    q = torch.nn.functional.normalize(q, dim=-1)
+            q[torch.as_tensor(sel, device=device)] = out[torch.as_tensor(where[sel, 0] - r0),
+                                                         torch.as_tensor(where[sel, 1])].float()
+    return q
+
+
+def history_weights(data: dict, split: str, field: int, n_values: int, alpha: float) -> np.ndarray:
+    """p(value | user) of one condition field from the user's events before the held-out one
+    (the same users, in the same order, as `eval_rows`), smoothed: (count + alpha) / (n + alpha V)."""
+    offsets, split_at = data["users/offsets"], data["users/split"]
+    n = np.diff(offsets)
+    end = split_at[:, 0] if split == "valid" else split_at[:, 1]
+    users = np.flatnonzero((end >= 1) & (end < n))
+    vals = data["events/cond"][:, field]
+    w = np.stack([np.bincount(vals[offsets[u]:offsets[u] + end[u]], minlength=n_values)[2:n_values] for u in users])
+    w = w + alpha
+    return (w / w.sum(1, keepdims=True)).astype(np.float32)                          # (U, V - 2)
+
+
+@torch.no_grad()
+def evaluate(model, data: dict, split: str, p: PretrainSpec, pack_spec, device, query_cond, autocast,
+             cache: dict | None = None, tau: float = 1.0, cond_names: list[str] | None = None) -> dict:
+    """Full-ranking next-item retrieval; items already in the user's history are filtered.
+
+    With [pretrain.eval].mixture = F, every value v of condition field F is queried (grouped
+    conditions, as in LUM step 2) and items are scored by log sum_v p(v | history) p(item | user, v),
+    p(item | user, v) the model's softmax over all items at temperature tau."""
+    def rows_for(qc):
+        key = (split, None if qc is None else tuple(int(x) for x in qc))
+        if cache is not None and key in cache:
+            return cache[key]
+        r = eval_rows(data, split, pack_spec.max_items, pack_spec.seq_len, pack_spec.conditions, qc)
+        if cache is not None:
+            cache[key] = r
+        return r
+
+    model.eval()
+    with autocast():
+        keys = torch.nn.functional.normalize(model.item_table(None).float(), dim=-1)  # (I, D)
+    mixture = p.eval.mixture if (query_cond is not None and cond_names) else None
+    if mixture:
+        f = cond_names.index(mixture)
+        n_values = int(model.config.cond_vocab[f])
+        qs = []
+        for v in range(2, n_values):
+            qc = np.array(query_cond, np.int32).copy()
+            qc[f] = v
+            rows, where, target, seen = rows_for(qc)
+            qs.append(torch.nn.functional.normalize(query_outputs(model, rows, where, p.eval.batch_rows, device, autocast), dim=-1))
+        logw = torch.as_tensor(np.log(history_weights(data, split, f, n_values, p.eval.mixture_smoothing)), device=device)
+    else:
+        rows, where, target, seen = rows_for(query_cond)
+        q = torch.nn.functional.normalize(query_outputs(model, rows, where, p.eval.batch_rows, device, autocast), dim=-1)
     ranks = np.empty(len(target), np.int64)
-    for u0 in range(0, len(target), 1024):
-        u1 = min(len(target), u0 + 1024)
-        scores = q[u0:u1] @ keys.T                                                    # (n, I)
-        scores[:, :2] = float("-inf")
+    for u0 in range(0, len(target), 512):
+        u1 = min(len(target), u0 + 512)
+        if mixture:
+            lp = torch.stack([torch.log_softmax((qv[u0:u1] @ keys[2:].T) / tau, -1) for qv in qs], 1)  # (n, V, I-2)
+            scores = torch.full((u1 - u0, keys.shape[0]), float("-inf"), device=device)
+            scores[:, 2:] = torch.logsumexp(lp + logw[u0:u1, :, None], 1)
+        else:
+            scores = q[u0:u1] @ keys.T                                                # (n, I)
+            scores[:, :2] = float("-inf")
         t = torch.as_tensor(target[u0:u1], device=device, dtype=torch.long)
         pos = scores.gather(1, t[:, None])
         lens = [len(seen[u]) for u in range(u0, u1)]
@@ -192,6 +238,8 @@ def evaluate(model, data: dict, split: str, p: PretrainSpec, pack_spec, device, 
 def query_condition(p: PretrainSpec, data: dict, cond_names: list[str]) -> np.ndarray:
     """Condition ids for the held-out position from [pretrain.eval].condition; unnamed -> '<any>'."""
     out = np.ones(len(cond_names), np.int32)
+    if p.eval.mixture is not None and p.eval.mixture not in cond_names:
+        raise InputError("[pretrain.eval].mixture", f"unknown condition field '{p.eval.mixture}' (fields: {cond_names})")
     for field, value in p.eval.condition.items():
         if field not in cond_names:
             raise InputError("[pretrain.eval].condition", f"unknown condition field '{field}' (fields: {cond_names})")
@@ -366,12 +414,13 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             else:
                 bar.update(task, completed=step)
             if step % eval_every == 0 or step == total:
-                val = evaluate(model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache)
+                val = evaluate(model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache,
+                               float(log_tau.exp()), cond_names)
                 score = val[p.eval.select]
                 metrics_f.write(json.dumps({"step": step, "split": "valid", **val}) + "\n"); metrics_f.flush()
                 if score > best:
                     best, best_step = score, step
-                    save_checkpoint(ckpt_dir / "best", model, config=config_json)
+                    save_checkpoint(ckpt_dir / "best", model, config={**config_json, "tau": float(log_tau.exp())})
                 say(f"pretrain: step {step} valid " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "n")
                     + (" (best)" if best_step == step else ""))
                 t_last = time.time()
@@ -382,15 +431,23 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 for old in sorted(ckpt_dir.glob("step-*"))[:-p.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
     metrics_f.close()
+    recs = [json.loads(x) for x in open(out / "metrics.jsonl") if '"tokens_per_s"' in x]
+    speed = {}
+    if len(recs) > 1:  # the first interval holds compilation and warm-up
+        tps = float(np.median([r["tokens_per_s"] for r in recs[1:]]))
+        tfl = float(np.median([r["tflops"] for r in recs[1:]]))
+        speed = {"tokens_per_s": round(tps, 1), "model_tflops": round(tfl, 2)}
+        say(f"pretrain: median {tps:,.0f} tokens/s, {tfl:.1f} TFLOP/s of model FLOPs (attention included)")
     if step < total:
         say(f"pretrain: stopped at step {step} of {total} (--until-step); continue with --resume")
         return out
 
     # the best validation checkpoint is the model; the test item is scored once, here
-    best_model, _ = load_model(ckpt_dir / "best", device)
+    best_model, best_cfg = load_model(ckpt_dir / "best", device)
+    tau = best_cfg.get("tau", float(log_tau.exp()))
     results = {"best_step": best_step, "select": p.eval.select,
-               "valid": evaluate(best_model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache),
-               "test": evaluate(best_model, data_c, "test", p, spec.pack, device, qcond, autocast),
+               "valid": evaluate(best_model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache, tau, cond_names),
+               "test": evaluate(best_model, data_c, "test", p, spec.pack, device, qcond, autocast, None, tau, cond_names),
                "query_condition": {n: str(data[f"vocab/cond_{n}"][i]) for n, i in zip(cond_names, qcond)} if conditions else {}}
     if p.eval.oracle and conditions:
         results["test_oracle_condition"] = evaluate(best_model, data_c, "test", p, spec.pack, device, None, autocast)
@@ -400,7 +457,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     write_manifest(out, stage="pretrain", spec_hash=spec_hash, inputs=inputs, started=started,
-                   counts={"steps": total, "best_step": best_step, "n_params": n_params,
+                   counts={"steps": total, "best_step": best_step, "n_params": n_params, **speed,
                            "test": results["test"], "valid": results["valid"]})
     t = results["test"]
     say(f"pretrain: test hr@10={t['hr@10']:.4f} ndcg@10={t['ndcg@10']:.4f} mrr={t['mrr']:.4f} "

@@ -341,7 +341,10 @@ def test_query_stage_end_to_end(tiny_spec):
     assert r.exit_code == 0 and "up to date" not in r.stderr, r.output
     g = zarr.open_group(str(out / "answers.zarr"), mode="r")
     assert g["user_emb"].shape[0] == 6 and list(g["user_index"][...]) == [0, 1, 2, 3, 4, 9]
-    np.testing.assert_array_equal(g["user_emb"][...], emb[[0, 1, 2, 3, 4, 9]])
+    # same answers; other row neighbours may flip a float16 rounding (bf16 autocast on CUDA: more)
+    tol = 2e-2 if torch.cuda.is_available() else 2e-3
+    np.testing.assert_allclose(g["user_emb"][...].astype(np.float32), emb[[0, 1, 2, 3, 4, 9]].astype(np.float32),
+                               atol=tol, rtol=tol)
     r = invoke("query", path, "--users", "0-999")
     assert r.exit_code == 2 and "--users" in r.stderr
 

@@ -103,6 +103,22 @@ def query(spec: Path = SpecArg, force: bool = ForceOpt,
 
 
 @app.command()
+def fuse(spec: Path = SpecArg, force: bool = ForceOpt,
+         seeds: int = typer.Option(None, "--seeds", min=1, help="independent runs (overrides [fuse].seeds)")):
+    """Train a DLRM backbone on the CTR protocol, with the LUM answers of the query store fused in."""
+    from lumctl.errors import InputError
+    from lumctl.specs import load_spec
+
+    def go():
+        s = load_spec(spec)
+        if s.fuse is None:
+            raise InputError(str(spec), "[fuse]: section missing; nothing to fuse")
+        from lumctl.stages import fuse as stage
+        stage.run(s, force=force, seeds=seeds)
+    _guard(go)
+
+
+@app.command()
 def run(spec: Path = SpecArg, force: bool = ForceOpt):
     """Every implemented stage in order, skipping those already up to date."""
     from lumctl.specs import load_spec

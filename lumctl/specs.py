@@ -345,6 +345,47 @@ class QuerySpec(Strict):
         return self
 
 
+# ---------------------------------------------------------------------------------------- fuse
+class FuseSpec(Strict):
+    """Step 3: DLRM backbones on the CTR protocol (every rated event an impression, label = rating >= 4,
+    the tokenize store's per-user split), optionally enriched with the query store's LUM answers.
+
+    LUM inputs are joined point in time: a sample at time t reads the latest snapshot with timestamp < t
+    (zeros and a "missing" flag when there is none). [query] snapshot = "split" only has snapshots at the
+    valid/test boundaries, so train samples get almost no answers (the fusion layer barely trains);
+    snapshot = "every_n_events" gives train samples real point-in-time answers too.
+    """
+
+    backbone: Literal["dnn", "din", "dien", "sim", "two_tower"] = Field("din", description=(
+        "dnn: embedding + MLP over the mean-pooled history; din: target attention; dien: GRU + AUGRU "
+        "(no auxiliary loss); sim: hard search (history items of the target's category) + target attention; "
+        "two_tower: user tower . item tower, BCE plus an in-batch softmax over positives"))
+    lum: Literal["none", "direct", "match", "direct+match"] = Field("none", description=(
+        "none: the base model; direct: the N query answers o_qn and the target's LUM embedding e^i as MLP "
+        "inputs; match: the N scalars cos(o_qn, e^i); direct+match: both (needs a query store)"))
+    history_len: int = Field(50, gt=0, description="most recent events (strictly before the sample's timestamp) read")
+    sim_search_len: int = Field(500, gt=0, description="sim: events searched for the target's category")
+    d_emb: int = Field(16, gt=0, description="width of every feature embedding")
+    mlp: list[Annotated[int, Field(gt=0)]] = Field([200, 80], min_length=1, description="hidden sizes of the MLP")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    batch_size: int = Field(1024, gt=0, description="samples per step")
+    epochs: int = Field(5, gt=0, description="passes over the train samples")
+    patience: int = Field(1, ge=0, description="stop after this many epochs without a better valid AUC")
+    temperature: float = Field(0.1, gt=0, description="two_tower: tau of the in-batch softmax")
+    seeds: int = Field(1, gt=0, description="independent runs (seed, seed+1, ...); metrics.json reports mean and std")
+    seed: int = Field(0, description="first seed")
+    init_from: str = Field("", description=(
+        "warm start: a fuse checkpoint folder (model.pt + config.json) of the same backbone, e.g. a base "
+        "run's final/; LUM layers absent there start at zero, so step 0 predicts as the base"))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
+
+    @field_validator("init_from")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return expand_vars(v)
+
+
 # ---------------------------------------------------------------------------------------- spec
 class Spec(Strict):
     """One experiment."""
@@ -356,6 +397,7 @@ class Spec(Strict):
     pack: PackSpec = Field(default_factory=PackSpec)
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
     query: QuerySpec | None = Field(None, description="Step 2: grouped queries into a point-in-time feature store")
+    fuse: FuseSpec | None = Field(None, description="Step 3: DLRM backbones (CTR) with LUM answers fused in")
 
     @field_validator("store_root")
     @classmethod
@@ -366,6 +408,8 @@ class Spec(Strict):
     def _check(self):
         if self.tokenize.format == "synth" and self.synth is None:
             raise ValueError("tokenize.format = 'synth' needs a [synth] section")
+        if self.fuse is not None and self.fuse.lum != "none" and self.query is None:
+            raise ValueError(f"[fuse] lum = '{self.fuse.lum}' reads the query store and needs a [query] section")
         return self
 
     def store(self, stage: str) -> Path:
@@ -376,7 +420,7 @@ class Spec(Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-STAGES = ("synth", "tokenize", "pack", "pretrain", "query")  # the order `lumctl run` follows
+STAGES = ("synth", "tokenize", "pack", "pretrain", "query", "fuse")  # the order `lumctl run` follows
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -11,6 +11,7 @@ ORDER = {
     "pack": "lumctl.stages.pack",
     "pretrain": "lumctl.stages.pretrain",
     "query": "lumctl.stages.query",        # only when the spec has a [query] section
+    "fuse": "lumctl.stages.fuse",          # only when the spec has a [fuse] section
 }
 
 

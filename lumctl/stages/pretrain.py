@@ -437,7 +437,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
         tps = float(np.median([r["tokens_per_s"] for r in recs[1:]]))
         tfl = float(np.median([r["tflops"] for r in recs[1:]]))
         speed = {"tokens_per_s": round(tps, 1), "model_tflops": round(tfl, 2)}
-        say(f"pretrain: median {tps:,.0f} tokens/s, {tfl:.1f} TFLOP/s of model FLOPs (attention included)")
+        say(f"pretrain: median {tps:,.0f} tokens/s, {tfl:.3g} TFLOP/s of model FLOPs (attention included)")
     if step < total:
         say(f"pretrain: stopped at step {step} of {total} (--until-step); continue with --resume")
         return out

@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from common import append_result  # benchmarks/common.py (the script folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "query.json"
@@ -188,19 +189,7 @@ def main(argv=None) -> dict:
         "results": results, "machine": machine(device),
     }
     print(json.dumps(result, indent=2))
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    history = []
-    if out_path.is_file():
-        try:
-            history = json.loads(out_path.read_text())
-        except json.JSONDecodeError:
-            history = []
-        if not isinstance(history, list):
-            history = [history]
-    history.append(result)
-    out_path.write_text(json.dumps(history, indent=2) + "\n")
-    print(f"appended to {out_path}", file=sys.stderr)
+    append_result(args.out, result)
     return result
 
 

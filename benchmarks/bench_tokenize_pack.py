@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from common import append_result  # benchmarks/common.py (the script folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-1m"
@@ -203,19 +204,7 @@ def main(argv=None) -> dict:
     }
     print(json.dumps(result, indent=2))
 
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    history = []
-    if out_path.is_file():
-        try:
-            history = json.loads(out_path.read_text())
-        except json.JSONDecodeError:
-            history = []
-        if not isinstance(history, list):
-            history = [history]
-    history.append(result)
-    out_path.write_text(json.dumps(history, indent=2) + "\n")
-    print(f"appended to {out_path}", file=sys.stderr)
+    append_result(args.out, result)
     return result
 
 

@@ -28,54 +28,24 @@ import argparse
 import itertools
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from common import append_result  # benchmarks/common.py (the script folder is on sys.path)
+from common import append_result, machine  # benchmarks/common.py (the script folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "query.json"
 
 
-def machine(device) -> dict:
-    import numba
+def machine_info(device) -> dict:
     import torch
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    if hasattr(os, "sched_getaffinity"):
-        info["cpus_usable"] = len(os.sched_getaffinity(0))
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            info["cpu_model"] = names[0]
-    except OSError:
-        pass
+    extra = {"torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                            text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
+        extra.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return machine(**extra)
 
 def tokenize_store(args, tmp: Path) -> tuple[Path, str]:
     """(tokenize store, dataset label): an existing store, or ML-1M / the synthetic demo tokenized into tmp."""
@@ -186,7 +156,7 @@ def main(argv=None) -> dict:
         "model": model_desc, "device": device.type, "attention": "flex" if cuda else "sdpa",
         "precision": "bf16 autocast" if cuda else "fp32",
         "seq_len": seq_len, "max_items": args.max_items, "batch_rows": args.batch_rows, "repeats": args.repeats,
-        "results": results, "machine": machine(device),
+        "results": results, "machine": machine_info(device),
     }
     print(json.dumps(result, indent=2))
     append_result(args.out, result)

@@ -110,7 +110,6 @@ def write_manifest(tmp: Path, *, stage: str, spec_hash: str, inputs: dict[str, s
                    counts: dict[str, Any], extra: dict[str, Any] | None = None,
                    started: float | None = None) -> dict:
     """Write the manifest last, marking the store complete."""
-    import numpy
     m = {
         "stage": stage,
         "complete": True,

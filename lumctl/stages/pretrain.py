@@ -17,7 +17,6 @@ import math
 import shutil
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from queue import Queue
 
@@ -34,17 +33,18 @@ from lumctl.progress import progress, say
 from lumctl.specs import PretrainSpec, Spec
 from lumctl.stages import pack as pack_stage
 from lumctl.stages import tokenize
-from lumctl.store import atomic_dir, is_up_to_date, read_manifest, require_store, store_hash, write_manifest
+from lumctl.store import atomic_dir, is_up_to_date, require_store, store_hash, write_manifest
 
 TENSOR_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "segment": torch.int32,
                "pos": torch.int32, "loss_mask": torch.bool, "target": torch.long, "ts": torch.long}
 
 
 # ------------------------------------------------------------------------------------ setup
-def resolve_device(p: PretrainSpec) -> torch.device:
-    if p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available()):
+def resolve_device(choice: str, where: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' -> a device; `where` names the spec key in the error."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise InputError("[pretrain].device", "cuda requested but no CUDA device is available")
+            raise InputError(where, "cuda requested but no CUDA device is available")
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -318,7 +318,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(p.seed)
-    device = resolve_device(p)
+    device = resolve_device(p.device, "[pretrain].device")
     data = tokenize.load(tok_store)
     cond_names = [c["name"] for c in _cond_fields(tok_store)]
     rows = pack_stage.load(pack_store)

@@ -56,7 +56,7 @@ from lumctl.ops.packing import grouped_query_mask, pack_queries, top_values
 from lumctl.progress import progress, say
 from lumctl.specs import QuerySpec, Spec
 from lumctl.stages import tokenize
-from lumctl.stages.pretrain import load_model
+from lumctl.stages.pretrain import load_model, resolve_device
 from lumctl.store import atomic_dir, hash_file, hash_obj, is_up_to_date, require_store, store_hash, write_manifest
 
 BATCH_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "pos": torch.int32}
@@ -205,14 +205,6 @@ def snapshots(data: dict, users: np.ndarray, qs: QuerySpec) -> tuple[np.ndarray,
 
 
 # ------------------------------------------------------------------------------------ model passes
-def _device(qs: QuerySpec) -> torch.device:
-    if qs.device == "cuda" or (qs.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise InputError("[query].device", "cuda requested but no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def answer(model, items: np.ndarray, conds: np.ndarray, first: np.ndarray, count: np.ndarray, queries: np.ndarray,
            seq_len: int, batch_rows: int, device: torch.device, grouped: bool = True, backend: str | None = None,
@@ -359,7 +351,7 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
         say(f"query: {out} is up to date")
         return out
 
-    device = _device(qs)
+    device = resolve_device(qs.device, "[query].device")
     model, cfg = load_model(ckpt, device)
     if cfg.get("kind") != "lum" or not cfg.get("conditions"):
         raise InputError(str(ckpt), "query needs a LUM checkpoint trained with condition tokens "

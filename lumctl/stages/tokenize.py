@@ -29,7 +29,7 @@ from lumctl.errors import InputError
 from lumctl.progress import say
 from lumctl.readers import RawLog, read_log
 from lumctl.specs import Spec, TokenizeSpec
-from lumctl.store import atomic_dir, hash_file, is_up_to_date, read_manifest, require_store, store_hash, write_manifest
+from lumctl.store import atomic_dir, hash_file, is_up_to_date, require_store, store_hash, write_manifest
 
 USER_ATTRS = ("gender", "age", "occupation")
 

@@ -1,0 +1,234 @@
+"""DLRM backbones for CTR prediction, optionally enriched with LUM knowledge (Step 3).
+
+Backbones (all share one feature embedding: user profile attributes, the target item as id +
+category + genres, the behaviour history as item vectors):
+  dnn        Embedding & MLP, history mean-pooled (Covington et al. 2016, "YouTube DNN" style)
+  din        target attention over the history (Zhou et al. 2018, "Deep Interest Network")
+  dien       GRU interest extractor + attention-update GRU (AUGRU) (Zhou et al. 2019, "DIEN");
+             the auxiliary next-behaviour loss is omitted
+  sim        hard search: history items sharing the target's category, then target attention, next to
+             DIN over the recent history (Pi et al. 2020, "Search-based Interest Model")
+  two_tower  user tower . item tower (cosine / tau), BCE plus an in-batch softmax over positives
+ReLU everywhere (DIN's Dice / PReLU are not used).
+
+LUM fusion (Yan et al. 2025, "Unlocking Scaling Law in Industrial Recommendation Systems with a
+Three-step Paradigm based Large User Model"): `direct` feeds the N query answers o_q1..o_qN and the
+target's LUM item embedding e^i (both L2-normalised) plus a "missing" flag; `match` feeds the N
+scalars cos(o_qn, e^i). They enter through their own linear layers (`lum_*`) whose weights start at
+zero, so a model warm-started from a base checkpoint predicts exactly as the base at step 0.
+
+Batch (tensors, B samples, L = history_len, A user attributes, N queries, D = LUM width):
+  user_attr [B, A] long   item [B] long   hist [B, L] long (0 = pad, right-aligned)   hist_mask [B, L] bool
+  sim_hist [B, L] long, sim_mask [B, L] bool (sim)   lum [B, N, D], lum_item [B, D], lum_missing [B] (lum)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DLRMConfig:
+    backbone: str = "din"           # dnn | din | dien | sim | two_tower
+    n_items: int = 2                # item vocab (0 pad, 1 unknown)
+    n_categories: int = 0           # category vocab (0 = no category feature)
+    n_genres: int = 0               # genre multi-hot width (0 = none)
+    user_vocab: list[int] = field(default_factory=list)  # vocab size of each user attribute
+    d_emb: int = 16
+    mlp: list[int] = field(default_factory=lambda: [200, 80])
+    lum: str = "none"               # none | direct | match | direct+match
+    n_queries: int = 0              # N
+    d_lum: int = 0                  # D
+    temperature: float = 0.1        # two_tower
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def zero_linear(n_in: int, n_out: int) -> nn.Linear:
+    lin = nn.Linear(n_in, n_out, bias=False)
+    nn.init.zeros_(lin.weight)
+    return lin
+
+
+class TargetAttention(nn.Module):
+    """DIN's activation unit: weight_l = MLP([h_l, t, h_l - t, h_l * t]); pooled = sum_l weight_l h_l
+    (no softmax, as in DIN: the sum keeps the intensity of interest)."""
+
+    def __init__(self, d: int, hidden: int = 36):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4 * d, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def scores(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t[:, None].expand_as(h)                                       # (B, L, d)
+        return self.net(torch.cat([h, t, h - t, h * t], -1)).squeeze(-1)  # (B, L)
+
+    def forward(self, h: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = self.scores(h, t) * mask                                      # (B, L)
+        return (w[..., None] * h).sum(1)                                  # (B, d)
+
+
+class AUGRUCell(nn.Module):
+    """GRU cell whose update gate is scaled by the attention score a: u' = a * u."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.x2h = nn.Linear(d, 3 * d)
+        self.h2h = nn.Linear(d, 3 * d)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        xr, xu, xn = self.x2h(x).chunk(3, -1)                             # (B, d) each
+        hr, hu, hn = self.h2h(h).chunk(3, -1)
+        r = torch.sigmoid(xr + hr)
+        u = torch.sigmoid(xu + hu) * a[:, None]
+        n = torch.tanh(xn + r * hn)
+        return (1 - u) * h + u * n
+
+
+class DLRM(nn.Module):
+    def __init__(self, cfg: DLRMConfig, item_category: torch.Tensor | None = None,
+                 item_genres: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_emb
+        # ---- shared feature embedding
+        self.item = nn.Embedding(cfg.n_items, d, padding_idx=0)
+        self.category = nn.Embedding(cfg.n_categories, d, padding_idx=0) if cfg.n_categories else None
+        self.genres = nn.Linear(cfg.n_genres, d, bias=False) if cfg.n_genres else None
+        self.register_buffer("item_category", item_category.long() if item_category is not None
+                             else torch.zeros(cfg.n_items, dtype=torch.long), persistent=False)
+        g = item_genres.float() if item_genres is not None else torch.zeros(cfg.n_items, max(cfg.n_genres, 1))
+        self.register_buffer("item_genres", g / g.sum(-1, keepdim=True).clamp(min=1), persistent=False)
+        self.user = nn.ModuleList(nn.Embedding(v, d) for v in cfg.user_vocab)
+        A = len(cfg.user_vocab)
+        # ---- backbone
+        b = cfg.backbone
+        if b in ("din", "sim", "dien"):
+            self.att = TargetAttention(d)
+        if b == "sim":
+            self.att_long = TargetAttention(d)
+        if b == "dien":
+            self.gru = nn.GRUCell(d, d)
+            self.augru = AUGRUCell(d)
+        pooled = {"dnn": 1, "din": 1, "dien": 1, "sim": 2, "two_tower": 1}[b]
+        # ---- LUM inputs (zero-initialised)
+        N, D = cfg.n_queries, cfg.d_lum
+        self.direct = "direct" in cfg.lum
+        self.match = "match" in cfg.lum
+        n_lum = (N * D + D if self.direct else 0) + (N if self.match else 0) + (1 if cfg.lum != "none" else 0)
+        h0 = cfg.mlp[0]
+        if b == "two_tower":
+            self.user_in = nn.Linear(d * (A + pooled), h0)
+            self.user_tower = mlp(cfg.mlp)
+            self.item_in = nn.Linear(d, h0)
+            self.item_tower = mlp(cfg.mlp)
+            self.bias = nn.Parameter(torch.zeros(()))
+            if self.direct:
+                self.lum_user = zero_linear(N * D + 1, h0)
+                self.lum_item = zero_linear(D, h0)
+            if self.match:
+                self.lum_match = zero_linear(N + 1, 1)
+        else:
+            self.fc_in = nn.Linear(d * (A + 1 + pooled), h0)
+            self.hidden = mlp(cfg.mlp)
+            self.out = nn.Linear(cfg.mlp[-1], 1)
+            if cfg.lum != "none":
+                self.lum_in = zero_linear(n_lum, h0)
+
+    # ------------------------------------------------------------------ features
+    def item_vec(self, ids: torch.Tensor) -> torch.Tensor:
+        """(...,) item ids -> (..., d): id + category + mean genre embedding; pads stay 0 in the id part."""
+        v = self.item(ids)
+        if self.category is not None:
+            v = v + self.category(self.item_category[ids])
+        if self.genres is not None:
+            v = v + self.genres(self.item_genres[ids])
+        return v
+
+    def user_vec(self, user_attr: torch.Tensor) -> list[torch.Tensor]:
+        return [emb(user_attr[:, a]) for a, emb in enumerate(self.user)]  # A x (B, d)
+
+    def lum_features(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(direct inputs (B, N*D + D), match inputs (B, N), missing (B, 1)) from normalised answers."""
+        if self.cfg.lum == "none":
+            return None, None, None
+        o, e = batch["lum"], batch["lum_item"]                              # (B, N, D), (B, D)
+        miss = batch["lum_missing"].float()[:, None]                        # (B, 1)
+        direct = torch.cat([o.flatten(1), e], -1) if self.direct else None  # (B, N*D + D)
+        match = (o * e[:, None]).sum(-1) if self.match else None            # (B, N) cosines (inputs are unit)
+        return direct, match, miss
+
+    # ------------------------------------------------------------------ backbones
+    def interest(self, batch: dict, t: torch.Tensor) -> list[torch.Tensor]:
+        """Pooled history representations, each (B, d)."""
+        h = self.item_vec(batch["hist"])                                    # (B, L, d)
+        m = batch["hist_mask"].float()                                      # (B, L)
+        b = self.cfg.backbone
+        if b in ("dnn", "two_tower"):
+            return [(h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)]
+        if b == "din":
+            return [self.att(h, t, m)]
+        if b == "sim":
+            hs = self.item_vec(batch["sim_hist"])                           # (B, L, d)
+            return [self.att(h, t, m), self.att_long(hs, t, batch["sim_mask"].float())]
+        # dien: interest extractor (masked GRU), then AUGRU driven by softmax attention on its states
+        B, L, d = h.shape
+        s = h.new_zeros(B, d)
+        states = []
+        for l in range(L):
+            s = torch.where(m[:, l:l + 1] > 0, self.gru(h[:, l], s), s)
+            states.append(s)
+        states = torch.stack(states, 1)                                     # (B, L, d)
+        a = self.att.scores(states, t).masked_fill(m == 0, float("-inf"))
+        a = torch.nan_to_num(torch.softmax(a, -1))                          # (B, L); all-pad rows -> 0
+        z = h.new_zeros(B, d)
+        for l in range(L):
+            z = torch.where(m[:, l:l + 1] > 0, self.augru(states[:, l], z, a[:, l]), z)
+        return [z]
+
+    def forward(self, batch: dict, return_towers: bool = False):
+        """Logits (B,); two_tower with return_towers also gives the unit towers (B, h), (B, h)."""
+        t = self.item_vec(batch["item"])                                    # (B, d)
+        pooled = self.interest(batch, t)
+        users = self.user_vec(batch["user_attr"])
+        direct, match, miss = self.lum_features(batch)
+        if self.cfg.backbone == "two_tower":
+            hu = self.user_in(torch.cat(users + pooled, -1))                # (B, h0)
+            hi = self.item_in(t)
+            if direct is not None:
+                hu = hu + self.lum_user(torch.cat([batch["lum"].flatten(1), miss], -1))
+                hi = hi + self.lum_item(batch["lum_item"])
+            u = F.normalize(self.user_tower(F.relu(hu)), dim=-1)           # (B, h)
+            i = F.normalize(self.item_tower(F.relu(hi)), dim=-1)
+            logit = (u * i).sum(-1) / self.cfg.temperature + self.bias
+            if match is not None:
+                logit = logit + self.lum_match(torch.cat([match, miss], -1)).squeeze(-1)
+            return (logit, u, i) if return_towers else logit
+        x = self.fc_in(torch.cat(users + [t] + pooled, -1))                 # (B, h0)
+        if self.cfg.lum != "none":
+            x = x + self.lum_in(torch.cat([v for v in (direct, match, miss) if v is not None], -1))
+        return self.out(self.hidden(F.relu(x))).squeeze(-1)                 # (B,)
+
+    def loss(self, batch: dict, label: torch.Tensor) -> torch.Tensor:
+        """BCE; two_tower adds an in-batch softmax over the positives (each positive user against the
+        batch's positive items)."""
+        if self.cfg.backbone != "two_tower":
+            return F.binary_cross_entropy_with_logits(self(batch), label)
+        logit, u, i = self(batch, return_towers=True)
+        loss = F.binary_cross_entropy_with_logits(logit, label)
+        pos = label > 0.5
+        if pos.sum() > 1:
+            sim = u[pos] @ i[pos].T / self.cfg.temperature                 # (P, P)
+            loss = loss + F.cross_entropy(sim, torch.arange(len(sim), device=sim.device))
+        return loss

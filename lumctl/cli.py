@@ -56,7 +56,7 @@ def _run_stage(stage: str, spec_path: Path, force: bool) -> None:
 
 @app.command()
 def synth(spec: Path = SpecArg, force: bool = ForceOpt):
-    """Generate the synthetic behaviour log of the spec's [synth] section."""
+    """Generate the synthetic behaviour log described by the spec's synth section."""
     _run_stage("synth", spec, force)
 
 
@@ -104,7 +104,7 @@ def query(spec: Path = SpecArg, force: bool = ForceOpt,
 
 @app.command()
 def fuse(spec: Path = SpecArg, force: bool = ForceOpt,
-         seeds: int = typer.Option(None, "--seeds", min=1, help="independent runs (overrides [fuse].seeds)")):
+         seeds: int = typer.Option(None, "--seeds", min=1, help="independent runs (overrides the spec's fuse seeds)")):
     """Train a DLRM backbone on the CTR protocol, with the LUM answers of the query store fused in."""
     from lumctl.errors import InputError
     from lumctl.specs import load_spec

@@ -71,4 +71,4 @@ def ctr_metrics(user: np.ndarray, label: np.ndarray, logit: np.ndarray) -> dict[
     logit = np.asarray(logit, np.float64)
     prob = 1.0 / (1.0 + np.exp(-logit))
     return {"auc": auc(label, logit), "gauc": gauc(user, label, logit), "logloss": logloss(label, prob),
-            "n": int(len(label)), "pos_rate": float(np.mean(label)) if len(label) else float("nan")}
+            "n": len(label), "pos_rate": float(np.mean(label)) if len(label) else float("nan")}

@@ -371,7 +371,7 @@ class FuseSpec(Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     batch_size: int = Field(1024, gt=0, description="samples per step")
     epochs: int = Field(5, gt=0, description="passes over the train samples")
-    patience: int = Field(1, ge=0, description="stop after this many epochs without a better valid AUC")
+    patience: int = Field(1, ge=0, description="epochs without a better valid AUC tolerated before stopping")
     temperature: float = Field(0.1, gt=0, description="two_tower: tau of the in-batch softmax")
     seeds: int = Field(1, gt=0, description="independent runs (seed, seed+1, ...); metrics.json reports mean and std")
     seed: int = Field(0, description="first seed")

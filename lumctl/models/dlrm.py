@@ -24,6 +24,7 @@ Batch (tensors, B samples, L = history_len, A user attributes, N queries, D = LU
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -51,7 +52,7 @@ class DLRMConfig:
 
 def mlp(sizes: list[int]) -> nn.Sequential:
     layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers)
 

@@ -1,0 +1,362 @@
+"""Stage `fuse` (Step 3): DLRM backbones on the CTR protocol, with LUM answers fused in.
+
+Samples. Every event of the tokenize store is an impression; label = rating >= 4. A user's events
+split as the tokenize store's users/split says: train = [0, train_end), valid = [train_end,
+valid_end), test = the rest. A sample's behaviour history is the user's events with a timestamp
+strictly before its own (same-second events are never history of each other), the most recent
+`history_len` of them; sim also searches the most recent `sim_search_len` for the target's category
+(items/category, else the first genre).
+
+LUM answers (lum != "none"). Joined point in time from the query store: the latest snapshot of the
+user whose timestamp is strictly before the sample's; none -> zeros and missing = 1. Which snapshots
+exist is the query store's choice:
+  - [query] snapshot = "split": one snapshot before the first valid event and one before the first
+    test event. Valid and test samples get answers; train samples (before the first) get none, so the
+    fusion layer only sees "missing" in training - use this for serving-like evaluation only.
+  - [query] snapshot = "every_n_events" (K): a snapshot after every K events, so train samples get
+    answers that are at most K events old; this is what trains the fusion layer.
+Caveat: pretrain trains the LUM on each user's last max_items train events, so the answers joined to
+those train samples come from a model that saw the samples themselves (in-sample; the fusion layer may
+over-trust them). Valid/test answers come from a model that never saw a valid/test event. As for the
+base DLRM, the per-user split is not a global time cut (other users' train events may be later).
+
+Output (`stores/<experiment>/fuse/`):
+  metrics.json        per seed {valid, test: auc, gauc, logloss, n, pos_rate; best_epoch}, and mean / std
+  predictions.zarr/   event [S] int64, user [S], split [S] int8 (1 valid, 2 test), label [S] int8,
+                      logit [seeds, S] float32 (valid + test samples)
+  final/              the first seed's best-valid model: model.pt + config.json (DLRMConfig, spec, inputs)
+  seeds/seed-<k>/     the other seeds' models
+  manifest.json
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lumctl import zarrio
+from lumctl.errors import InputError
+from lumctl.metrics import ctr_metrics
+from lumctl.models.dlrm import DLRM, DLRMConfig
+from lumctl.progress import say
+from lumctl.specs import FuseSpec, Spec
+from lumctl.stages import tokenize
+from lumctl.stages.pretrain import resolve_device
+from lumctl.stages.query import _tie_groups
+from lumctl.store import (
+    atomic_dir,
+    hash_file,
+    hash_obj,
+    is_up_to_date,
+    require_store,
+    store_hash,
+    write_manifest,
+)
+
+USER_ATTRS = tokenize.USER_ATTRS
+
+
+# ------------------------------------------------------------------------------------ samples
+def samples(data: dict) -> dict[str, np.ndarray]:
+    """One sample per event: user, label, split (0 train, 1 valid, 2 test), history bounds."""
+    if "events/rating" not in data:
+        raise InputError("[fuse]", "the CTR protocol needs ratings (label = rating >= 4); the log has none")
+    offsets, ts = data["users/offsets"], data["events/timestamp"]
+    user = data["events/user"].astype(np.int64)
+    E = len(ts)
+    j = np.arange(E) - offsets[user]                                   # position within the user
+    sp = data["users/split"][user]
+    split = np.where(j < sp[:, 0], 0, np.where(j < sp[:, 1], 1, 2)).astype(np.int8)
+    tie_first, _ = _tie_groups(offsets, ts)
+    return {"user": user, "label": (data["events/rating"] >= 4).astype(np.float32), "split": split,
+            "hist_end": tie_first.astype(np.int64),                    # history = [user start, hist_end)
+            "user_start": offsets[user].astype(np.int64), "ts": ts.astype(np.int64)}
+
+
+def search_category(data: dict) -> np.ndarray | None:
+    """[I] the category sim searches by: items/category, else the first genre (+2; 0 = none)."""
+    if "items/category" in data:
+        return data["items/category"].astype(np.int64)
+    if "items/genres" in data:
+        g = data["items/genres"]
+        return np.where(g.any(1), g.argmax(1) + 2, 0).astype(np.int64)
+    return None
+
+
+def history(ev_item: np.ndarray, start: np.ndarray, end: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """The last L events of [start, end) per sample, right-aligned: items (B, L) and mask (B, L)."""
+    idx = end[:, None] - L + np.arange(L)                              # (B, L)
+    ok = idx >= start[:, None]
+    return np.where(ok, ev_item[np.clip(idx, 0, None)], 0), ok
+
+
+def hard_search(ev_item: np.ndarray, cat: np.ndarray, start: np.ndarray, end: np.ndarray, target: np.ndarray,
+                W: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """SIM hard search: among the last W events of [start, end), the last L whose item shares the
+    target's category; right-aligned (B, L)."""
+    items, ok = history(ev_item, start, end, W)                        # (B, W)
+    keep = ok & (cat[items] == cat[target][:, None]) & (cat[target][:, None] > 0)
+    key = np.where(keep, np.arange(W), -1)
+    sel = np.sort(key, 1)[:, -L:]                                      # (B, L) positions, kept ones last
+    got = sel >= 0
+    return np.where(got, np.take_along_axis(items, np.clip(sel, 0, None), 1), 0), got
+
+
+# ------------------------------------------------------------------------------------ LUM join
+def load_answers(store: Path) -> dict[str, np.ndarray]:
+    g = zarrio.open_read(Path(store) / "answers.zarr")
+    return {k: zarrio.get(g, k) for k in ("user_emb", "snapshot_valid", "snapshot_ts", "user_index", "item_emb")}
+
+
+def join_snapshots(ans: dict, user: np.ndarray, ts: np.ndarray, n_users: int, chunk: int = 1 << 18):
+    """Per sample: (answers row, snapshot slot, has) of the latest valid snapshot with timestamp < ts."""
+    row_of = np.full(n_users, -1, np.int64)
+    row_of[ans["user_index"]] = np.arange(len(ans["user_index"]))
+    r = row_of[user]
+    T = ans["snapshot_ts"].shape[1]
+    slot = np.zeros(len(user), np.int64)
+    has = np.zeros(len(user), bool)
+    for a in range(0, len(user), chunk):
+        rr, tt = np.maximum(r[a:a + chunk], 0), ts[a:a + chunk]
+        ok = ans["snapshot_valid"][rr] & (ans["snapshot_ts"][rr] < tt[:, None]) & (r[a:a + chunk, None] >= 0)
+        slot[a:a + chunk] = T - 1 - np.argmax(ok[:, ::-1], 1)
+        has[a:a + chunk] = ok.any(1)
+    return np.maximum(r, 0), slot, has
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.nan_to_num(x.astype(np.float32))
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
+# ------------------------------------------------------------------------------------ features
+class Features:
+    """Builds model batches for sample indices (numpy in, torch out)."""
+
+    def __init__(self, data: dict, fs: FuseSpec, ans: dict | None = None):
+        self.fs, self.ans = fs, ans
+        self.s = samples(data)
+        self.ev_item = data["events/item"].astype(np.int64)
+        self.attrs = [a for a in USER_ATTRS if f"users/{a}" in data]
+        self.user_attr = (np.stack([data[f"users/{a}"] for a in self.attrs], 1).astype(np.int64)
+                          if self.attrs else np.zeros((len(data["users/offsets"]) - 1, 0), np.int64))
+        self.cat = search_category(data)
+        if ans is not None:
+            self.lum_row, self.lum_slot, self.lum_has = join_snapshots(
+                ans, self.s["user"], self.s["ts"], len(data["users/offsets"]) - 1)
+            self.item_lum = _unit(ans["item_emb"])                          # (I, D)
+
+    def numpy(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        s, fs = self.s, self.fs
+        start, end = s["user_start"][idx], s["hist_end"][idx]
+        target = self.ev_item[idx]
+        hist, hmask = history(self.ev_item, start, end, fs.history_len)
+        out = {"user_attr": self.user_attr[s["user"][idx]], "item": target, "hist": hist, "hist_mask": hmask}
+        if fs.backbone == "sim":
+            if self.cat is None:
+                raise InputError("[fuse].backbone", "sim searches by item category or genre; the store has neither")
+            out["sim_hist"], out["sim_mask"] = hard_search(self.ev_item, self.cat, start, end, target,
+                                                           fs.sim_search_len, fs.history_len)
+        if self.ans is not None:
+            has = self.lum_has[idx]
+            o = _unit(self.ans["user_emb"][self.lum_row[idx], self.lum_slot[idx]])  # (B, N, D)
+            out["lum"] = np.where(has[:, None, None], o, 0).astype(np.float32)
+            out["lum_item"] = self.item_lum[target]
+            out["lum_missing"] = (~has).astype(np.float32)
+        return out
+
+    def batch(self, idx: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in self.numpy(idx).items()}
+
+
+# ------------------------------------------------------------------------------------ model
+def model_config(data: dict, fs: FuseSpec, feats: Features) -> DLRMConfig:
+    N = D = 0
+    if feats.ans is not None:
+        _, _, N, D = feats.ans["user_emb"].shape
+    return DLRMConfig(backbone=fs.backbone, n_items=len(data["vocab/item"]),
+                      n_categories=len(data["vocab/category"]) if "items/category" in data else 0,
+                      n_genres=int(data["items/genres"].shape[1]) if "items/genres" in data else 0,
+                      user_vocab=[len(data[f"vocab/user_{a}"]) for a in feats.attrs], d_emb=fs.d_emb,
+                      mlp=list(fs.mlp), lum=fs.lum, n_queries=int(N), d_lum=int(D))
+
+
+def build_model(cfg: DLRMConfig, data: dict) -> DLRM:
+    cat = torch.from_numpy(data["items/category"].astype(np.int64)) if "items/category" in data else None
+    gen = torch.from_numpy(data["items/genres"].astype(np.float32)) if "items/genres" in data else None
+    return DLRM(cfg, cat, gen)
+
+
+def warm_start(model: DLRM, path: Path) -> None:
+    """Load a (base) fuse checkpoint; only the zero-initialised lum_* layers may be absent from it."""
+    path = Path(path)
+    if not (path / "model.pt").is_file() or not (path / "config.json").is_file():
+        raise InputError(str(path), "[fuse].init_from: no fuse checkpoint here (model.pt + config.json)")
+    base = json.loads((path / "config.json").read_text())["model"]
+    mine = model.cfg.to_dict()
+    diff = [k for k in mine if k not in ("lum", "n_queries", "d_lum") and base.get(k) != mine[k]]
+    if diff:
+        raise InputError(str(path), f"[fuse].init_from: checkpoint differs in {diff} "
+                         f"({', '.join(f'{k}: {base.get(k)} vs {mine[k]}' for k in diff)})")
+    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("lum_")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.startswith("lum_")] + list(unexpected)
+    if bad:
+        raise InputError(str(path), f"[fuse].init_from: state does not fit the model ({bad[:3]})")
+
+
+@torch.no_grad()
+def predict(model: DLRM, feats: Features, idx: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    was = model.training
+    model.eval()
+    out = [model(feats.batch(idx[a:a + batch_size], device)).float().cpu().numpy()
+           for a in range(0, len(idx), batch_size)]
+    model.train(was)
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def train(model: DLRM, feats: Features, fs: FuseSpec, seed: int, device: torch.device) -> tuple[DLRM, dict]:
+    """AdamW, BCE; early stopping on valid AUC. Returns the best-valid model and its metrics."""
+    s = feats.s
+    tr, va, te = (np.flatnonzero(s["split"] == k) for k in (0, 1, 2))
+    gen = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=fs.lr, weight_decay=fs.weight_decay)
+    label = torch.from_numpy(s["label"])
+    best, best_state, best_epoch, bad = -np.inf, copy.deepcopy(model.state_dict()), 0, 0
+    history_ = []
+    if fs.init_from:  # step 0 of a warm start predicts as the base: log it as epoch 0
+        m = ctr_metrics(s["user"][va], s["label"][va], predict(model, feats, va, 4 * fs.batch_size, device))
+        best = m["auc"] if np.isfinite(m["auc"]) else -float(m["logloss"])
+        history_.append({"epoch": 0, "loss": None, "valid": m})
+        say(f"fuse: seed {seed} epoch 0 (warm start) valid auc {m['auc']:.4f} gauc {m['gauc']:.4f} "
+            f"logloss {m['logloss']:.4f}")
+    for epoch in range(1, fs.epochs + 1):
+        t0 = time.time()
+        perm = gen.permutation(tr)
+        losses = []
+        model.train()
+        for a in range(0, len(perm), fs.batch_size):
+            idx = perm[a:a + fs.batch_size]
+            loss = model.loss(feats.batch(idx, device), label[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        m = ctr_metrics(s["user"][va], s["label"][va], predict(model, feats, va, 4 * fs.batch_size, device))
+        v = m["auc"] if np.isfinite(m["auc"]) else -float(m["logloss"])
+        history_.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "valid": m})
+        say(f"fuse: seed {seed} epoch {epoch} loss {history_[-1]['loss']:.4f} valid auc {m['auc']:.4f} "
+            f"gauc {m['gauc']:.4f} logloss {m['logloss']:.4f} ({time.time() - t0:.1f}s)")
+        if v > best:
+            best, best_state, best_epoch, bad = v, copy.deepcopy(model.state_dict()), epoch, 0
+        else:
+            bad += 1
+            if bad > fs.patience:
+                break
+    model.load_state_dict(best_state)
+    res = {"best_epoch": best_epoch, "epochs": history_}
+    for name, idx in (("valid", va), ("test", te)):
+        logit = predict(model, feats, idx, 4 * fs.batch_size, device)
+        res[name] = ctr_metrics(s["user"][idx], s["label"][idx], logit)
+        res[f"{name}_logit"] = logit
+    return model, res
+
+
+# ------------------------------------------------------------------------------------ run
+def _finite(x):
+    """NaN (e.g. GAUC when no user has both classes) -> null, so metrics.json is strict JSON."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not np.isfinite(x) else x
+
+
+def summarize(runs: list[dict]) -> dict:
+    """mean and std (ddof 0) over seeds of every valid/test metric."""
+    out = {}
+    for part in ("valid", "test"):
+        out[part] = {}
+        for k in ("auc", "gauc", "logloss"):
+            x = np.array([r[part][k] for r in runs], np.float64)
+            out[part][k] = {"mean": float(np.mean(x)), "std": float(np.std(x))}
+    return out
+
+
+def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
+    fs = spec.fuse
+    if fs is None:
+        raise InputError("[fuse]", "section missing; nothing to fuse")
+    if seeds is not None:
+        fs = fs.model_copy(update={"seeds": int(seeds)})
+    out = spec.store("fuse")
+    started = time.time()
+    tok_store = spec.store("tokenize")
+    inputs = {"tokenize": store_hash(require_store(tok_store, "tokenize"))}
+    if fs.lum != "none":
+        inputs["query"] = store_hash(require_store(spec.store("query"), "query"))
+    if fs.init_from:
+        p = Path(fs.init_from)
+        if not (p / "model.pt").is_file():
+            raise InputError(str(p), "[fuse].init_from: no fuse checkpoint here (model.pt + config.json)")
+        inputs["init_from"] = hash_file(p / "model.pt")
+    spec_hash = hash_obj(fs.model_dump(mode="json"))
+    if not force and is_up_to_date(out, spec_hash, inputs):
+        say(f"fuse: {out} is up to date")
+        return out
+
+    device = resolve_device(fs.device, "[fuse].device")
+    data = tokenize.load(tok_store)
+    ans = load_answers(spec.store("query")) if fs.lum != "none" else None
+    if ans is not None and len(ans["item_emb"]) != len(data["vocab/item"]):
+        raise InputError(str(spec.store("query")), "query store's items do not match the tokenize store "
+                         f"({len(ans['item_emb'])} vs {len(data['vocab/item'])}); rerun `lumctl query`")
+    feats = Features(data, fs, ans)
+    cfg = model_config(data, fs, feats)
+    runs, models = [], []
+    for k in range(fs.seeds):
+        seed = fs.seed + k
+        torch.manual_seed(seed)
+        model = build_model(cfg, data).to(device)
+        if fs.init_from:
+            warm_start(model, Path(fs.init_from))
+        model, res = train(model, feats, fs, seed, device)
+        runs.append(res)
+        models.append({k_: v.cpu() for k_, v in model.state_dict().items()})
+    s = feats.s
+    ev = np.concatenate([np.flatnonzero(s["split"] == 1), np.flatnonzero(s["split"] == 2)])
+    logit = np.stack([np.concatenate([r["valid_logit"], r["test_logit"]]) for r in runs]).astype(np.float32)
+    metrics = {"seeds": [{"seed": fs.seed + k, "best_epoch": r["best_epoch"], "valid": r["valid"], "test": r["test"],
+                          "epochs": r["epochs"]} for k, r in enumerate(runs)],
+               **summarize(runs), "backbone": fs.backbone, "lum": fs.lum,
+               "lum_coverage": {name: float(feats.lum_has[s["split"] == k].mean()) if ans is not None else 0.0
+                                for k, name in enumerate(("train", "valid", "test"))}}
+    config_json = {"model": cfg.to_dict(), "spec": fs.model_dump(mode="json"), "inputs": inputs}
+    with atomic_dir(out) as tmp:
+        g = zarrio.create(tmp / "predictions.zarr")
+        zarrio.put(g, "event", ev.astype(np.int64))
+        zarrio.put(g, "user", s["user"][ev])
+        zarrio.put(g, "split", s["split"][ev])
+        zarrio.put(g, "label", s["label"][ev].astype(np.int8))
+        zarrio.put(g, "logit", logit)
+        (tmp / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2))
+        for k, state in enumerate(models):
+            d = tmp / "final" if k == 0 else tmp / "seeds" / f"seed-{fs.seed + k}"
+            d.mkdir(parents=True)
+            torch.save(state, d / "model.pt")
+            (d / "config.json").write_text(json.dumps({**config_json, "seed": fs.seed + k}, indent=2))
+        counts = {"samples": len(s["label"]), "train": int((s["split"] == 0).sum()),
+                  "valid": int((s["split"] == 1).sum()), "test": int((s["split"] == 2).sum()),
+                  "seeds": fs.seeds, "device": device.type}
+        write_manifest(tmp, stage="fuse", spec_hash=spec_hash, inputs=inputs, counts=counts, started=started)
+    t = metrics["test"]
+    say(f"fuse: {fs.backbone} lum={fs.lum} test auc {t['auc']['mean']:.4f} ± {t['auc']['std']:.4f}, "
+        f"gauc {t['gauc']['mean']:.4f}, logloss {t['logloss']['mean']:.4f} "
+        f"({fs.seeds} seed(s), {time.time() - started:.1f}s) -> {out}")
+    return out

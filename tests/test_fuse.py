@@ -1,0 +1,261 @@
+"""Step 3 (`lumctl fuse`): CTR metrics by hand, warm start predicts as the base at step 0, no leakage
+from a sample's own or later events, the stage through the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import invoke
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lumctl.metrics import auc, gauc, logloss
+from lumctl.models.dlrm import DLRM, DLRMConfig
+from lumctl.specs import FuseSpec, load_spec
+from lumctl.stages import fuse as f
+
+BACKBONES = ["dnn", "din", "dien", "sim", "two_tower"]
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_auc_by_hand():
+    # positives 0.9, 0.4 vs negatives 0.1, 0.4: 1 + 1 + 1 + 0.5 (tie) = 3.5 of 4 pairs
+    assert auc([1, 0, 1, 0], [0.9, 0.1, 0.4, 0.4]) == pytest.approx(0.875)
+    assert auc([1, 0, 1, 0], [0.5, 0.5, 0.5, 0.5]) == pytest.approx(0.5)
+    assert auc([0, 1], [0.3, 0.2]) == pytest.approx(0.0)
+    assert np.isnan(auc([1, 1], [0.3, 0.2]))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 4)), min_size=2, max_size=30))
+def test_auc_matches_pair_counting(pairs):
+    y = np.array([p[0] for p in pairs])
+    s = np.array([p[1] for p in pairs], float)
+    pos, neg = s[y], s[~y]
+    if not len(pos) or not len(neg):
+        assert np.isnan(auc(y, s))
+        return
+    want = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg)])
+    assert auc(y, s) == pytest.approx(want)
+
+
+def test_gauc_by_hand():
+    # user a (3 impressions): pos 0.2 vs neg 0.3, 0.1 -> 0.5; user b (2): 1.0; user c: one class, skipped
+    user = ["a", "a", "a", "b", "b", "c", "c"]
+    y = [1, 0, 0, 1, 0, 1, 1]
+    s = [0.2, 0.3, 0.1, 0.5, 0.1, 0.0, 0.9]
+    assert gauc(user, y, s) == pytest.approx((3 * 0.5 + 2 * 1.0) / 5)
+    assert np.isnan(gauc(["a", "b"], [1, 0], [0.1, 0.2]))
+
+
+def test_logloss_by_hand():
+    assert logloss([1, 0], [0.8, 0.4]) == pytest.approx(-(np.log(0.8) + np.log(0.6)) / 2)
+    assert np.isfinite(logloss([1, 0], [0.0, 1.0]))                       # clipped
+
+
+# ------------------------------------------------------------------------------ warm start
+def toy_config(backbone: str, lum: str = "none") -> DLRMConfig:
+    return DLRMConfig(backbone=backbone, n_items=12, n_categories=5, n_genres=3, user_vocab=[4, 6], d_emb=8,
+                      mlp=[16, 8], lum=lum, n_queries=3, d_lum=6)
+
+
+def toy_batch(B: int = 7, L: int = 5, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, L, generator=g) > 0.3
+    lum = torch.nn.functional.normalize(torch.randn(B, 3, 6, generator=g), dim=-1)
+    return {"user_attr": torch.stack([torch.randint(0, 4, (B,), generator=g), torch.randint(0, 6, (B,), generator=g)], 1),
+            "item": torch.randint(2, 12, (B,), generator=g),
+            "hist": torch.randint(2, 12, (B, L), generator=g) * mask, "hist_mask": mask,
+            "sim_hist": torch.randint(2, 12, (B, L), generator=g) * mask, "sim_mask": mask,
+            "lum": lum, "lum_item": torch.nn.functional.normalize(torch.randn(B, 6, generator=g), dim=-1),
+            "lum_missing": (torch.rand(B, generator=g) > 0.7).float()}
+
+
+def item_tables():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 5, (12,), generator=g), (torch.rand(12, 3, generator=g) > 0.5).float()
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_warm_start_predicts_as_the_base_at_step_0(backbone, tmp_path):
+    torch.manual_seed(0)
+    base = DLRM(toy_config(backbone), *item_tables())
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.3)
+    torch.save(base.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"model": base.cfg.to_dict()}))
+    torch.manual_seed(1)
+    fused = DLRM(toy_config(backbone, "direct+match"), *item_tables())
+    f.warm_start(fused, tmp_path)
+    batch = toy_batch()
+    base.eval(), fused.eval()
+    with torch.no_grad():
+        assert torch.equal(base(batch), fused(batch))
+    # the LUM layers do learn: one step moves the prediction
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1)
+    fused.train()
+    fused.loss(batch, (torch.arange(7) % 2).float()).backward()
+    grads = [p.grad for n, p in fused.named_parameters() if n.startswith("lum_")]
+    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+    opt.step()
+    # a different backbone is refused
+    other = DLRM(toy_config("dnn" if backbone != "dnn" else "din", "direct"), *item_tables())
+    with pytest.raises(Exception, match="backbone"):
+        f.warm_start(other, tmp_path)
+
+
+# ------------------------------------------------------------------------------ leakage
+def data_dict(n_events=(12, 9, 15), seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    E = sum(n_events)
+    ts = np.concatenate([np.sort(rng.integers(0, 3 * n, n)) for n in n_events]).astype(np.int64)  # many ties
+    offsets = np.concatenate([[0], np.cumsum(n_events)]).astype(np.int64)
+    n = np.asarray(n_events)
+    return {"events/item": rng.integers(2, 12, E).astype(np.int32), "events/timestamp": ts,
+            "events/user": np.repeat(np.arange(len(n)), n).astype(np.int32),
+            "events/rating": rng.integers(1, 6, E).astype(np.float32), "users/offsets": offsets,
+            "users/split": np.stack([n - 4, n - 2], 1).astype(np.int64),
+            "users/gender": rng.integers(2, 4, len(n)).astype(np.int32), "vocab/user_gender": np.array(["<pad>", "<unk>", "F", "M"]),
+            "items/category": rng.integers(2, 5, 12).astype(np.int32), "vocab/category": np.array(["<pad>", "<unk>", "a", "b", "c"]),
+            "vocab/item": np.array([str(i) for i in range(12)])}
+
+
+def answers(data: dict, seed=0, T=6) -> dict:
+    """A fake query store: snapshots of each user at increasing timestamps."""
+    rng = np.random.default_rng(seed)
+    U = len(data["users/offsets"]) - 1
+    ts = np.sort(rng.integers(0, 40, (U, T)), 1).astype(np.int64)
+    valid = rng.random((U, T)) > 0.2
+    return {"user_emb": rng.normal(size=(U, T, 3, 6)).astype(np.float32), "snapshot_valid": valid,
+            "snapshot_ts": np.where(valid, ts, -1), "user_index": np.arange(U), "item_emb": rng.normal(size=(12, 6))}
+
+
+@pytest.mark.parametrize("backbone", ["sim", "din"])
+def test_features_do_not_change_when_own_and_later_events_change(backbone):
+    fs = FuseSpec(backbone=backbone, lum="direct+match", history_len=6, sim_search_len=8)
+    data, ans = data_dict(), answers(data_dict())
+    rng = np.random.default_rng(5)
+    u, off = 2, data["users/offsets"]
+    for e in range(off[u], off[u + 1]):
+        before = f.Features(data, fs, ans).numpy(np.arange(off[-1]))
+        d2 = {k: v.copy() for k, v in data.items()}
+        a2 = {k: v.copy() for k, v in ans.items()}
+        later = slice(e, off[u + 1])
+        d2["events/rating"][later] = rng.integers(1, 6, later.stop - e)
+        d2["events/item"][e + 1:off[u + 1]] = rng.integers(2, 12, off[u + 1] - e - 1)
+        d2["events/timestamp"][e + 1:off[u + 1]] += rng.integers(0, 3)        # later events move later
+        t = data["events/timestamp"][e]
+        future = a2["snapshot_ts"][u] >= t                                      # snapshots not before the sample
+        a2["user_emb"][u, future] = rng.normal(size=a2["user_emb"][u, future].shape)
+        a2["snapshot_valid"][u, future] = rng.random(future.sum()) > 0.5
+        after = f.Features(d2, fs, a2).numpy(np.arange(off[-1]))
+        for k in ("hist", "hist_mask", "lum", "lum_missing", "user_attr") + (("sim_hist", "sim_mask") if backbone == "sim" else ()):
+            np.testing.assert_array_equal(after[k][e], before[k][e], err_msg=f"{k} of event {e}")
+        # earlier samples of the user are unaffected too; the change is visible to a later sample
+        np.testing.assert_array_equal(after["hist"][off[u]:e], before["hist"][off[u]:e])
+
+
+def test_history_is_strictly_before_the_sample_time():
+    data = data_dict()
+    feats = f.Features(data, FuseSpec(history_len=50), None)
+    b = feats.numpy(np.arange(len(data["events/item"])))
+    ts, off = data["events/timestamp"], data["users/offsets"]
+    for e in range(len(ts)):
+        u = data["events/user"][e]
+        want = [data["events/item"][j] for j in range(off[u], off[u + 1]) if ts[j] < ts[e]]
+        assert b["hist"][e][b["hist_mask"][e]].tolist() == want
+
+
+def test_point_in_time_join_by_hand():
+    ans = {"snapshot_valid": np.array([[True, True, False, True]]), "snapshot_ts": np.array([[5, 9, -1, 20]]),
+           "user_index": np.array([0])}
+    _, slot, has = f.join_snapshots(ans, np.zeros(5, np.int64), np.array([3, 5, 6, 20, 21]), 1)
+    assert has.tolist() == [False, False, True, True, True]
+    assert slot[has].tolist() == [0, 1, 3]
+
+
+# ------------------------------------------------------------------------------ the stage via the CLI
+QUERY_FUSE = """
+[query]
+each = ["scenario"]
+snapshot = "every_n_events"
+every_n_events = 4
+dtype = "float32"
+
+[fuse]
+backbone = "din"
+lum = "{lum}"
+history_len = 10
+d_emb = 8
+mlp = [16, 8]
+batch_size = 64
+epochs = 2
+init_from = "{init}"
+"""
+
+
+def test_fuse_stage_end_to_end(tiny_spec, tmp_path):
+    import zarr
+    path = tiny_spec(steps=4, every=4, ckpt=4)
+    base_text = path.read_text()
+    path.write_text(base_text + QUERY_FUSE.format(lum="none", init=""))
+    r = invoke("run", path)                                     # synth ... query, fuse (base)
+    assert r.exit_code == 0, r.output
+    spec = load_spec(path)
+    out = spec.store("fuse")
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 <= m["test"]["auc"]["mean"] <= 1 and m["lum"] == "none"
+    assert {"model.pt", "config.json"} <= {p.name for p in (out / "final").iterdir()}
+    g = zarr.open_group(str(out / "predictions.zarr"), mode="r")
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert g["logit"].shape == (1, counts["valid"] + counts["test"]) and set(np.unique(g["split"][...])) == {1, 2}
+    # warm start from the base, LUM direct+match, two seeds
+    base = tmp_path / "base"
+    out.rename(base)
+    path.write_text(base_text + QUERY_FUSE.format(lum="direct+match", init=base / "final"))
+    r = invoke("fuse", path, "--seeds", "2")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["seeds"]) == 2 and m["test"]["auc"]["std"] >= 0 and m["lum_coverage"]["test"] > 0.9
+    # step 0 of the warm start (logged as epoch 0) scores valid exactly as the trained base did
+    base_valid = json.loads((base / "metrics.json").read_text())["seeds"][0]["valid"]
+    step0 = m["seeds"][0]["epochs"][0]
+    assert step0["epoch"] == 0
+    assert step0["valid"]["auc"] == pytest.approx(base_valid["auc"], abs=1e-12)
+    assert step0["valid"]["logloss"] == pytest.approx(base_valid["logloss"], abs=1e-9)
+    assert (out / "seeds" / "seed-1" / "model.pt").is_file()
+    r = invoke("fuse", path, "--seeds", "2")
+    assert r.exit_code == 0 and "is up to date" in r.stderr, r.output
+
+
+def test_fuse_spec_errors(tiny_spec):
+    path = tiny_spec()
+    text = path.read_text()
+    path.write_text(text + '\n[fuse]\nlum = "direct"\n')
+    r = invoke("fuse", path)
+    assert r.exit_code == 2 and "needs a [query] section" in r.stderr
+    path.write_text(text + '\n[fuse]\nbackbone = "dcn"\n')
+    r = invoke("spec", "validate", path)
+    assert r.exit_code == 2 and "[fuse].backbone" in r.stderr
+    path.write_text(text)
+    r = invoke("fuse", path)
+    assert r.exit_code == 2 and "[fuse]: section missing" in r.stderr
+
+
+def test_history_and_hard_search_by_hand():
+    ev_item = np.array([2, 3, 4, 5, 6, 7])
+    cat = np.array([0, 0, 2, 3, 2, 3, 2, 0])                   # item -> category (0 = none)
+    items, mask = f.history(ev_item, np.array([0, 2]), np.array([4, 3]), 3)
+    np.testing.assert_array_equal(items, [[3, 4, 5], [0, 0, 4]])
+    np.testing.assert_array_equal(mask, [[True, True, True], [False, False, True]])
+    # target 6 (category 2): category-2 items among events [0, 5) are 2, 4, 6 -> the last two, right-aligned
+    items, mask = f.hard_search(ev_item, cat, np.array([0]), np.array([5]), np.array([6]), W=5, L=2)
+    np.testing.assert_array_equal(items, [[4, 6]])
+    items, mask = f.hard_search(ev_item, cat, np.array([0]), np.array([5]), np.array([7]), W=5, L=3)
+    np.testing.assert_array_equal(items, [[0, 0, 0]])          # target without a category: nothing found
+    assert not mask.any()

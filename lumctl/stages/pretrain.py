@@ -329,12 +329,14 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     data_c["events/cond"] = data["events/cond"] if conditions else data["events/cond"][:, :0]
     cfg = model_config(p, data, cond_names if conditions else [], device)
     model = build_model(p.model.kind, cfg, data).to(device)
-    if p.model.attention == "flex" and device.type == "cpu":
-        say("pretrain: flex attention on CPU runs eagerly (slow); sdpa is the CPU default")
+    if cfg["attention"] == "flex" and device.type == "cpu" and p.model.kind == "lum":
+        raise InputError("[pretrain.model].attention", "flex attention has no backward pass on CPU; use 'sdpa' or 'auto'")
     log_tau = torch.nn.Parameter(torch.tensor(math.log(p.loss.temperature), device=device),
                                  requires_grad=p.loss.learn_temperature)
-    decay = [q for n_, q in model.named_parameters() if q.ndim >= 2 and "items.id" not in n_ and "conds.fields" not in n_]
-    no_decay = [q for n_, q in model.named_parameters() if not (q.ndim >= 2 and "items.id" not in n_ and "conds.fields" not in n_)]
+    # weight decay on matrices, never on embedding tables, norms or biases
+    tables = {id(q) for mod in model.modules() if isinstance(mod, torch.nn.Embedding) for q in mod.parameters()}
+    decay = [q for q in model.parameters() if q.ndim >= 2 and id(q) not in tables]
+    no_decay = [q for q in model.parameters() if not (q.ndim >= 2 and id(q) not in tables)]
     groups = [{"params": decay, "weight_decay": p.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if p.loss.learn_temperature:
         groups.append({"params": [log_tau], "weight_decay": 0.0})

@@ -41,16 +41,21 @@ def _guard(fn: Callable[[], object]) -> None:
         raise typer.Exit(1)
 
 
-def _run_stage(stage: str, spec_path: Path, force: bool) -> None:
+# optional spec sections: the verb has nothing to do without them
+NOTHING_TO = {"synth": "generate", "query": "query", "fuse": "fuse"}
+
+
+def _run_stage(stage: str, spec_path: Path, force: bool, **kwargs) -> None:
+    """Load the spec, check the stage's optional section is there, run the stage."""
     from lumctl.errors import InputError
     from lumctl.specs import load_spec
 
     def go():
         spec = load_spec(spec_path)
-        if stage == "synth" and spec.synth is None:
-            raise InputError(str(spec_path), "[synth]: section missing; nothing to generate")
+        if stage in NOTHING_TO and getattr(spec, stage) is None:
+            raise InputError(str(spec_path), f"[{stage}]: section missing; nothing to {NOTHING_TO[stage]}")
         from lumctl.stages import stage_module
-        stage_module(stage).run(spec, force=force)
+        stage_module(stage).run(spec, force=force, **kwargs)
     _guard(go)
 
 
@@ -77,12 +82,7 @@ def pretrain(spec: Path = SpecArg, force: bool = ForceOpt,
              resume: bool = typer.Option(False, "--resume", help="continue from the newest step checkpoint"),
              until_step: int = typer.Option(None, "--until-step", help="stop after this step (resume later)")):
     """Train the LUM user encoder on packed rows (next-condition-item InfoNCE)."""
-    from lumctl.specs import load_spec
-
-    def go():
-        from lumctl.stages import pretrain as stage
-        stage.run(load_spec(spec), force=force, resume=resume, until_step=until_step)
-    _guard(go)
+    _run_stage("pretrain", spec, force, resume=resume, until_step=until_step)
 
 
 @app.command()
@@ -90,32 +90,14 @@ def query(spec: Path = SpecArg, force: bool = ForceOpt,
           users: str = typer.Option(None, "--users", help="limit the run to some users: tokenize-store user "
                                     "indices such as 0-99 or 1,5,7")):
     """Grouped conditional queries of the pretrained LUM at point-in-time snapshots -> feature store."""
-    from lumctl.errors import InputError
-    from lumctl.specs import load_spec
-
-    def go():
-        s = load_spec(spec)
-        if s.query is None:
-            raise InputError(str(spec), "[query]: section missing; nothing to query")
-        from lumctl.stages import query as stage
-        stage.run(s, force=force, users=users)
-    _guard(go)
+    _run_stage("query", spec, force, users=users)
 
 
 @app.command()
 def fuse(spec: Path = SpecArg, force: bool = ForceOpt,
          seeds: int = typer.Option(None, "--seeds", min=1, help="independent runs (overrides the spec's fuse seeds)")):
     """Train a DLRM backbone on the CTR protocol, with the LUM answers of the query store fused in."""
-    from lumctl.errors import InputError
-    from lumctl.specs import load_spec
-
-    def go():
-        s = load_spec(spec)
-        if s.fuse is None:
-            raise InputError(str(spec), "[fuse]: section missing; nothing to fuse")
-        from lumctl.stages import fuse as stage
-        stage.run(s, force=force, seeds=seeds)
-    _guard(go)
+    _run_stage("fuse", spec, force, seeds=seeds)
 
 
 @app.command()

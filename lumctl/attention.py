@@ -2,7 +2,8 @@
 
 - sdpa: a dense bool mask (B, S, S) built by Numba (`lumctl.ops.packing.document_causal_mask`)
 - flex: a `torch.nn.attention.flex_attention` BlockMask from segment ids (document-causal),
-  with the kernel compiled on CUDA (eager elsewhere)
+  with the kernel and the block-mask construction compiled on CUDA (eager elsewhere)
+- dense: no mask is passed; the model builds one from segment ids on its device (HSTU)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def document_causal_block_mask(segment: torch.Tensor):
         same = (segment[b, q] == segment[b, kv]) & (segment[b, q] >= 0)
         return (same & (kv <= q)) | (q == kv)
 
-    return create_block_mask(mask_mod, B, None, S, S, device=segment.device)
+    return create_block_mask(mask_mod, B, None, S, S, device=segment.device, _compile=segment.is_cuda)
 
 
 def query_block_mask(segment: torch.Tensor, is_query: torch.Tensor):
@@ -34,7 +35,7 @@ def query_block_mask(segment: torch.Tensor, is_query: torch.Tensor):
         same = (segment[b, q] == segment[b, kv]) & (segment[b, q] >= 0)
         return (same & (kv <= q) & ~is_query[b, kv]) | (q == kv)
 
-    return create_block_mask(mask_mod, B, None, S, S, device=segment.device)
+    return create_block_mask(mask_mod, B, None, S, S, device=segment.device, _compile=segment.is_cuda)
 
 
 @functools.cache
@@ -50,7 +51,10 @@ def flex(q, k, v, block_mask):
 
 
 def make_mask(batch: dict, backend: str):
-    """The mask a model's forward expects for `batch` on `backend`."""
+    """The mask a model's forward expects for `batch` on `backend`: a BlockMask (flex), the
+    batch's dense Numba mask (sdpa), or None (dense: the model builds its own from segments)."""
     if backend == "flex":
         return document_causal_block_mask(batch["segment"])
-    return batch["mask"]
+    if backend == "sdpa":
+        return batch["mask"]
+    return None

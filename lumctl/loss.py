@@ -19,9 +19,11 @@ FIRST_ITEM = 2  # ids 0 and 1 are padding and unknown
 
 def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: str, tau: torch.Tensor | float,
              num_sampled: int = 128, sample_logq: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, logq_correction: bool = True) -> torch.Tensor:
     """o (N, D) outputs at trained positions, target (N,) item ids; `item_table(ids) -> (M, D)`.
-    `sample_logq` (I,) log sampling probability of each item (sampled negatives)."""
+    `sample_logq` (I,) log sampling probability of each item (sampled negatives); negatives are
+    drawn on the generator's device. `logq_correction = False` is the plain (1 + K)-way softmax of
+    generative-recommenders' SampledSoftmaxLoss."""
     o = F.normalize(o.float(), dim=-1)
     if negatives == "full":
         keys = F.normalize(item_table(None).float(), dim=-1)                  # (I, D)
@@ -34,12 +36,15 @@ def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: st
         return F.cross_entropy(o @ keys.T / tau, label)
     # sampled: K negatives per position from Q, logits corrected by -log Q (Bengio & Senecal; Yi et al. 2019)
     N = len(target)
-    neg = torch.multinomial(sample_logq.exp().cpu(), N * num_sampled, replacement=True,
+    where = generator.device if generator is not None else torch.device("cpu")
+    neg = torch.multinomial(sample_logq.exp().to(where), N * num_sampled, replacement=True,
                             generator=generator).view(N, num_sampled).to(target.device)  # (N, K)
     pos_keys = F.normalize(item_table(target).float(), dim=-1)                # (N, D)
     neg_keys = F.normalize(item_table(neg.flatten()).float(), dim=-1).view(N, num_sampled, -1)  # (N, K, D)
     pos = (o * pos_keys).sum(-1, keepdim=True) / tau                          # (N, 1)
-    neg_logits = torch.einsum("nd,nkd->nk", o, neg_keys) / tau - sample_logq.to(o.device)[neg]  # (N, K)
+    neg_logits = torch.einsum("nd,nkd->nk", o, neg_keys) / tau                 # (N, K)
+    if logq_correction:
+        neg_logits = neg_logits - sample_logq.to(o.device)[neg]
     neg_logits = neg_logits.masked_fill(neg == target[:, None], float("-inf"))  # accidental hits
     logits = torch.cat([pos, neg_logits], 1)
     return F.cross_entropy(logits, torch.zeros_like(target))

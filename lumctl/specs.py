@@ -225,6 +225,9 @@ class LossSpec(Strict):
         "full: the whole catalogue"))
     num_sampled: int = Field(128, gt=0, description="sampled: negatives drawn for each trained position")
     sampler: Literal["uniform", "popularity"] = Field("uniform", description="sampled: item distribution")
+    logq_correction: bool = Field(True, description=(
+        "sampled: subtract log Q from the negatives' logits (an estimate of the full softmax); false = the "
+        "plain (1 + num_sampled)-way softmax of generative-recommenders' SampledSoftmaxLoss"))
     temperature: float = Field(0.05, gt=0, description="tau of the cosine similarity")
     learn_temperature: bool = Field(False, description="learn tau (initialised at `temperature`)")
 

@@ -128,7 +128,7 @@ def test_config_from_spec():
                                                  data, [], "sdpa")
     assert (s["n_items"], s["d_model"], s["n_layers"], s["n_heads"], s["d_ff"]) == (40, 64, 2, 2, 50)
     h = models.module("hstu").config_from_spec(ModelSpec(kind="hstu", preset="hstu-large-ml1m"), data, [], "flex")
-    assert (h["d_model"], h["n_layers"], h["n_heads"], h["attention"]) == (50, 8, 2, "flex")
+    assert (h["d_model"], h["n_layers"], h["n_heads"], h["attention"]) == (50, 8, 2, "dense")  # no block mask for SiLU
     models.build("hstu", h)  # 50 / 2 heads = 25 per head, as the reference
     with pytest.raises(InputError, match=r"\[pack\].conditions"):
         models.module("hstu").config_from_spec(ModelSpec(kind="hstu"), data, ["rating"], "sdpa")

@@ -88,6 +88,12 @@ def test_sampled_negatives_mask_accidental_hits_and_correct_log_q():
     want = -(s_pos - math.log(math.exp(s_pos) + n4 * math.exp(s4)))
     assert 0 < n4 < 64
     assert loss.item() == pytest.approx(want, rel=1e-5)
+    # without the correction: the plain (1 + K)-way softmax of generative-recommenders
+    gen = torch.Generator().manual_seed(0)
+    plain = info_nce(o, target, _table(ITEMS), negatives="sampled", tau=tau, num_sampled=64,
+                     sample_logq=only, generator=gen, logq_correction=False)
+    s4 = s4 + math.log(0.5)
+    assert plain.item() == pytest.approx(-(s_pos - math.log(math.exp(s_pos) + n4 * math.exp(s4))), rel=1e-5)
 
 
 def test_flex_matches_sdpa_on_cpu():

@@ -23,7 +23,8 @@ ValueError, never silently ignored.
   and a user's outputs never depend on the token packed after them.
 - Attention is SiLU, not softmax, so there is no flex kernel for it: HSTU always runs explicit
   (B, H, S, S) matmuls with a dense mask. With `attention = "sdpa"` it uses the dense mask it is
-  given; with `"flex"` it ignores the BlockMask and builds the mask from `batch["segment"]`:
+  given; otherwise (`"dense"`, which is what `"flex"`/`"auto"` on CUDA resolve to, so no block
+  mask is built for nothing) it builds the mask on the device from `batch["segment"]`:
   `(seg_q == seg_k) & (k <= q) & (seg_q >= 0)`. Memory is O(B H S^2): keep rows short.
 """
 
@@ -57,7 +58,7 @@ class HSTUConfig:
     time_buckets: int = 128          # log-scale buckets of |ts_q - ts_k| (seconds)
     dropout: float = 0.2             # input embedding dropout and the "linear" dropout before W_o
     eps: float = 1e-6                # LayerNorm / L2-norm epsilon
-    attention: str = "sdpa"          # "sdpa" | "flex"; both run dense SiLU attention (see module docstring)
+    attention: str = "sdpa"          # "sdpa" (Numba mask given) | "dense" (mask from segments); see docstring
 
 
 def relative_buckets(pos: torch.Tensor, ts: torch.Tensor, max_len: int, time_buckets: int):
@@ -130,7 +131,7 @@ class HSTU(nn.Module):
 
     def forward(self, batch, mask) -> torch.Tensor:
         c = self.config
-        if not isinstance(mask, torch.Tensor):  # flex BlockMask: SiLU attention needs the dense mask
+        if not isinstance(mask, torch.Tensor):  # None (or a BlockMask): SiLU attention needs the dense mask
             mask = dense_document_causal(batch["segment"])                     # (B, S, S)
         dist, tb = relative_buckets(batch["pos"], batch["ts"], c.max_len, c.time_buckets)
         x = self.embed(batch)
@@ -153,4 +154,4 @@ class HSTU(nn.Module):
 def config_from_spec(m, data: dict, cond_names: list[str], attention: str) -> dict:
     """HSTUConfig as a plain dict from `[pretrain.model]` (a ModelSpec) and the tokenize store."""
     from lumctl.models import item_only_config
-    return item_only_config("hstu", PRESETS[m.preset], m, data, cond_names, attention)
+    return item_only_config("hstu", PRESETS[m.preset], m, data, cond_names, "sdpa" if attention == "sdpa" else "dense")

@@ -282,17 +282,21 @@ def lr_at(step: int, total: int, o) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def flops_per_row(n_params: int, d_model: int, n_layers: int, segment: np.ndarray, tokens: int) -> float:
-    """Training FLOPs of one batch: 6·N per token for the weights, plus causal attention per user
-    segment (QK^T and AV: 2·2·d·L(L+1)/2 per layer forward), times 3 for forward + backward."""
-    lens = []
-    for row in segment:
-        r = row[row >= 0]
-        if len(r):
-            lens.append(np.bincount(r))
-    L = np.concatenate(lens).astype(np.float64) if lens else np.zeros(0)
-    attn = 3 * n_layers * 2 * d_model * float((L * (L + 1)).sum())
-    return 6.0 * n_params * tokens + attn
+def row_costs(segment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """segment (R, S) -> per row: real tokens (R,) and sum over its user segments of L(L+1) (R,),
+    computed once so the training loop never reads a batch back from the device to count."""
+    tokens = (segment >= 0).sum(1).astype(np.int64)
+    pairs = np.zeros(len(segment), np.float64)
+    for r, row in enumerate(segment):
+        lens = np.bincount(row[row >= 0]).astype(np.float64)
+        pairs[r] = float((lens * (lens + 1)).sum())
+    return tokens, pairs
+
+
+def train_flops(n_params: int, d_model: int, n_layers: int, tokens: float, pairs: float) -> float:
+    """Training FLOPs of a batch: 6·N per token for the weights, plus causal attention per user
+    segment (QK^T and AV: 2·2·d·L(L+1)/2 per layer forward = 2·d·L(L+1)), times 3 for forward + backward."""
+    return 6.0 * n_params * tokens + 3 * n_layers * 2 * d_model * pairs
 
 
 # ------------------------------------------------------------------------------------ run
@@ -356,6 +360,9 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     cd = p.condition_dropout
     drop_p = torch.tensor([cd.get(n, 0.0) if isinstance(cd, dict) else cd for n in cond_names])
     n_params = model.num_params()
+    row_tokens, row_pairs = row_costs(rows["segment"])
+    # sampled negatives are drawn on the training device (no host sampling or copy in the step)
+    neg_gen = torch.Generator(device=device) if device.type == "cuda" else None
     config_json = {"kind": p.model.kind, "model": cfg, "spec": spec.model_dump(mode="json"), "inputs": inputs,
                    "condition_fields": cond_names if conditions else [], "conditions": conditions,
                    "max_items": spec.pack.max_items, "seq_len": spec.pack.seq_len, "n_params": n_params}
@@ -383,29 +390,30 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             torch.manual_seed(p.seed * 1_000_003 + step)  # dropout: a pure function of (seed, step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, p.optim)
-            loss_sum = 0.0
-            for _ in range(p.optim.grad_accum):
+            if neg_gen is not None:
+                neg_gen.manual_seed(p.seed * 1_000_003 + step)
+            loss_sum = torch.zeros((), device=device)
+            for a in range(p.optim.grad_accum):
                 b = next(stream)
+                idx = micro.indices(step * p.optim.grad_accum + a)
                 if conditions:
                     b["cond"] = drop_conditions(b["cond"], b["type"], drop_p, gen)
                 with autocast():
                     o = fwd(b, make_mask(b, cfg["attention"]))                      # (B, S, D)
                     loss = info_nce(o[b["loss_mask"]], b["target"][b["loss_mask"]], model.item_table,
                                     negatives=p.loss.negatives, tau=log_tau.exp(), num_sampled=p.loss.num_sampled,
-                                    sample_logq=logq, generator=gen)
+                                    sample_logq=logq, generator=neg_gen or gen, logq_correction=p.loss.logq_correction)
                 (loss / p.optim.grad_accum).backward()
-                loss_sum += loss.item() / p.optim.grad_accum
-                tok_last += int((b["type"] > 0).sum())
-                seg = b["segment"].cpu().numpy()
-                flops_last += flops_per_row(n_params, cfg["d_model"], cfg["n_layers"], seg, int((seg >= 0).sum()))
+                loss_sum += loss.detach() / p.optim.grad_accum
+                tok_last += int(row_tokens[idx].sum())
+                flops_last += train_flops(n_params, cfg["d_model"], cfg["n_layers"], row_tokens[idx].sum(), row_pairs[idx].sum())
             if p.optim.clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), p.optim.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             if step % p.log_every == 0 or step == stop:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                loss_sum = float(loss_sum)  # the only host sync of a step, every log_every steps
                 dt = max(1e-9, time.time() - t_last)
                 rec = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
                        "lr": opt.param_groups[0]["lr"], "tau": float(log_tau.exp()), "tokens_per_s": round(tok_last / dt, 1),

@@ -48,6 +48,13 @@ def main() -> None:
         keep = set(a.only.split(","))
         variants = [v for v in variants if v["name"] in keep]
     jobs, results = [], []
+    machine = {"platform": platform.platform(), "python": platform.python_version()}
+    try:
+        import torch
+        machine["torch"] = torch.__version__
+        machine["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception:
+        pass
     for v in variants:
         d = merge(base, v.get("overrides", {}))
         d["experiment"] = f"{base['experiment']}-{v['name']}"
@@ -84,14 +91,8 @@ def main() -> None:
             t = rec.get("metrics", {}).get("test", {})
             print(f"{v['name']}: rc={proc.returncode} {rec['seconds']}s test hr@10={t.get('hr@10')} ndcg@10={t.get('ndcg@10')}",
                   flush=True)
-    machine = {"platform": platform.platform(), "python": platform.python_version()}
-    try:
-        import torch
-        machine["torch"] = torch.__version__
-        machine["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    except Exception:
-        pass
-    Path(a.out).write_text(json.dumps({"spec": a.spec, "machine": machine, "results": results}, indent=2))
+            # rewritten after every finished variant, so a killed sweep keeps what finished
+            Path(a.out).write_text(json.dumps({"spec": a.spec, "machine": machine, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -98,7 +98,9 @@ class HSTULayer(nn.Module):
         q = q.view(B, S, self.H, self.dqk).transpose(1, 2)                                 # (B, H, S, dqk)
         k = k.view(B, S, self.H, self.dqk).transpose(1, 2)                                 # (B, H, S, dqk)
         v = v.view(B, S, self.H, self.dv).transpose(1, 2)                                  # (B, H, S, dv)
-        rab = self.rab_pos[dist] + self.rab_time[tb]                                       # (B, S, S)
+        # gathered with F.embedding: its backward sums duplicate indices in parallel, where plain
+        # indexing's (index_put_ accumulate) serialises the ~B·S² duplicates of a few buckets on CUDA
+        rab = (F.embedding(dist, self.rab_pos[:, None]) + F.embedding(tb, self.rab_time[:, None]))[..., 0]  # (B, S, S)
         a = F.silu(q @ k.transpose(-1, -2) + rab[:, None]) / self.n                        # (B, H, S, S)
         a = a * mask[:, None].to(a.dtype)
         y = (a @ v).transpose(1, 2).reshape(B, S, self.H * self.dv)                        # (B, S, H*dv)

@@ -97,9 +97,14 @@ class Batches:
         self.per_epoch = math.ceil(self.n / batch_rows)
 
     def indices(self, k: int) -> np.ndarray:
+        """Rows of micro-batch k; always `batch_rows` of them (the last batch of an epoch is topped
+        up from the start of the epoch's permutation), so compiled kernels see one shape."""
         epoch, j = divmod(k, self.per_epoch)
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return np.sort(perm[j * self.b:(j + 1) * self.b])
+        idx = perm[j * self.b:(j + 1) * self.b]
+        if len(idx) < self.b and self.n >= self.b:
+            idx = np.concatenate([idx, perm[:self.b - len(idx)]])
+        return np.sort(idx)
 
     def stream(self, start: int, stop: int):
         q: Queue = Queue(maxsize=3)
@@ -157,6 +162,8 @@ def query_outputs(model, rows: dict, where: np.ndarray, batch_rows: int, device,
     with autocast():
         for r0 in range(0, R, batch_rows):
             idx = np.arange(r0, min(R, r0 + batch_rows))
+            if backend == "flex" and R >= batch_rows:  # one shape for the compiled kernels: pad with copies
+                idx = np.concatenate([idx, np.full(batch_rows - len(idx), idx[-1])])
             b = to_batch(rows, idx, device, backend == "sdpa")
             out = model(b, make_mask(b, backend))                                     # (B, S, D)
             sel = np.flatnonzero((where[:, 0] >= r0) & (where[:, 0] < r0 + len(idx)))

@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--store-root", default=None)
     ap.add_argument("--only", default=None, help="comma-separated variant names")
+    ap.add_argument("--upto", default="pretrain", help="last stage to run (default pretrain: no query/fuse)")
     a = ap.parse_args()
     import tomllib
     base = tomllib.loads(Path(a.spec).read_text())
@@ -59,7 +60,7 @@ def main() -> None:
         d = merge(base, v.get("overrides", {}))
         d["experiment"] = f"{base['experiment']}-{v['name']}"
         code = ("import json,sys; from lumctl.specs import parse_spec; from lumctl.stages import run_all; "
-                f"run_all(parse_spec(json.loads({json.dumps(json.dumps(d))}), {json.dumps(v['name'])}))")
+                f"run_all(parse_spec(json.loads({json.dumps(json.dumps(d))}), {json.dumps(v['name'])}), upto={a.upto!r})")
         jobs.append((v, d, code))
     running: list = []
     log_dir = Path(a.out).with_suffix(".logs")

@@ -12,7 +12,7 @@ rv specs/ml-100k.toml benchmarks/variants/seeds3.json --parallel 3 --out $OUT/ml
 rv specs/ml-100k.toml benchmarks/variants/baselines-ml100k.json --parallel 3 --out $OUT/ml100k-baselines.json &
 wait
 ) &
-sleep 545; echo "--- at 545 s"; grep -h "rc=" $OUT/*.logs/*.log 2>/dev/null | head -0
+job=$!; for i in $(seq 540); do kill -0 $job 2>/dev/null || break; sleep 1; done; echo "--- after $i s"
 for f in $OUT/*.json; do python3 -c "
 import json,sys; d=json.load(open(sys.argv[1]))
 for r in d['results']: t=r.get('metrics',{}).get('test',{}); print(sys.argv[1].split('/')[-1], r['name'], r['returncode'], r['seconds'], t.get('hr@10'), t.get('ndcg@10'))" $f; done

@@ -1,5 +1,6 @@
 """Micro-benchmark: backward of a bias gathered from a small table by B·S² indices with heavy
-duplication (HSTU's relative position / time bias), plain indexing vs F.embedding, on CUDA.
+duplication (HSTU's relative position / time bias): plain indexing, F.embedding, and
+`lumctl.models.hstu.bias_gather` (histogram backward), on CUDA.
 
     python benchmarks/bench_gather.py
 """
@@ -14,7 +15,9 @@ def main() -> None:
     B, S = 13, 1024
     w = torch.zeros(129, device=dev, requires_grad=True)
     idx = torch.randint(0, 8, (B, S, S), device=dev)  # few buckets: the time-bias case
-    for name, fn in [("index", lambda: w[idx]), ("embedding", lambda: F.embedding(idx, w[:, None])[..., 0])]:
+    from lumctl.models.hstu import bias_gather
+    for name, fn in [("index", lambda: w[idx]), ("embedding", lambda: F.embedding(idx, w[:, None])[..., 0]),
+                     ("bincount", lambda: bias_gather(w, idx))]:
         for _ in range(2):
             fn().sum().backward()
         torch.cuda.synchronize()

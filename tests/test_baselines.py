@@ -158,3 +158,15 @@ def test_lumctl_run_end_to_end(kind, tmp_path):
     from lumctl.stages.pretrain import load_model
     model, _ = load_model(final)
     assert type(model).__name__ == {"sasrec": "SASRec", "hstu": "HSTU"}[kind]
+
+
+def test_hstu_bias_gather_gradient_equals_indexing():
+    from lumctl.models.hstu import bias_gather
+    torch.manual_seed(0)
+    w = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 9, (2, 5, 5))
+    g = torch.randn(2, 5, 5, dtype=torch.float64)
+    (bias_gather(w, idx) * g).sum().backward()
+    want = torch.zeros(9, dtype=torch.float64).index_add_(0, idx.flatten(), g.flatten())  # hand sum per bucket
+    assert torch.equal(bias_gather(w, idx), w[idx])
+    assert torch.allclose(w.grad, want)

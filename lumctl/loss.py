@@ -19,19 +19,26 @@ FIRST_ITEM = 2  # ids 0 and 1 are padding and unknown
 
 def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: str, tau: torch.Tensor | float,
              num_sampled: int = 128, sample_logq: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, candidates: torch.Tensor | None = None,
+             reduction: str = "mean") -> torch.Tensor:
     """o (N, D) outputs at trained positions, target (N,) item ids; `item_table(ids) -> (M, D)`.
-    `sample_logq` (I,) log sampling probability of each item (sampled negatives)."""
+    `sample_logq` (I,) log sampling probability of each item (sampled negatives).
+    `candidates` (M',) in_batch: the batch's item ids when `target` is only part of it (the
+    targets of all ranks under torchrun); default `target`. reduction: 'mean' or 'sum' over N."""
     o = F.normalize(o.float(), dim=-1)
     if negatives == "full":
         keys = F.normalize(item_table(None).float(), dim=-1)                  # (I, D)
         logits = o @ keys.T / tau                                             # (N, I)
         logits[:, :FIRST_ITEM] = float("-inf")
-        return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target, reduction=reduction)
     if negatives == "in_batch":
-        cand, label = torch.unique(target, return_inverse=True)               # (M,), (N,)
+        if candidates is None:
+            cand, label = torch.unique(target, return_inverse=True)           # (M,), (N,)
+        else:
+            cand = torch.unique(candidates)                                   # (M,) sorted, holds every target
+            label = torch.searchsorted(cand, target)                          # (N,)
         keys = F.normalize(item_table(cand).float(), dim=-1)                  # (M, D)
-        return F.cross_entropy(o @ keys.T / tau, label)
+        return F.cross_entropy(o @ keys.T / tau, label, reduction=reduction)
     # sampled: K negatives per position from Q, logits corrected by -log Q (Bengio & Senecal; Yi et al. 2019)
     N = len(target)
     neg = torch.multinomial(sample_logq.exp().cpu(), N * num_sampled, replacement=True,
@@ -42,7 +49,7 @@ def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: st
     neg_logits = torch.einsum("nd,nkd->nk", o, neg_keys) / tau - sample_logq.to(o.device)[neg]  # (N, K)
     neg_logits = neg_logits.masked_fill(neg == target[:, None], float("-inf"))  # accidental hits
     logits = torch.cat([pos, neg_logits], 1)
-    return F.cross_entropy(logits, torch.zeros_like(target))
+    return F.cross_entropy(logits, torch.zeros_like(target), reduction=reduction)
 
 
 def sampling_logq(popularity_counts: torch.Tensor, sampler: str) -> torch.Tensor:

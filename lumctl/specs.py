@@ -239,7 +239,9 @@ class OptimSpec(Strict):
     warmup_steps: int = Field(100, ge=0)
     epochs: float = Field(10, gt=0, description="passes over the packed rows (ignored when max_steps > 0)")
     max_steps: int = Field(0, ge=0, description="optimizer steps (0 = from epochs)")
-    batch_rows: int = Field(4, gt=0, description="packed rows per micro-batch")
+    batch_rows: int = Field(4, gt=0, description=(
+        "packed rows per micro-batch, all ranks together: under torchrun each of W ranks takes batch_rows / W, "
+        "so global rows per optimizer step = batch_rows x grad_accum whatever W is"))
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     clip: float = Field(1.0, ge=0, description="max grad norm (0 = off)")
 
@@ -288,6 +290,9 @@ class PretrainSpec(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the model")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description=(
+        "under torchrun: ddp = a full model copy per rank (DistributedDataParallel); fsdp = FSDP2 "
+        "(fully_shard) shards parameters, gradients and optimizer state over the ranks (large presets)"))
     checkpoint_every: int = Field(0, ge=0, description="write step-%08d/ every N steps (0 = once per epoch)")
     keep_checkpoints: int = Field(2, gt=0, description="step checkpoints kept on disk")
     log_every: int = Field(10, gt=0)

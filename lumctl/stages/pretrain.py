@@ -8,12 +8,19 @@ Output (`stores/<experiment>/pretrain/`):
   metrics.jsonl            one JSON object per log/eval step;  loss.png  the loss curve
   manifest.json            written last
 Validation picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
+
+Under torchrun (lumctl.dist) every rank takes its part of each global micro-batch of
+`batch_rows` rows; the loss is the one of the whole global micro-batch (in-batch negatives
+gathered from all ranks, positions counted over all ranks), so W ranks follow the curve of one
+process with the same spec. Rank 0 writes checkpoints (whole-model state dicts, also under
+FSDP), metrics and the store; a checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import threading
 import time
@@ -23,7 +30,7 @@ from queue import Queue
 import numpy as np
 import torch
 
-from lumctl import models
+from lumctl import dist, models
 from lumctl.attention import make_mask
 from lumctl.errors import InputError
 from lumctl.loss import info_nce, sampling_logq
@@ -91,15 +98,24 @@ class Batches:
     Batch number `step` is a pure function of (seed, step), so resuming needs no loader state.
     A background thread prepares the next batches (mask building, host->device copy)."""
 
-    def __init__(self, rows: dict, batch_rows: int, seed: int, device: torch.device, dense_mask: bool):
+    def __init__(self, rows: dict, batch_rows: int, seed: int, device: torch.device, dense_mask: bool,
+                 rank: int = 0, world: int = 1):
         self.rows, self.b, self.seed, self.device, self.dense = rows, batch_rows, seed, device, dense_mask
+        self.rank, self.world = rank, world  # torchrun: this rank reads its contiguous part of each batch
         self.n = len(rows["type"])
         self.per_epoch = math.ceil(self.n / batch_rows)
 
     def indices(self, k: int) -> np.ndarray:
         epoch, j = divmod(k, self.per_epoch)
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return np.sort(perm[j * self.b:(j + 1) * self.b])
+        idx = np.sort(perm[j * self.b:(j + 1) * self.b])
+        return dist.shard(idx, self.rank, self.world) if self.world > 1 else idx
+
+    def shard(self, k: int) -> tuple[int, int]:
+        """(first row of this rank's part within global batch k, rows of global batch k)."""
+        n_k = min(self.b, self.n - (k % self.per_epoch) * self.b)
+        q, r = divmod(n_k, self.world)
+        return self.rank * q + min(self.rank, r), n_k
 
     def stream(self, start: int, stop: int):
         q: Queue = Queue(maxsize=3)
@@ -113,11 +129,17 @@ class Batches:
             yield b
 
 
-def drop_conditions(cond: torch.Tensor, typ: torch.Tensor, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Replace condition field f by 1 ('<any>') with probability p[f], so '<any>' is learned."""
+def drop_conditions(cond: torch.Tensor, typ: torch.Tensor, p: torch.Tensor, gen: torch.Generator,
+                    shard: tuple[int, int] | None = None) -> torch.Tensor:
+    """Replace condition field f by 1 ('<any>') with probability p[f], so '<any>' is learned.
+    shard = (first row, rows of the global batch) under torchrun: the draw is made for the
+    global batch and this rank keeps its rows, so W ranks drop what one process drops."""
     if cond.shape[-1] == 0 or not (p > 0).any():
         return cond
-    drop = torch.rand(cond.shape, generator=gen, device="cpu").to(cond.device) < p.to(cond.device)
+    u = torch.rand(cond.shape if shard is None else (shard[1], *cond.shape[1:]), generator=gen, device="cpu")
+    if shard is not None:
+        u = u[shard[0]:shard[0] + len(cond)]                                          # (B, S, F)
+    drop = u.to(cond.device) < p.to(cond.device)
     return torch.where(drop & (typ == 1)[..., None], torch.ones_like(cond), cond)
 
 
@@ -252,14 +274,18 @@ def query_condition(p: PretrainSpec, data: dict, cond_names: list[str]) -> np.nd
 
 # ------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: Path, model, opt=None, state: dict | None = None, config: dict | None = None) -> None:
-    with atomic_dir(path) as tmp:
-        torch.save(model.state_dict(), tmp / "model.pt")
-        if opt is not None:
-            torch.save(opt.state_dict(), tmp / "optim.pt")
-        if state is not None:
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        if config is not None:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    """Rank 0 writes the whole model (every rank calls this: FSDP gathers its shards); the others wait."""
+    model_sd, optim_sd = dist.full_state(model, opt)
+    if dist.is_main():
+        with atomic_dir(path) as tmp:
+            torch.save(model_sd, tmp / "model.pt")
+            if opt is not None:
+                torch.save(optim_sd, tmp / "optim.pt")
+            if state is not None:
+                (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            if config is not None:
+                (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    dist.barrier()
 
 
 def newest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -298,6 +324,7 @@ def flops_per_row(n_params: int, d_model: int, n_layers: int, segment: np.ndarra
 # ------------------------------------------------------------------------------------ run
 def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int | None = None) -> Path:
     p = spec.pretrain
+    device = dist.init(resolve_device(p.device, "[pretrain].device"))  # torchrun: joins the process group
     out = spec.store("pretrain")
     tok_store, pack_store = spec.store("tokenize"), spec.store("pack")
     inputs = {"tokenize": store_hash(require_store(tok_store, "tokenize")),
@@ -313,12 +340,18 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
         st = json.loads((resume_from / "state.json").read_text())
         if st.get("spec_hash") != spec_hash or st.get("inputs") != inputs:
             raise InputError(str(resume_from), "checkpoint was made from another spec or other inputs; rerun without --resume")
-    elif out.exists():
+    elif out.exists() and dist.is_main():
         shutil.rmtree(out)  # a fresh run never mixes with an older one
+    dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(p.seed)
-    device = resolve_device(p.device, "[pretrain].device")
+    world = dist.world()
+    if p.optim.batch_rows < world:
+        raise InputError("[pretrain.optim].batch_rows", f"must be >= the number of ranks ({world}): it counts the "
+                         f"rows of all ranks together (got {p.optim.batch_rows})")
+    if world > 1 and p.parallel == "fsdp" and p.loss.learn_temperature:
+        raise InputError("[pretrain].parallel", "fsdp with learn_temperature = true is not supported; use ddp")
     data = tokenize.load(tok_store)
     cond_names = [c["name"] for c in _cond_fields(tok_store)]
     rows = pack_stage.load(pack_store)
@@ -329,6 +362,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     data_c["events/cond"] = data["events/cond"] if conditions else data["events/cond"][:, :0]
     cfg = model_config(p, data, cond_names if conditions else [], device)
     model = build_model(p.model.kind, cfg, data).to(device)
+    wrapped = dist.wrap(model, p.parallel, device)  # world 1: model itself; else DDP or FSDP2 (shards in place)
     if cfg["attention"] == "flex" and device.type == "cpu" and p.model.kind == "lum":
         raise InputError("[pretrain.model].attention", "flex attention has no backward pass on CPU; use 'sdpa' or 'auto'")
     log_tau = torch.nn.Parameter(torch.tensor(math.log(p.loss.temperature), device=device),
@@ -341,11 +375,11 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     if p.loss.learn_temperature:
         groups.append({"params": [log_tau], "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=p.optim.lr, betas=p.optim.betas, fused=device.type == "cuda")
-    fwd = torch.compile(model) if p.compile else model
+    fwd = torch.compile(wrapped) if p.compile else wrapped
     bf16 = p.dtype == "bf16" or (p.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast(device.type, enabled=False))
 
-    micro = Batches(rows, p.optim.batch_rows, p.seed, device, cfg["attention"] == "sdpa")
+    micro = Batches(rows, p.optim.batch_rows, p.seed, device, cfg["attention"] == "sdpa", dist.rank(), world)
     steps_per_epoch = math.ceil(micro.per_epoch / p.optim.grad_accum)
     total = p.optim.max_steps or max(1, round(p.optim.epochs * steps_per_epoch))
     eval_every = p.eval.every_steps or steps_per_epoch
@@ -363,8 +397,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     step, best, best_step = 0, -float("inf"), -1
     eval_cache: dict = {}
     if resume_from is not None:
-        model.load_state_dict(torch.load(resume_from / "model.pt", map_location=device, weights_only=True))
-        opt.load_state_dict(torch.load(resume_from / "optim.pt", map_location=device, weights_only=True))
+        dist.load_full_state(model, opt, torch.load(resume_from / "model.pt", map_location=device, weights_only=True),
+                             torch.load(resume_from / "optim.pt", map_location=device, weights_only=True))
         st = json.loads((resume_from / "state.json").read_text())
         step, best, best_step = st["step"], st["best"], st["best_step"]
         log_tau.data.fill_(st["log_tau"])
@@ -372,7 +406,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     say(f"pretrain: {p.model.kind} {p.model.preset} ({n_params / 1e6:.2f}M non-embedding params, d={cfg['d_model']}, "
         f"L={cfg['n_layers']}), {len(micro.rows['type'])} rows x {spec.pack.seq_len}, {total} steps, "
         f"{cfg['attention']} attention, {'bf16' if bf16 else 'fp32'}, {device}")
-    metrics_f = open(out / "metrics.jsonl", "a")
+    metrics_f = open(out / "metrics.jsonl", "a") if dist.is_main() else open(os.devnull, "w")  # rank 0 logs
     stop = min(total, until_step) if until_step is not None else total
     stream = micro.stream(step * p.optim.grad_accum, stop * p.optim.grad_accum)
     t_last, tok_last, flops_last = time.time(), 0, 0.0
@@ -380,24 +414,32 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
         task = bar.add_task("pretrain", total=total, completed=step, info="")
         while step < stop:
             gen = torch.Generator().manual_seed(p.seed * 1_000_003 + step)
-            torch.manual_seed(p.seed * 1_000_003 + step)  # dropout: a pure function of (seed, step)
+            torch.manual_seed((p.seed * 1_000_003 + step) * world + dist.rank())  # dropout: (seed, step, rank)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, p.optim)
             loss_sum = 0.0
-            for _ in range(p.optim.grad_accum):
+            for a in range(p.optim.grad_accum):
                 b = next(stream)
                 if conditions:
-                    b["cond"] = drop_conditions(b["cond"], b["type"], drop_p, gen)
-                with autocast():
-                    o = fwd(b, make_mask(b, cfg["attention"]))                      # (B, S, D)
-                    loss = info_nce(o[b["loss_mask"]], b["target"][b["loss_mask"]], model.item_table,
-                                    negatives=p.loss.negatives, tau=log_tau.exp(), num_sampled=p.loss.num_sampled,
-                                    sample_logq=logq, generator=gen)
-                (loss / p.optim.grad_accum).backward()
+                    b["cond"] = drop_conditions(b["cond"], b["type"], drop_p, gen,
+                                                micro.shard(step * p.optim.grad_accum + a) if world > 1 else None)
+                spread, positions = global_loss_terms(b, p.loss.negatives) if world > 1 else ({}, 1)
+                with dist.no_sync(wrapped, last=a == p.optim.grad_accum - 1):
+                    with autocast():
+                        o = fwd(b, make_mask(b, cfg["attention"]))                  # (B, S, D)
+                        loss = info_nce(o[b["loss_mask"]], b["target"][b["loss_mask"]], model.item_table,
+                                        negatives=p.loss.negatives, tau=log_tau.exp(), num_sampled=p.loss.num_sampled,
+                                        sample_logq=logq, generator=gen, **spread)
+                    if world > 1:  # this rank's share of the global micro-batch's mean loss
+                        loss = loss / positions
+                    # DDP / FSDP average gradients over ranks; x world makes that the global mean's gradient
+                    (loss * world / p.optim.grad_accum).backward()
                 loss_sum += loss.item() / p.optim.grad_accum
                 tok_last += int((b["type"] > 0).sum())
                 seg = b["segment"].cpu().numpy()
                 flops_last += flops_per_row(n_params, cfg["d_model"], cfg["n_layers"], seg, int((seg >= 0).sum()))
+            if world > 1 and log_tau.grad is not None:  # log_tau lives outside the wrapped model
+                log_tau.grad.copy_(dist.all_reduce_mean_tensor(log_tau.grad))
             if p.optim.clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), p.optim.clip)
             opt.step()
@@ -407,6 +449,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = max(1e-9, time.time() - t_last)
+                loss_sum = dist.all_reduce_sum(loss_sum)  # metrics of all ranks together
+                tok_last, flops_last = dist.all_reduce_sum(tok_last), dist.all_reduce_sum(flops_last)
                 rec = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
                        "lr": opt.param_groups[0]["lr"], "tau": float(log_tau.exp()), "tokens_per_s": round(tok_last / dt, 1),
                        "tflops": round(flops_last / dt / 1e12, 3)}
@@ -430,9 +474,10 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 state = {"step": step, "best": best, "best_step": best_step, "log_tau": float(log_tau),
                          "spec_hash": spec_hash, "inputs": inputs}
                 save_checkpoint(ckpt_dir / f"step-{step:08d}", model, opt, state, config_json)
-                for old in sorted(ckpt_dir.glob("step-*"))[:-p.keep_checkpoints]:
+                for old in sorted(ckpt_dir.glob("step-*"))[:-p.keep_checkpoints] if dist.is_main() else []:
                     shutil.rmtree(old, ignore_errors=True)
     metrics_f.close()
+    dist.barrier()
     recs = [json.loads(x) for x in open(out / "metrics.jsonl") if '"tokens_per_s"' in x]
     speed = {}
     if len(recs) > 1:  # the first interval holds compilation and warm-up
@@ -442,6 +487,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
         say(f"pretrain: median {tps:,.0f} tokens/s, {tfl:.3g} TFLOP/s of model FLOPs (attention included)")
     if step < total:
         say(f"pretrain: stopped at step {step} of {total} (--until-step); continue with --resume")
+        return out
+    if not dist.is_main():  # rank 0 scores the best checkpoint and writes the store
         return out
 
     # the best validation checkpoint is the model; the test item is scored once, here
@@ -465,6 +512,17 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     say(f"pretrain: test hr@10={t['hr@10']:.4f} ndcg@10={t['ndcg@10']:.4f} mrr={t['mrr']:.4f} "
         f"(best step {best_step}) in {time.time() - started:.0f}s -> {out}")
     return out
+
+
+def global_loss_terms(b: dict, negatives: str) -> tuple[dict, float]:
+    """(info_nce arguments, trained positions of all ranks) that make each rank's loss, divided
+    by those positions, its part of the global micro-batch's mean loss: a sum over this rank's
+    positions, with the in-batch candidates of all ranks."""
+    target = b["target"][b["loss_mask"]]                                              # (N_rank,)
+    terms = {"reduction": "sum"}
+    if negatives == "in_batch":
+        terms["candidates"] = dist.all_gather_1d(target)                              # (N_all,)
+    return terms, max(1.0, dist.all_reduce_sum(len(target)))
 
 
 def _cond_fields(tok_store: Path) -> list[dict]:

@@ -63,7 +63,7 @@ def barrier() -> None:
         td.barrier()
 
 
-def all_reduce_sum(x: float | int) -> float:
+def all_reduce_sum(x: float) -> float:
     """Sum of a Python number over ranks (float64 on the CPU of gloo, on the GPU for NCCL)."""
     if not active():
         return x

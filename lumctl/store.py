@@ -88,20 +88,32 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `target`; on success rename it to `target`
     (replacing an old store), on failure delete it. Readers see the old store or the new one,
     never a mix."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = fresh_dir_beside(target)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, target)
+
+
+def fresh_dir_beside(target: Path) -> Path:
+    """A new empty temporary directory in the folder of `target` (so a rename can move it there)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Rename the finished `tmp` to `target`, replacing an old `target`."""
+    target = Path(target)
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         target.rename(old)
-    tmp.rename(target)
+    Path(tmp).rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -117,3 +117,51 @@ def test_other_verbs_refuse_torchrun(single):
     r = subprocess.run([sys.executable, "-m", "lumctl", "pack", str(spec_file(tmp, "ddp"))], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "only pretrain and query run on several processes" in r.stderr
+
+
+QUERY = """
+[query]
+checkpoint = "{ckpt}"
+each = ["scenario"]
+top_k = {{ category = 2 }}
+snapshot = "every_n_events"
+every_n_events = 7
+batch_rows = 4
+"""
+
+
+def test_distributed_query_writes_the_single_process_store(single):
+    import numpy as np
+    import pyarrow.parquet as pq
+    import zarr
+
+    from lumctl.stages import query as q
+    tmp, one = single
+    path = tmp / "query.toml"
+    path.write_text(spec_text(tmp / "stores", "ddp") + QUERY.format(ckpt=one / "final"))
+    spec = load_spec(path)
+    out = q.run(spec, users="3-50")  # users 3..50: 4 snapshot slots, fewer for some users
+    shutil.copytree(out, out.parent / "query-1")
+    torchrun("query", path, "--users", "3-50", "--force")
+    a, b = (zarr.open_group(str(p / "answers.zarr"), mode="r") for p in (out.parent / "query-1", out))
+    assert sorted(a.keys()) == sorted(b.keys()) and dict(a.attrs) == dict(b.attrs)
+    for k in a.keys():
+        x, y = a[k][...], b[k][...]
+        if x.dtype.kind == "f":  # float16 answers: equal up to one rounding step of float16
+            assert x.shape == y.shape and np.array_equal(np.isnan(x), np.isnan(y)), k
+            np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=1e-3, rtol=0, err_msg=k)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=k)
+    assert b["user_emb"].shape[:2] == (48, 4) and b["snapshot_valid"][...].sum() > 48
+    ta, tb = (pq.read_table(p / "latest.parquet") for p in (out.parent / "query-1", out))
+    assert ta.schema.equals(tb.schema, check_metadata=True) and ta.num_rows == tb.num_rows > 0
+    for c in ta.column_names:
+        if c.startswith("scenario="):  # the answers, float32 copies of the float16 ones
+            np.testing.assert_allclose(np.array(ta[c].to_pylist()), np.array(tb[c].to_pylist()), atol=1e-3, rtol=0)
+        else:
+            assert ta[c].to_pylist() == tb[c].to_pylist(), c
+    vocab = {int(i): str(u) for i, u in zip(b["user_index"][...], b["user_id"][...])}
+    assert [vocab[i] for i in tb["user_index"].to_pylist()] == tb["user_id"].to_pylist()
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (out.parent / "query-1", out))
+    assert ma["counts"] == mb["counts"] and ma["inputs"] == mb["inputs"] and mb["complete"]
+    assert not list(out.parent.glob(".query.tmp-*"))

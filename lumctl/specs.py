@@ -397,6 +397,10 @@ class Spec(Strict):
 
     experiment: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", description="name; outputs go to <store_root>/<experiment>/")]
     store_root: str = Field("stores", description="root folder of all stores; `${VAR:-default}` is expanded")
+    inputs_root: str | None = Field(None, description=(
+        "where pretrain, query and fuse read the tokenize and pack stores (<inputs_root>/<experiment>/<stage>), "
+        "when they were published elsewhere: a path or an fsspec URL such as s3://bucket/stores "
+        "(lumctl.store.copy_store publishes a store); default store_root"))
     synth: SynthSpec | None = Field(None, description="generate the raw log (format = 'synth')")
     tokenize: TokenizeSpec
     pack: PackSpec = Field(default_factory=PackSpec)
@@ -404,10 +408,10 @@ class Spec(Strict):
     query: QuerySpec | None = Field(None, description="Step 2: grouped queries into a point-in-time feature store")
     fuse: FuseSpec | None = Field(None, description="Step 3: DLRM backbones (CTR) with LUM answers fused in")
 
-    @field_validator("store_root")
+    @field_validator("store_root", "inputs_root")
     @classmethod
-    def _expand(cls, v: str) -> str:
-        return expand_vars(v)
+    def _expand(cls, v: str | None) -> str | None:
+        return expand_vars(v) if v is not None else None
 
     @model_validator(mode="after")
     def _check(self):
@@ -419,6 +423,13 @@ class Spec(Strict):
 
     def store(self, stage: str) -> Path:
         return Path(self.store_root) / self.experiment / stage
+
+    def input_store(self, stage: str) -> str | Path:
+        """An upstream store (tokenize, pack) as the reading stages find it: under inputs_root when set."""
+        if self.inputs_root is None:
+            return self.store(stage)
+        from lumctl.store import join
+        return join(self.inputs_root, self.experiment, stage)
 
     def section_hash(self, *sections: str) -> str:
         d = {s: getattr(self, s).model_dump(mode="json") if getattr(self, s) is not None else None for s in sections}
@@ -441,7 +452,7 @@ def _format_error(path: str, err: dict) -> str:
     if not loc:
         where = ""
     elif len(loc) == 1:
-        where = loc[0] if loc[0] in Spec.model_fields and loc[0] in ("experiment", "store_root") else f"[{loc[0]}]"
+        where = loc[0] if loc[0] in Spec.model_fields and loc[0] in ("experiment", "store_root", "inputs_root") else f"[{loc[0]}]"
     else:
         where = f"[{loc[0]}]." + ".".join(loc[1:])
     msg = err["msg"]

@@ -38,11 +38,13 @@ def torchrun(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     return r
 
 
-def spec_text(root: Path, parallel: str) -> str:
+def spec_text(root: Path, parallel: str, inputs_root: str | None = None) -> str:
     # 3 rows per micro-batch split 2 + 1 over the ranks, 2 micro-batches per step; 16 rows per
     # epoch, so its last micro-batch has 1 row and rank 1 gets none
     text = TINY.format(root=root, steps=6, every=3, ckpt=3, conditions="true")
     text = text.replace("batch_rows = 4, lr", "batch_rows = 3, grad_accum = 2, lr")
+    if inputs_root is not None:  # tokenize and pack stores read from there
+        text = text.replace('store_root = ', f'inputs_root = "{inputs_root}"\nstore_root = ', 1)
     return text + f'parallel = "{parallel}"\n'
 
 
@@ -75,22 +77,42 @@ def single(tmp_path_factory):
     return tmp, out.parent / "pretrain-1"
 
 
-def spec_file(tmp: Path, parallel: str) -> Path:
-    path = tmp / f"{parallel}.toml"
-    path.write_text(spec_text(tmp / "stores", parallel))
+def spec_file(tmp: Path, parallel: str, inputs_url: bool = False) -> Path:
+    """The spec; inputs_url: read tokenize and pack through a file:// URL, write under stores-url/."""
+    path = tmp / f"{parallel}{'-url' if inputs_url else ''}.toml"
+    path.write_text(spec_text(tmp / "stores-url", parallel, f"file://{tmp / 'stores'}") if inputs_url
+                    else spec_text(tmp / "stores", parallel))
     return path
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_follow_the_single_process_curve(single, parallel):
     tmp, one = single
-    path = spec_file(tmp, parallel)
+    path = spec_file(tmp, parallel, inputs_url=True)  # both ranks read one copy of the stores, by URL
     torchrun("pretrain", path, "--force")
     out = load_spec(path).store("pretrain")
     assert_same_run(out, one)
     assert len(open(out / "metrics.jsonl").readlines()) == len(open(one / "metrics.jsonl").readlines())  # rank 0 logs
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["counts"]["steps"] == 6
+
+
+def test_pretrain_reads_its_inputs_from_a_memory_url(single):
+    import uuid
+
+    from lumctl.store import copy_store
+    tmp, one = single
+    root = f"memory://lumctl-{uuid.uuid4().hex[:8]}"
+    for stage in ("tokenize", "pack"):
+        copy_store(tmp / "stores" / "tiny" / stage, f"{root}/tiny/{stage}")
+    path = tmp / "memory.toml"
+    path.write_text(spec_text(tmp / "stores-memory", "ddp", root))
+    out = pt.run(load_spec(path))
+    assert out == tmp / "stores-memory" / "tiny" / "pretrain"
+    w, v = weights(out), weights(one)
+    assert all(torch.equal(w[k], v[k]) for k in v)  # one process, same numbers: bit-equal
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["inputs"] == json.loads((one / "manifest.json").read_text())["inputs"]
 
 
 def test_fsdp_checkpoint_resumes_in_one_process(single):

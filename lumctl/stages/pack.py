@@ -20,7 +20,7 @@ from lumctl.ops.packing import pack_sequences
 from lumctl.progress import say
 from lumctl.specs import PackSpec, Spec
 from lumctl.stages import tokenize
-from lumctl.store import atomic_dir, is_up_to_date, require_store, store_hash, write_manifest
+from lumctl.store import atomic_dir, is_up_to_date, join, require_store, store_hash, write_manifest
 
 ROW_KEYS = ("type", "item", "cond", "segment", "pos", "loss_mask", "target", "user", "ts")
 
@@ -83,5 +83,5 @@ def run(spec: Spec, force: bool = False) -> Path:
 
 def load(store: Path) -> dict[str, np.ndarray]:
     require_store(store, "pack")
-    g = zarrio.open_read(Path(store) / "rows.zarr")
+    g = zarrio.open_read(join(store, "rows.zarr"))  # a path or an fsspec URL
     return {k: zarrio.get(g, k) for k in ROW_KEYS}

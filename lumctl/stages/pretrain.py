@@ -40,7 +40,7 @@ from lumctl.progress import progress, say
 from lumctl.specs import PretrainSpec, Spec
 from lumctl.stages import pack as pack_stage
 from lumctl.stages import tokenize
-from lumctl.store import atomic_dir, is_up_to_date, require_store, store_hash, write_manifest
+from lumctl.store import atomic_dir, is_up_to_date, join, require_store, store_hash, write_manifest
 
 TENSOR_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "segment": torch.int32,
                "pos": torch.int32, "loss_mask": torch.bool, "target": torch.long, "ts": torch.long}
@@ -326,7 +326,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     p = spec.pretrain
     device = dist.init(resolve_device(p.device, "[pretrain].device"))  # torchrun: joins the process group
     out = spec.store("pretrain")
-    tok_store, pack_store = spec.store("tokenize"), spec.store("pack")
+    tok_store, pack_store = spec.input_store("tokenize"), spec.input_store("pack")  # paths or URLs
     inputs = {"tokenize": store_hash(require_store(tok_store, "tokenize")),
               "pack": store_hash(require_store(pack_store, "pack"))}
     spec_hash = spec.section_hash("pretrain")
@@ -527,7 +527,7 @@ def global_loss_terms(b: dict, negatives: str) -> tuple[dict, float]:
 
 def _cond_fields(tok_store: Path) -> list[dict]:
     from lumctl import zarrio
-    return list(zarrio.open_read(Path(tok_store) / "data.zarr").attrs["conditions"])
+    return list(zarrio.open_read(join(tok_store, "data.zarr")).attrs["conditions"])
 
 
 def plot_loss(metrics_path: Path, png: Path) -> None:

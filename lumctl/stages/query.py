@@ -345,7 +345,7 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
         raise InputError("[query]", "section missing; nothing to query")
     out = spec.store("query")
     started = time.time()
-    tok_store = spec.store("tokenize")
+    tok_store = spec.input_store("tokenize")  # a path or an fsspec URL
     tok_manifest = require_store(tok_store, "tokenize")
     ckpt = checkpoint_dir(spec)
     n_users = int(tok_manifest["counts"]["users"])

@@ -64,6 +64,19 @@ def assert_same_run(got: Path, want: Path) -> None:
         assert torch.allclose(w[k].float(), v[k].float(), atol=WEIGHT_ABS, rtol=0), k
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_parts_tile_each_global_micro_batch(world):
+    import numpy as np
+    rows = {"type": np.zeros((16, 4))}
+    for k in range(12):  # 16 rows, 3 per micro-batch: the 6th of each epoch has one row
+        parts = [pt.Batches(rows, 3, 0, torch.device("cpu"), False, r, world) for r in range(world)]
+        whole = pt.Batches(rows, 3, 0, torch.device("cpu"), False).indices(k)
+        assert np.array_equal(np.concatenate([b.indices(k) for b in parts]), whole)
+        for b in parts:  # shard() places each part where it sits in the global micro-batch
+            r0, n = b.shard(k)
+            assert n == len(whole) and np.array_equal(whole[r0:r0 + len(b.indices(k))], b.indices(k))
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """Stores up to pack, and the single-process pretrain result (copied aside to `pretrain-1`)."""

@@ -106,15 +106,19 @@ class Batches:
         self.per_epoch = math.ceil(self.n / batch_rows)
 
     def indices(self, k: int) -> np.ndarray:
-        epoch, j = divmod(k, self.per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        idx = np.sort(perm[j * self.b:(j + 1) * self.b])
+        """Rows of micro-batch k read by this rank (all of them in world 1)."""
+        idx = self.global_indices(k)
         return dist.shard(idx, self.rank, self.world) if self.world > 1 else idx
 
+    def global_indices(self, k: int) -> np.ndarray:
+        epoch, j = divmod(k, self.per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return np.sort(perm[j * self.b:(j + 1) * self.b])
+
     def shard(self, k: int) -> tuple[int, int]:
-        """(first row of this rank's part within global batch k, rows of global batch k)."""
-        n_k = min(self.b, self.n - (k % self.per_epoch) * self.b)
-        q, r = divmod(n_k, self.world)
+        """(first row of this rank's part within global micro-batch k, rows of global micro-batch k)."""
+        n_k = len(self.global_indices(k))
+        q, r = divmod(n_k, self.world)  # as dist.shard / np.array_split: the first r parts have q + 1 rows
         return self.rank * q + min(self.rank, r), n_k
 
     def stream(self, start: int, stop: int):

@@ -290,6 +290,10 @@ class PretrainSpec(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the model")
+    rows_from: Literal["memory", "store"] = Field("memory", description=(
+        "memory: load every packed row into memory (on every rank); store: keep only type, segment, loss_mask "
+        "and target in memory and read the other columns of each batch's rows from the pack store (under "
+        "torchrun each rank reads only its own rows; a small [pack] chunk_rows makes these reads cheap)"))
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description=(
         "under torchrun: ddp = a full model copy per rank (DistributedDataParallel); fsdp = FSDP2 "
         "(fully_shard) shards parameters, gradients and optimizer state over the ranks (large presets)"))

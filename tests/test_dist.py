@@ -38,14 +38,14 @@ def torchrun(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     return r
 
 
-def spec_text(root: Path, parallel: str, inputs_root: str | None = None) -> str:
+def spec_text(root: Path, parallel: str, inputs_root: str | None = None, rows_from: str = "memory") -> str:
     # 3 rows per micro-batch split 2 + 1 over the ranks, 2 micro-batches per step; 16 rows per
     # epoch, so its last micro-batch has 1 row and rank 1 gets none
     text = TINY.format(root=root, steps=6, every=3, ckpt=3, conditions="true")
     text = text.replace("batch_rows = 4, lr", "batch_rows = 3, grad_accum = 2, lr")
     if inputs_root is not None:  # tokenize and pack stores read from there
         text = text.replace('store_root = ', f'inputs_root = "{inputs_root}"\nstore_root = ', 1)
-    return text + f'parallel = "{parallel}"\n'
+    return text + f'parallel = "{parallel}"\nrows_from = "{rows_from}"\n'
 
 
 def losses(store: Path) -> list[float]:
@@ -90,18 +90,19 @@ def single(tmp_path_factory):
     return tmp, out.parent / "pretrain-1"
 
 
-def spec_file(tmp: Path, parallel: str, inputs_url: bool = False) -> Path:
+def spec_file(tmp: Path, parallel: str, inputs_url: bool = False, rows_from: str = "memory") -> Path:
     """The spec; inputs_url: read tokenize and pack through a file:// URL, write under stores-url/."""
-    path = tmp / f"{parallel}{'-url' if inputs_url else ''}.toml"
-    path.write_text(spec_text(tmp / "stores-url", parallel, f"file://{tmp / 'stores'}") if inputs_url
-                    else spec_text(tmp / "stores", parallel))
+    path = tmp / f"{parallel}{'-url' if inputs_url else ''}-{rows_from}.toml"
+    path.write_text(spec_text(tmp / "stores-url", parallel, f"file://{tmp / 'stores'}", rows_from) if inputs_url
+                    else spec_text(tmp / "stores", parallel, rows_from=rows_from))
     return path
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_follow_the_single_process_curve(single, parallel):
+@pytest.mark.parametrize("parallel, rows_from", [("ddp", "store"), ("fsdp", "memory")])
+def test_two_ranks_follow_the_single_process_curve(single, parallel, rows_from):
+    """rows_from = "store": each rank reads only its own rows of each batch from the pack store."""
     tmp, one = single
-    path = spec_file(tmp, parallel, inputs_url=True)  # both ranks read one copy of the stores, by URL
+    path = spec_file(tmp, parallel, inputs_url=True, rows_from=rows_from)  # both ranks read one copy, by URL
     torchrun("pretrain", path, "--force")
     out = load_spec(path).store("pretrain")
     assert_same_run(out, one)
@@ -119,7 +120,7 @@ def test_pretrain_reads_its_inputs_from_a_memory_url(single):
     for stage in ("tokenize", "pack"):
         copy_store(tmp / "stores" / "tiny" / stage, f"{root}/tiny/{stage}")
     path = tmp / "memory.toml"
-    path.write_text(spec_text(tmp / "stores-memory", "ddp", root))
+    path.write_text(spec_text(tmp / "stores-memory", "ddp", root, rows_from="store"))  # batches read from the URL
     out = pt.run(load_spec(path))
     assert out == tmp / "stores-memory" / "tiny" / "pretrain"
     w, v = weights(out), weights(one)
@@ -180,7 +181,7 @@ def test_distributed_query_writes_the_single_process_store(single):
     torchrun("query", path, "--users", "3-50", "--force")
     a, b = (zarr.open_group(str(p / "answers.zarr"), mode="r") for p in (out.parent / "query-1", out))
     assert sorted(a.keys()) == sorted(b.keys()) and dict(a.attrs) == dict(b.attrs)
-    for k in a.keys():
+    for k in a.keys():  # noqa: SIM118 (a zarr group)
         x, y = a[k][...], b[k][...]
         if x.dtype.kind == "f":  # float16 answers: equal up to one rounding step of float16
             assert x.shape == y.shape and np.array_equal(np.isnan(x), np.isnan(y)), k

@@ -81,7 +81,9 @@ def run(spec: Spec, force: bool = False) -> Path:
     return out
 
 
-def load(store: Path) -> dict[str, np.ndarray]:
+def load(store: Path, lazy: tuple[str, ...] = ()) -> dict:
+    """The packed rows as numpy arrays [R, S, ...]; the `lazy` ones stay Zarr arrays, read when
+    indexed (`rows[k][idx]` reads only the chunks holding rows idx)."""
     require_store(store, "pack")
     g = zarrio.open_read(join(store, "rows.zarr"))  # a path or an fsspec URL
-    return {k: zarrio.get(g, k) for k in ROW_KEYS}
+    return {k: g[k] if k in lazy else zarrio.get(g, k) for k in ROW_KEYS}

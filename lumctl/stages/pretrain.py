@@ -354,11 +354,13 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     if p.optim.batch_rows < world:
         raise InputError("[pretrain.optim].batch_rows", f"must be >= the number of ranks ({world}): it counts the "
                          f"rows of all ranks together (got {p.optim.batch_rows})")
-    if world > 1 and p.parallel == "fsdp" and p.loss.learn_temperature:
-        raise InputError("[pretrain].parallel", "fsdp with learn_temperature = true is not supported; use ddp")
+    if world > 1 and p.parallel == "fsdp" and (p.loss.learn_temperature or p.model.kind != "lum"):
+        raise InputError("[pretrain].parallel", "fsdp is for lum models with a fixed temperature (got kind = "
+                         f"'{p.model.kind}', learn_temperature = {p.loss.learn_temperature}); use ddp")
     data = tokenize.load(tok_store)
     cond_names = [c["name"] for c in _cond_fields(tok_store)]
-    rows = pack_stage.load(pack_store)
+    # rows_from = "store": only the small columns in memory; each rank reads the rest of its own rows per batch
+    rows = pack_stage.load(pack_store, lazy=("item", "cond", "pos", "ts", "user") if p.rows_from == "store" else ())
     conditions = bool(rows["type"].max() == 2 and (rows["type"] == 1).any())
     if not conditions:
         rows["cond"] = rows["cond"][..., :0]
@@ -466,7 +468,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             if step % eval_every == 0 or step == total:
                 val = evaluate(model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache,
                                float(log_tau.exp()), cond_names)
-                score = val[p.eval.select]
+                score = dist.broadcast_object(val[p.eval.select])  # every rank takes the same "best" branch
                 metrics_f.write(json.dumps({"step": step, "split": "valid", **val}) + "\n"); metrics_f.flush()
                 if score > best:
                     best, best_step = score, step

@@ -62,8 +62,8 @@ from lumctl.progress import progress, say
 from lumctl.specs import QuerySpec, Spec
 from lumctl.stages import tokenize
 from lumctl.stages.pretrain import load_model, resolve_device
-from lumctl.store import (atomic_dir, fresh_dir_beside, hash_file, hash_obj, is_up_to_date, replace_dir, require_store,
-                          store_hash, write_manifest)
+from lumctl.store import atomic_dir, fresh_dir_beside, hash_file, hash_obj, is_up_to_date, replace_dir, require_store
+from lumctl.store import store_hash, write_manifest
 
 BATCH_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "pos": torch.int32}
 

@@ -89,21 +89,6 @@ def all_reduce_mean_tensor(t: torch.Tensor) -> torch.Tensor:
     return t / world()
 
 
-def all_gather_1d(x: torch.Tensor) -> torch.Tensor:
-    """Concatenation over ranks (rank order) of 1-D tensors of different lengths."""
-    if not active():
-        return x
-    n = torch.tensor([len(x)], dtype=torch.int64, device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world())]
-    td.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
-    padded[:len(x)] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    td.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
-
-
 def broadcast_object(obj):
     """Rank 0's `obj` on every rank."""
     if not active():

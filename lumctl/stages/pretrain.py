@@ -11,13 +11,14 @@ Validation picks the checkpoint (EvalSpec.select); the test item is scored once 
 
 Under torchrun (lumctl.dist) every rank takes its part of each global micro-batch of
 `batch_rows` rows; the loss is the one of the whole global micro-batch (in-batch negatives
-gathered from all ranks, positions counted over all ranks), so W ranks follow the curve of one
-process with the same spec. Rank 0 writes checkpoints (whole-model state dicts, also under
+and trained positions of all ranks' rows), so W ranks follow the curve of one process with the
+same spec. Rank 0 writes checkpoints (whole-model state dicts, also under
 FSDP), metrics and the store; a checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -112,7 +113,7 @@ class Batches:
 
     def global_indices(self, k: int) -> np.ndarray:
         epoch, j = divmod(k, self.per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        perm = _permutation(self.seed, epoch, self.n)
         return np.sort(perm[j * self.b:(j + 1) * self.b])
 
     def shard(self, k: int) -> tuple[int, int]:
@@ -131,6 +132,11 @@ class Batches:
         threading.Thread(target=work, daemon=True).start()
         while (b := q.get()) is not None:
             yield b
+
+
+@functools.lru_cache(maxsize=4)  # the loader thread and the training loop ask for the same epochs
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def drop_conditions(cond: torch.Tensor, typ: torch.Tensor, p: torch.Tensor, gen: torch.Generator,
@@ -426,10 +432,12 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             loss_sum = 0.0
             for a in range(p.optim.grad_accum):
                 b = next(stream)
+                k = step * p.optim.grad_accum + a                                   # micro-batch number
                 if conditions:
                     b["cond"] = drop_conditions(b["cond"], b["type"], drop_p, gen,
-                                                micro.shard(step * p.optim.grad_accum + a) if world > 1 else None)
-                spread, positions = global_loss_terms(b, p.loss.negatives) if world > 1 else ({}, 1)
+                                                micro.shard(k) if world > 1 else None)
+                spread, positions = global_loss_terms(rows, micro.global_indices(k), p.loss.negatives,
+                                                      device) if world > 1 else ({}, 1)
                 with dist.no_sync(wrapped, last=a == p.optim.grad_accum - 1):
                     with autocast():
                         o = fwd(b, make_mask(b, cfg["attention"]))                  # (B, S, D)
@@ -520,15 +528,16 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     return out
 
 
-def global_loss_terms(b: dict, negatives: str) -> tuple[dict, float]:
-    """(info_nce arguments, trained positions of all ranks) that make each rank's loss, divided
-    by those positions, its part of the global micro-batch's mean loss: a sum over this rank's
-    positions, with the in-batch candidates of all ranks."""
-    target = b["target"][b["loss_mask"]]                                              # (N_rank,)
-    terms = {"reduction": "sum"}
+def global_loss_terms(rows: dict, idx: np.ndarray, negatives: str, device: torch.device) -> tuple[dict, int]:
+    """(info_nce arguments, trained positions of the global micro-batch `idx` (all ranks' rows))
+    that make each rank's loss, divided by those positions, its part of the global micro-batch's
+    mean loss: a sum over this rank's positions, with the in-batch candidates of all ranks. Read
+    from the rows in memory, so no collective and no device sync."""
+    mask = rows["loss_mask"][idx]                                                     # (B_all, S)
+    terms: dict = {"reduction": "sum"}
     if negatives == "in_batch":
-        terms["candidates"] = dist.all_gather_1d(target)                              # (N_all,)
-    return terms, max(1.0, dist.all_reduce_sum(len(target)))
+        terms["candidates"] = torch.from_numpy(np.unique(rows["target"][idx][mask])).long().to(device)  # (M,)
+    return terms, max(1, int(mask.sum()))
 
 
 def _cond_fields(tok_store: Path) -> list[dict]:

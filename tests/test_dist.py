@@ -201,3 +201,20 @@ def test_distributed_query_writes_the_single_process_store(single):
     ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (out.parent / "query-1", out))
     assert ma["counts"] == mb["counts"] and ma["inputs"] == mb["inputs"] and mb["complete"]
     assert not list(out.parent.glob(".query.tmp-*"))
+
+
+def test_batch_rows_below_the_number_of_ranks_and_fsdp_with_a_learned_tau_are_refused(single, monkeypatch):
+    from lumctl import dist
+    from lumctl.errors import InputError
+    tmp, _ = single
+    monkeypatch.setattr(dist, "world", lambda: 4)  # as if 4 ranks: refused before any collective
+    spec = load_spec(spec_file(tmp, "ddp"))
+    (spec.store("pretrain") / "keep").mkdir(parents=True, exist_ok=True)
+    with pytest.raises(InputError, match=r"batch_rows.*must be >= the number of ranks \(4\).*got 3"):
+        pt.run(spec, force=True)
+    assert (spec.store("pretrain") / "keep").is_dir()  # refused before the old store is touched
+    path = tmp / "tau.toml"
+    path.write_text(spec_text(tmp / "stores", "fsdp").replace("log_every = 1", "log_every = 1\nloss = { learn_temperature = true }"))
+    monkeypatch.setattr(dist, "world", lambda: 2)
+    with pytest.raises(InputError, match=r"\[pretrain\].parallel: fsdp is for lum models with a fixed temperature"):
+        pt.run(load_spec(path), force=True)

@@ -335,6 +335,13 @@ def flops_per_row(n_params: int, d_model: int, n_layers: int, segment: np.ndarra
 def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int | None = None) -> Path:
     p = spec.pretrain
     device = dist.init(resolve_device(p.device, "[pretrain].device"))  # torchrun: joins the process group
+    world = dist.world()
+    if p.optim.batch_rows < world:
+        raise InputError("[pretrain.optim].batch_rows", f"must be >= the number of ranks ({world}): it counts the "
+                         f"rows of all ranks together (got {p.optim.batch_rows})")
+    if world > 1 and p.parallel == "fsdp" and (p.loss.learn_temperature or p.model.kind != "lum"):
+        raise InputError("[pretrain].parallel", "fsdp is for lum models with a fixed temperature (got kind = "
+                         f"'{p.model.kind}', learn_temperature = {p.loss.learn_temperature}); use ddp")
     out = spec.store("pretrain")
     tok_store, pack_store = spec.input_store("tokenize"), spec.input_store("pack")  # paths or URLs
     inputs = {"tokenize": store_hash(require_store(tok_store, "tokenize")),
@@ -356,13 +363,6 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(p.seed)
-    world = dist.world()
-    if p.optim.batch_rows < world:
-        raise InputError("[pretrain.optim].batch_rows", f"must be >= the number of ranks ({world}): it counts the "
-                         f"rows of all ranks together (got {p.optim.batch_rows})")
-    if world > 1 and p.parallel == "fsdp" and (p.loss.learn_temperature or p.model.kind != "lum"):
-        raise InputError("[pretrain].parallel", "fsdp is for lum models with a fixed temperature (got kind = "
-                         f"'{p.model.kind}', learn_temperature = {p.loss.learn_temperature}); use ddp")
     data = tokenize.load(tok_store)
     cond_names = [c["name"] for c in _cond_fields(tok_store)]
     # rows_from = "store": only the small columns in memory; each rank reads the rest of its own rows per batch

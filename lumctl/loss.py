@@ -23,8 +23,9 @@ def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: st
              reduction: str = "mean") -> torch.Tensor:
     """o (N, D) outputs at trained positions, target (N,) item ids; `item_table(ids) -> (M, D)`.
     `sample_logq` (I,) log sampling probability of each item (sampled negatives).
-    `candidates` (M',) in_batch: the batch's item ids when `target` is only part of it (the
-    targets of all ranks under torchrun); default `target`. reduction: 'mean' or 'sum' over N."""
+    `candidates` (M,) in_batch: the batch's distinct item ids, sorted, when `target` is only part
+    of the batch (the targets of all ranks under torchrun); default the distinct `target`s.
+    reduction: 'mean' or 'sum' over N."""
     o = F.normalize(o.float(), dim=-1)
     if negatives == "full":
         keys = F.normalize(item_table(None).float(), dim=-1)                  # (I, D)
@@ -35,7 +36,7 @@ def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: st
         if candidates is None:
             cand, label = torch.unique(target, return_inverse=True)           # (M,), (N,)
         else:
-            cand = torch.unique(candidates)                                   # (M,) sorted, holds every target
+            cand = candidates                                                 # (M,) sorted, holds every target
             label = torch.searchsorted(cand, target)                          # (N,)
         keys = F.normalize(item_table(cand).float(), dim=-1)                  # (M, D)
         return F.cross_entropy(o @ keys.T / tau, label, reduction=reduction)

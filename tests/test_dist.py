@@ -64,6 +64,23 @@ def assert_same_run(got: Path, want: Path) -> None:
         assert torch.allclose(w[k].float(), v[k].float(), atol=WEIGHT_ABS, rtol=0), k
 
 
+@pytest.mark.parametrize("negatives", ["in_batch", "full"])
+def test_info_nce_split_over_two_ranks_sums_to_the_whole_batch_loss(negatives):
+    """What each rank computes (its positions, all ranks' candidates, a sum) adds up to the mean."""
+    from lumctl.loss import info_nce
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(12, 8, generator=g)
+    item_table = lambda ids: table if ids is None else table[ids]  # noqa: E731
+    o, target = torch.randn(10, 8, generator=g), torch.tensor([2, 3, 3, 5, 7, 2, 9, 11, 5, 4])
+    whole = info_nce(o, target, item_table, negatives=negatives, tau=0.1)
+    cand = torch.unique(target) if negatives == "in_batch" else None
+    parts = [info_nce(o[s], target[s], item_table, negatives=negatives, tau=0.1, candidates=cand, reduction="sum")
+             for s in (slice(0, 6), slice(6, 10))]  # rank 1's targets 9, 11, 5, 4 alone would miss 2, 3, 7
+    assert float(sum(parts)) / 10 == pytest.approx(float(whole), rel=1e-6)
+    local = info_nce(o[6:], target[6:], item_table, negatives=negatives, tau=0.1, reduction="sum")
+    assert (float(local) != pytest.approx(float(parts[1]), rel=1e-3)) == (negatives == "in_batch")
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_parts_tile_each_global_micro_batch(world):
     import numpy as np

@@ -535,8 +535,9 @@ def global_loss_terms(rows: dict, idx: np.ndarray, negatives: str, device: torch
     from the rows in memory, so no collective and no device sync."""
     mask = rows["loss_mask"][idx]                                                     # (B_all, S)
     terms: dict = {"reduction": "sum"}
-    if negatives == "in_batch":
-        terms["candidates"] = torch.from_numpy(np.unique(rows["target"][idx][mask])).long().to(device)  # (M,)
+    if negatives == "in_batch":  # sorted distinct targets (M,); a pinned copy does not wait for the GPU
+        cand = torch.from_numpy(np.unique(rows["target"][idx][mask]).astype(np.int64))
+        terms["candidates"] = cand.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cand
     return terms, max(1, int(mask.sum()))
 
 

@@ -52,11 +52,22 @@ def _run_stage(stage: str, spec_path: Path, force: bool, **kwargs) -> None:
 
     def go():
         spec = load_spec(spec_path)
+        _refuse_torchrun(stage)
         if stage in NOTHING_TO and getattr(spec, stage) is None:
             raise InputError(str(spec_path), f"[{stage}]: section missing; nothing to {NOTHING_TO[stage]}")
         from lumctl.stages import stage_module
         stage_module(stage).run(spec, force=force, **kwargs)
     _guard(go)
+
+
+def _refuse_torchrun(stage: str) -> None:
+    """Only pretrain and query know how to share their work between torchrun's processes."""
+    import os
+
+    from lumctl.errors import InputError
+    if stage not in ("pretrain", "query") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("torchrun", f"only pretrain and query run on several processes; run `lumctl {stage}` "
+                         "without torchrun first")
 
 
 @app.command()
@@ -106,6 +117,7 @@ def run(spec: Path = SpecArg, force: bool = ForceOpt):
     from lumctl.specs import load_spec
 
     def go():
+        _refuse_torchrun("run")
         from lumctl.stages import run_all
         run_all(load_spec(spec), force=force)
     _guard(go)

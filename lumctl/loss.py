@@ -19,21 +19,29 @@ FIRST_ITEM = 2  # ids 0 and 1 are padding and unknown
 
 def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: str, tau: torch.Tensor | float,
              num_sampled: int = 128, sample_logq: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, logq_correction: bool = True) -> torch.Tensor:
+             generator: torch.Generator | None = None, logq_correction: bool = True,
+             candidates: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """o (N, D) outputs at trained positions, target (N,) item ids; `item_table(ids) -> (M, D)`.
     `sample_logq` (I,) log sampling probability of each item (sampled negatives); negatives are
     drawn on the generator's device. `logq_correction = False` is the plain (1 + K)-way softmax of
-    generative-recommenders' SampledSoftmaxLoss."""
+    generative-recommenders' SampledSoftmaxLoss.
+    `candidates` (M,) in_batch: the batch's distinct item ids, sorted, when `target` is only part
+    of the batch (the targets of all ranks under torchrun); default the distinct `target`s.
+    reduction: 'mean' or 'sum' over N."""
     o = F.normalize(o.float(), dim=-1)
     if negatives == "full":
         keys = F.normalize(item_table(None).float(), dim=-1)                  # (I, D)
         logits = o @ keys.T / tau                                             # (N, I)
         logits[:, :FIRST_ITEM] = float("-inf")
-        return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target, reduction=reduction)
     if negatives == "in_batch":
-        cand, label = torch.unique(target, return_inverse=True)               # (M,), (N,)
+        if candidates is None:
+            cand, label = torch.unique(target, return_inverse=True)           # (M,), (N,)
+        else:
+            cand = candidates                                                 # (M,) sorted, holds every target
+            label = torch.searchsorted(cand, target)                          # (N,)
         keys = F.normalize(item_table(cand).float(), dim=-1)                  # (M, D)
-        return F.cross_entropy(o @ keys.T / tau, label)
+        return F.cross_entropy(o @ keys.T / tau, label, reduction=reduction)
     # sampled: K negatives per position from Q, logits corrected by -log Q (Bengio & Senecal; Yi et al. 2019)
     N = len(target)
     where = generator.device if generator is not None else torch.device("cpu")
@@ -47,7 +55,7 @@ def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: st
         neg_logits = neg_logits - sample_logq.to(o.device)[neg]
     neg_logits = neg_logits.masked_fill(neg == target[:, None], float("-inf"))  # accidental hits
     logits = torch.cat([pos, neg_logits], 1)
-    return F.cross_entropy(logits, torch.zeros_like(target))
+    return F.cross_entropy(logits, torch.zeros_like(target), reduction=reduction)
 
 
 def sampling_logq(popularity_counts: torch.Tensor, sampler: str) -> torch.Tensor:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+QUIET = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 talks
 
 
 def say(msg: str) -> None:
-    console.print(msg)
+    if not QUIET:
+        console.print(msg)
 
 
 def progress(**kw) -> Progress:
     """A progress bar on stderr; silent when stderr is not a terminal unless forced."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False, disable=not sys.stderr.isatty(), **kw)
+                    console=console, transient=False, disable=QUIET or not sys.stderr.isatty(), **kw)

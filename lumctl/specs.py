@@ -242,7 +242,9 @@ class OptimSpec(Strict):
     warmup_steps: int = Field(100, ge=0)
     epochs: float = Field(10, gt=0, description="passes over the packed rows (ignored when max_steps > 0)")
     max_steps: int = Field(0, ge=0, description="optimizer steps (0 = from epochs)")
-    batch_rows: int = Field(4, gt=0, description="packed rows per micro-batch")
+    batch_rows: int = Field(4, gt=0, description=(
+        "packed rows per micro-batch, all ranks together: under torchrun each of W ranks takes batch_rows / W, "
+        "so global rows per optimizer step = batch_rows x grad_accum whatever W is"))
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     clip: float = Field(1.0, ge=0, description="max grad norm (0 = off)")
 
@@ -291,6 +293,13 @@ class PretrainSpec(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the model")
+    rows_from: Literal["memory", "store"] = Field("memory", description=(
+        "memory: load every packed row into memory (on every rank); store: keep only type, segment, loss_mask "
+        "and target in memory and read the other columns of each batch's rows from the pack store (under "
+        "torchrun each rank reads only its own rows; a small [pack] chunk_rows makes these reads cheap)"))
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description=(
+        "under torchrun: ddp = a full model copy per rank (DistributedDataParallel); fsdp = FSDP2 "
+        "(fully_shard) shards parameters, gradients and optimizer state over the ranks (large presets)"))
     checkpoint_every: int = Field(0, ge=0, description="write step-%08d/ every N steps (0 = once per epoch)")
     keep_checkpoints: int = Field(2, gt=0, description="step checkpoints kept on disk")
     log_every: int = Field(10, gt=0)
@@ -395,6 +404,10 @@ class Spec(Strict):
 
     experiment: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", description="name; outputs go to <store_root>/<experiment>/")]
     store_root: str = Field("stores", description="root folder of all stores; `${VAR:-default}` is expanded")
+    inputs_root: str | None = Field(None, description=(
+        "where pretrain, query and fuse read the tokenize and pack stores (<inputs_root>/<experiment>/<stage>), "
+        "when they were published elsewhere: a path or an fsspec URL such as s3://bucket/stores "
+        "(lumctl.store.copy_store publishes a store); default store_root"))
     synth: SynthSpec | None = Field(None, description="generate the raw log (format = 'synth')")
     tokenize: TokenizeSpec
     pack: PackSpec = Field(default_factory=PackSpec)
@@ -402,10 +415,10 @@ class Spec(Strict):
     query: QuerySpec | None = Field(None, description="Step 2: grouped queries into a point-in-time feature store")
     fuse: FuseSpec | None = Field(None, description="Step 3: DLRM backbones (CTR) with LUM answers fused in")
 
-    @field_validator("store_root")
+    @field_validator("store_root", "inputs_root")
     @classmethod
-    def _expand(cls, v: str) -> str:
-        return expand_vars(v)
+    def _expand(cls, v: str | None) -> str | None:
+        return expand_vars(v) if v is not None else None
 
     @model_validator(mode="after")
     def _check(self):
@@ -417,6 +430,13 @@ class Spec(Strict):
 
     def store(self, stage: str) -> Path:
         return Path(self.store_root) / self.experiment / stage
+
+    def input_store(self, stage: str) -> str | Path:
+        """An upstream store (tokenize, pack) as the reading stages find it: under inputs_root when set."""
+        if self.inputs_root is None:
+            return self.store(stage)
+        from lumctl.store import join
+        return join(self.inputs_root, self.experiment, stage)
 
     def section_hash(self, *sections: str) -> str:
         d = {s: getattr(self, s).model_dump(mode="json") if getattr(self, s) is not None else None for s in sections}
@@ -439,7 +459,7 @@ def _format_error(path: str, err: dict) -> str:
     if not loc:
         where = ""
     elif len(loc) == 1:
-        where = loc[0] if loc[0] in Spec.model_fields and loc[0] in ("experiment", "store_root") else f"[{loc[0]}]"
+        where = loc[0] if loc[0] in Spec.model_fields and loc[0] in ("experiment", "store_root", "inputs_root") else f"[{loc[0]}]"
     else:
         where = f"[{loc[0]}]." + ".".join(loc[1:])
     msg = err["msg"]

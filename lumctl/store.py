@@ -4,6 +4,12 @@ Every stage writes its output into a temporary sibling directory and renames it 
 so a killed run never leaves a half-written store under the real name. The manifest
 (`manifest.json`) is written last, inside the temporary directory; a store without a
 complete manifest is never accepted downstream.
+
+Stores can also be read from fsspec URLs (`s3://bucket/stores/...`, `memory://` in tests;
+spec key `inputs_root`), so the ranks of a cluster read one copy. Object stores have no
+rename, so there the manifest alone is the commit marker: `copy_store` deletes the old
+manifest first, then the old files, copies the data, and writes the manifest last; a reader
+(`read_manifest`) accepts a store only once its complete manifest is there.
 """
 
 from __future__ import annotations
@@ -48,13 +54,29 @@ def hash_file(path: Path, full_limit: int = 512 << 20) -> str:
     return h.hexdigest()
 
 
-def read_manifest(store: Path) -> dict | None:
+def is_url(loc: str | Path) -> bool:
+    return "://" in str(loc)
+
+
+def join(loc: str | Path, *parts: str) -> str | Path:
+    """`loc / parts`: a Path for a local path, a string for a URL (pathlib would fold its '//')."""
+    if is_url(loc):
+        return "/".join([str(loc).rstrip("/"), *parts])
+    return Path(loc).joinpath(*parts)
+
+
+def read_manifest(store: str | Path) -> dict | None:
     """The manifest of a complete store, or None when there is no complete store at `store`."""
-    p = Path(store) / MANIFEST
-    if not p.is_file():
-        return None
     try:
-        m = json.loads(p.read_text())
+        if is_url(store):
+            import fsspec
+            with fsspec.open(join(store, MANIFEST), "r") as f:
+                m = json.loads(f.read())
+        else:
+            p = Path(store) / MANIFEST
+            if not p.is_file():
+                return None
+            m = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return m if isinstance(m, dict) and m.get("complete") is True else None
@@ -88,22 +110,55 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `target`; on success rename it to `target`
     (replacing an old store), on failure delete it. Readers see the old store or the new one,
     never a mix."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = fresh_dir_beside(target)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, target)
+
+
+def fresh_dir_beside(target: Path) -> Path:
+    """A new empty temporary directory in the folder of `target` (so a rename can move it there)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Rename the finished `tmp` to `target`, replacing an old `target`."""
+    target = Path(target)
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         target.rename(old)
-    tmp.rename(target)
+    Path(tmp).rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_store(src: str | Path, dst: str | Path) -> None:
+    """Copy the complete store `src` to `dst` (local paths or fsspec URLs), replacing what is there.
+    The commit protocol of object stores: old manifest removed first, manifest written last."""
+    from fsspec.core import url_to_fs
+    if read_manifest(src) is None:
+        raise InputError(str(src), "no complete store here to copy")
+    sfs, spath = url_to_fs(str(src))
+    dfs, dpath = url_to_fs(str(dst))
+    dpath = dpath.rstrip("/")
+    if dfs.exists(f"{dpath}/{MANIFEST}"):
+        dfs.rm(f"{dpath}/{MANIFEST}")           # from here on readers see no store at dst ...
+    if dfs.exists(dpath):
+        dfs.rm(dpath, recursive=True)           # ... and no stale chunk survives into the new one
+    files = [f for f in sfs.find(spath) if not f.endswith(f"/{MANIFEST}")]
+    for f in [*files, f"{spath.rstrip('/')}/{MANIFEST}"]:
+        to = f"{dpath}/{f[len(spath.rstrip('/')):].lstrip('/')}"
+        dfs.makedirs(to.rsplit("/", 1)[0], exist_ok=True)
+        with sfs.open(f, "rb") as a, dfs.open(to, "wb") as b:
+            shutil.copyfileobj(a, b)
 
 
 def write_manifest(tmp: Path, *, stage: str, spec_hash: str, inputs: dict[str, str],

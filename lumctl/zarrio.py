@@ -16,6 +16,11 @@ def open_read(path: Path) -> zarr.Group:
     return zarr.open_group(str(path), mode="r", zarr_format=3)
 
 
+def open_write(path: Path) -> zarr.Group:
+    """An existing group, to write into its arrays (torchrun ranks filling their chunks)."""
+    return zarr.open_group(str(path), mode="r+", zarr_format=3)
+
+
 def put(group: zarr.Group, name: str, data: np.ndarray, chunk_rows: int | None = None) -> None:
     """Write `data` as array `name` (a/b paths make subgroups). Strings are stored as vlen UTF-8."""
     data = np.asarray(data)

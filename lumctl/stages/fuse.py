@@ -297,7 +297,7 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
         fs = fs.model_copy(update={"seeds": int(seeds)})
     out = spec.store("fuse")
     started = time.time()
-    tok_store = spec.store("tokenize")
+    tok_store = spec.input_store("tokenize")
     inputs = {"tokenize": store_hash(require_store(tok_store, "tokenize"))}
     if fs.lum != "none":
         inputs["query"] = store_hash(require_store(spec.store("query"), "query"))

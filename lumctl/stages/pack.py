@@ -20,7 +20,7 @@ from lumctl.ops.packing import pack_sequences
 from lumctl.progress import say
 from lumctl.specs import PackSpec, Spec
 from lumctl.stages import tokenize
-from lumctl.store import atomic_dir, is_up_to_date, require_store, store_hash, write_manifest
+from lumctl.store import atomic_dir, is_up_to_date, join, require_store, store_hash, write_manifest
 
 ROW_KEYS = ("type", "item", "cond", "segment", "pos", "loss_mask", "target", "user", "ts")
 
@@ -81,7 +81,9 @@ def run(spec: Spec, force: bool = False) -> Path:
     return out
 
 
-def load(store: Path) -> dict[str, np.ndarray]:
+def load(store: Path, lazy: tuple[str, ...] = ()) -> dict:
+    """The packed rows as numpy arrays [R, S, ...]; the `lazy` ones stay Zarr arrays, read when
+    indexed (`rows[k][idx]` reads only the chunks holding rows idx)."""
     require_store(store, "pack")
-    g = zarrio.open_read(Path(store) / "rows.zarr")
-    return {k: zarrio.get(g, k) for k in ROW_KEYS}
+    g = zarrio.open_read(join(store, "rows.zarr"))  # a path or an fsspec URL
+    return {k: g[k] if k in lazy else zarrio.get(g, k) for k in ROW_KEYS}

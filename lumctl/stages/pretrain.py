@@ -8,12 +8,20 @@ Output (`stores/<experiment>/pretrain/`):
   metrics.jsonl            one JSON object per log/eval step;  loss.png  the loss curve
   manifest.json            written last
 Validation picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
+
+Under torchrun (lumctl.dist) every rank takes its part of each global micro-batch of
+`batch_rows` rows; the loss is the one of the whole global micro-batch (in-batch negatives
+and trained positions of all ranks' rows), so W ranks follow the curve of one process with the
+same spec. Rank 0 writes checkpoints (whole-model state dicts, also under
+FSDP), metrics and the store; a checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import shutil
 import threading
 import time
@@ -23,7 +31,7 @@ from queue import Queue
 import numpy as np
 import torch
 
-from lumctl import models
+from lumctl import dist, models
 from lumctl.attention import make_mask
 from lumctl.errors import InputError
 from lumctl.loss import info_nce, sampling_logq
@@ -33,7 +41,7 @@ from lumctl.progress import progress, say
 from lumctl.specs import PretrainSpec, Spec
 from lumctl.stages import pack as pack_stage
 from lumctl.stages import tokenize
-from lumctl.store import atomic_dir, is_up_to_date, require_store, store_hash, write_manifest
+from lumctl.store import atomic_dir, is_up_to_date, join, require_store, store_hash, write_manifest
 
 TENSOR_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "segment": torch.int32,
                "pos": torch.int32, "loss_mask": torch.bool, "target": torch.long, "ts": torch.long}
@@ -91,20 +99,33 @@ class Batches:
     Batch number `step` is a pure function of (seed, step), so resuming needs no loader state.
     A background thread prepares the next batches (mask building, host->device copy)."""
 
-    def __init__(self, rows: dict, batch_rows: int, seed: int, device: torch.device, dense_mask: bool):
+    def __init__(self, rows: dict, batch_rows: int, seed: int, device: torch.device, dense_mask: bool,
+                 rank: int = 0, world: int = 1):
         self.rows, self.b, self.seed, self.device, self.dense = rows, batch_rows, seed, device, dense_mask
+        self.rank, self.world = rank, world  # torchrun: this rank reads its contiguous part of each batch
         self.n = len(rows["type"])
         self.per_epoch = math.ceil(self.n / batch_rows)
 
     def indices(self, k: int) -> np.ndarray:
-        """Rows of micro-batch k; always `batch_rows` of them (the last batch of an epoch is topped
-        up from the start of the epoch's permutation), so compiled kernels see one shape."""
+        """Rows of micro-batch k read by this rank (all of them in world 1)."""
+        idx = self.global_indices(k)
+        return dist.shard(idx, self.rank, self.world) if self.world > 1 else idx
+
+    def global_indices(self, k: int) -> np.ndarray:
+        """Rows of global micro-batch k; always `batch_rows` of them (the last batch of an epoch is
+        topped up from the start of the epoch's permutation), so compiled kernels see one shape."""
         epoch, j = divmod(k, self.per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        perm = _permutation(self.seed, epoch, self.n)
         idx = perm[j * self.b:(j + 1) * self.b]
         if len(idx) < self.b and self.n >= self.b:
             idx = np.concatenate([idx, perm[:self.b - len(idx)]])
         return np.sort(idx)
+
+    def shard(self, k: int) -> tuple[int, int]:
+        """(first row of this rank's part within global micro-batch k, rows of global micro-batch k)."""
+        n_k = len(self.global_indices(k))
+        q, r = divmod(n_k, self.world)  # as dist.shard / np.array_split: the first r parts have q + 1 rows
+        return self.rank * q + min(self.rank, r), n_k
 
     def stream(self, start: int, stop: int):
         q: Queue = Queue(maxsize=3)
@@ -118,11 +139,22 @@ class Batches:
             yield b
 
 
-def drop_conditions(cond: torch.Tensor, typ: torch.Tensor, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Replace condition field f by 1 ('<any>') with probability p[f], so '<any>' is learned."""
+@functools.lru_cache(maxsize=4)  # the loader thread and the training loop ask for the same epochs
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def drop_conditions(cond: torch.Tensor, typ: torch.Tensor, p: torch.Tensor, gen: torch.Generator,
+                    shard: tuple[int, int] | None = None) -> torch.Tensor:
+    """Replace condition field f by 1 ('<any>') with probability p[f], so '<any>' is learned.
+    shard = (first row, rows of the global batch) under torchrun: the draw is made for the
+    global batch and this rank keeps its rows, so W ranks drop what one process drops."""
     if cond.shape[-1] == 0 or not (p > 0).any():
         return cond
-    drop = torch.rand(cond.shape, generator=gen, device="cpu").to(cond.device) < p.to(cond.device)
+    u = torch.rand(cond.shape if shard is None else (shard[1], *cond.shape[1:]), generator=gen, device="cpu")
+    if shard is not None:
+        u = u[shard[0]:shard[0] + len(cond)]                                          # (B, S, F)
+    drop = u.to(cond.device) < p.to(cond.device)
     return torch.where(drop & (typ == 1)[..., None], torch.ones_like(cond), cond)
 
 
@@ -259,14 +291,18 @@ def query_condition(p: PretrainSpec, data: dict, cond_names: list[str]) -> np.nd
 
 # ------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: Path, model, opt=None, state: dict | None = None, config: dict | None = None) -> None:
-    with atomic_dir(path) as tmp:
-        torch.save(model.state_dict(), tmp / "model.pt")
-        if opt is not None:
-            torch.save(opt.state_dict(), tmp / "optim.pt")
-        if state is not None:
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        if config is not None:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    """Rank 0 writes the whole model (every rank calls this: FSDP gathers its shards); the others wait."""
+    model_sd, optim_sd = dist.full_state(model, opt)
+    if dist.is_main():
+        with atomic_dir(path) as tmp:
+            torch.save(model_sd, tmp / "model.pt")
+            if opt is not None:
+                torch.save(optim_sd, tmp / "optim.pt")
+            if state is not None:
+                (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            if config is not None:
+                (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    dist.barrier()
 
 
 def newest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -309,8 +345,16 @@ def train_flops(n_params: int, d_model: int, n_layers: int, tokens: float, pairs
 # ------------------------------------------------------------------------------------ run
 def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int | None = None) -> Path:
     p = spec.pretrain
+    device = dist.init(resolve_device(p.device, "[pretrain].device"))  # torchrun: joins the process group
+    world = dist.world()
+    if p.optim.batch_rows < world:
+        raise InputError("[pretrain.optim].batch_rows", f"must be >= the number of ranks ({world}): it counts the "
+                         f"rows of all ranks together (got {p.optim.batch_rows})")
+    if world > 1 and p.parallel == "fsdp" and (p.loss.learn_temperature or p.model.kind != "lum"):
+        raise InputError("[pretrain].parallel", "fsdp is for lum models with a fixed temperature (got kind = "
+                         f"'{p.model.kind}', learn_temperature = {p.loss.learn_temperature}); use ddp")
     out = spec.store("pretrain")
-    tok_store, pack_store = spec.store("tokenize"), spec.store("pack")
+    tok_store, pack_store = spec.input_store("tokenize"), spec.input_store("pack")  # paths or URLs
     inputs = {"tokenize": store_hash(require_store(tok_store, "tokenize")),
               "pack": store_hash(require_store(pack_store, "pack"))}
     spec_hash = spec.section_hash("pretrain")
@@ -324,15 +368,16 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
         st = json.loads((resume_from / "state.json").read_text())
         if st.get("spec_hash") != spec_hash or st.get("inputs") != inputs:
             raise InputError(str(resume_from), "checkpoint was made from another spec or other inputs; rerun without --resume")
-    elif out.exists():
+    elif out.exists() and dist.is_main():
         shutil.rmtree(out)  # a fresh run never mixes with an older one
+    dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(p.seed)
-    device = resolve_device(p.device, "[pretrain].device")
     data = tokenize.load(tok_store)
     cond_names = [c["name"] for c in _cond_fields(tok_store)]
-    rows = pack_stage.load(pack_store)
+    # rows_from = "store": only the small columns in memory; each rank reads the rest of its own rows per batch
+    rows = pack_stage.load(pack_store, lazy=("item", "cond", "pos", "ts", "user") if p.rows_from == "store" else ())
     conditions = bool(rows["type"].max() == 2 and (rows["type"] == 1).any())
     if not conditions:
         rows["cond"] = rows["cond"][..., :0]
@@ -340,6 +385,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     data_c["events/cond"] = data["events/cond"] if conditions else data["events/cond"][:, :0]
     cfg = model_config(p, data, cond_names if conditions else [], device)
     model = build_model(p.model.kind, cfg, data).to(device)
+    wrapped = dist.wrap(model, p.parallel, device)  # world 1: model itself; else DDP or FSDP2 (shards in place)
     if cfg["attention"] == "flex" and device.type == "cpu" and p.model.kind == "lum":
         raise InputError("[pretrain.model].attention", "flex attention has no backward pass on CPU; use 'sdpa' or 'auto'")
     log_tau = torch.nn.Parameter(torch.tensor(math.log(p.loss.temperature), device=device),
@@ -352,11 +398,11 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     if p.loss.learn_temperature:
         groups.append({"params": [log_tau], "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=p.optim.lr, betas=p.optim.betas, fused=device.type == "cuda")
-    fwd = torch.compile(model) if p.compile else model
+    fwd = torch.compile(wrapped) if p.compile else wrapped
     bf16 = p.dtype == "bf16" or (p.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast(device.type, enabled=False))
 
-    micro = Batches(rows, p.optim.batch_rows, p.seed, device, cfg["attention"] == "sdpa")
+    micro = Batches(rows, p.optim.batch_rows, p.seed, device, cfg["attention"] == "sdpa", dist.rank(), world)
     steps_per_epoch = math.ceil(micro.per_epoch / p.optim.grad_accum)
     total = p.optim.max_steps or max(1, round(p.optim.epochs * steps_per_epoch))
     eval_every = p.eval.every_steps or steps_per_epoch
@@ -377,8 +423,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     step, best, best_step = 0, -float("inf"), -1
     eval_cache: dict = {}
     if resume_from is not None:
-        model.load_state_dict(torch.load(resume_from / "model.pt", map_location=device, weights_only=True))
-        opt.load_state_dict(torch.load(resume_from / "optim.pt", map_location=device, weights_only=True))
+        dist.load_full_state(model, opt, torch.load(resume_from / "model.pt", map_location=device, weights_only=True),
+                             torch.load(resume_from / "optim.pt", map_location=device, weights_only=True))
         st = json.loads((resume_from / "state.json").read_text())
         step, best, best_step = st["step"], st["best"], st["best_step"]
         log_tau.data.fill_(st["log_tau"])
@@ -386,7 +432,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     say(f"pretrain: {p.model.kind} {p.model.preset} ({n_params / 1e6:.2f}M non-embedding params, d={cfg['d_model']}, "
         f"L={cfg['n_layers']}), {len(micro.rows['type'])} rows x {spec.pack.seq_len}, {total} steps, "
         f"{cfg['attention']} attention, {'bf16' if bf16 else 'fp32'}, {device}")
-    metrics_f = open(out / "metrics.jsonl", "a")
+    metrics_f = open(out / "metrics.jsonl", "a") if dist.is_main() else open(os.devnull, "w")  # rank 0 logs
     stop = min(total, until_step) if until_step is not None else total
     stream = micro.stream(step * p.optim.grad_accum, stop * p.optim.grad_accum)
     t_last, tok_last, flops_last = time.time(), 0, 0.0
@@ -394,7 +440,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
         task = bar.add_task("pretrain", total=total, completed=step, info="")
         while step < stop:
             gen = torch.Generator().manual_seed(p.seed * 1_000_003 + step)
-            torch.manual_seed(p.seed * 1_000_003 + step)  # dropout: a pure function of (seed, step)
+            torch.manual_seed((p.seed * 1_000_003 + step) * world + dist.rank())  # dropout: (seed, step, rank)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, p.optim)
             if neg_gen is not None:
@@ -402,18 +448,29 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             loss_sum = torch.zeros((), device=device)
             for a in range(p.optim.grad_accum):
                 b = next(stream)
-                idx = micro.indices(step * p.optim.grad_accum + a)
+                k = step * p.optim.grad_accum + a                                   # micro-batch number
+                idx = micro.indices(k)
                 if conditions:
-                    b["cond"] = drop_conditions(b["cond"], b["type"], drop_p, gen)
-                with autocast():
-                    o = fwd(b, make_mask(b, cfg["attention"]))                      # (B, S, D)
-                    loss = info_nce(o[b["loss_mask"]], b["target"][b["loss_mask"]], model.item_table,
-                                    negatives=p.loss.negatives, tau=log_tau.exp(), num_sampled=p.loss.num_sampled,
-                                    sample_logq=logq, generator=neg_gen or gen, logq_correction=p.loss.logq_correction)
-                (loss / p.optim.grad_accum).backward()
+                    b["cond"] = drop_conditions(b["cond"], b["type"], drop_p, gen,
+                                                micro.shard(k) if world > 1 else None)
+                spread, positions = global_loss_terms(rows, micro.global_indices(k), p.loss.negatives,
+                                                      device) if world > 1 else ({}, 1)
+                with dist.no_sync(wrapped, last=a == p.optim.grad_accum - 1):
+                    with autocast():
+                        o = fwd(b, make_mask(b, cfg["attention"]))                  # (B, S, D)
+                        loss = info_nce(o[b["loss_mask"]], b["target"][b["loss_mask"]], model.item_table,
+                                        negatives=p.loss.negatives, tau=log_tau.exp(), num_sampled=p.loss.num_sampled,
+                                        sample_logq=logq, generator=neg_gen or gen,
+                                        logq_correction=p.loss.logq_correction, **spread)
+                    if world > 1:  # this rank's share of the global micro-batch's mean loss
+                        loss = loss / positions
+                    # DDP / FSDP average gradients over ranks; x world makes that the global mean's gradient
+                    (loss * world / p.optim.grad_accum).backward()
                 loss_sum += loss.detach() / p.optim.grad_accum
                 tok_last += int(row_tokens[idx].sum())
                 flops_last += train_flops(n_params, cfg["d_model"], cfg["n_layers"], row_tokens[idx].sum(), row_pairs[idx].sum())
+            if world > 1 and log_tau.grad is not None:  # log_tau lives outside the wrapped model
+                log_tau.grad.copy_(dist.all_reduce_mean_tensor(log_tau.grad))
             if p.optim.clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), p.optim.clip)
             opt.step()
@@ -422,6 +479,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             if step % p.log_every == 0 or step == stop:
                 loss_sum = float(loss_sum)  # the only host sync of a step, every log_every steps
                 dt = max(1e-9, time.time() - t_last)
+                loss_sum = dist.all_reduce_sum(loss_sum)  # metrics of all ranks together
+                tok_last, flops_last = dist.all_reduce_sum(tok_last), dist.all_reduce_sum(flops_last)
                 rec = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
                        "lr": opt.param_groups[0]["lr"], "tau": float(log_tau.exp()), "tokens_per_s": round(tok_last / dt, 1),
                        "tflops": round(flops_last / dt / 1e12, 3)}
@@ -433,7 +492,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             if step % eval_every == 0 or step == total:
                 val = evaluate(model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache,
                                float(log_tau.exp()), cond_names)
-                score = val[p.eval.select]
+                score = dist.broadcast_object(val[p.eval.select])  # every rank takes the same "best" branch
                 metrics_f.write(json.dumps({"step": step, "split": "valid", **val}) + "\n"); metrics_f.flush()
                 if score > best:
                     best, best_step = score, step
@@ -445,9 +504,10 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 state = {"step": step, "best": best, "best_step": best_step, "log_tau": float(log_tau),
                          "spec_hash": spec_hash, "inputs": inputs}
                 save_checkpoint(ckpt_dir / f"step-{step:08d}", model, opt, state, config_json)
-                for old in sorted(ckpt_dir.glob("step-*"))[:-p.keep_checkpoints]:
+                for old in sorted(ckpt_dir.glob("step-*"))[:-p.keep_checkpoints] if dist.is_main() else []:
                     shutil.rmtree(old, ignore_errors=True)
     metrics_f.close()
+    dist.barrier()
     recs = [json.loads(x) for x in open(out / "metrics.jsonl") if '"tokens_per_s"' in x]
     speed = {}
     if len(recs) > 1:  # the first interval holds compilation and warm-up
@@ -457,6 +517,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
         say(f"pretrain: median {tps:,.0f} tokens/s, {tfl:.3g} TFLOP/s of model FLOPs (attention included)")
     if step < total:
         say(f"pretrain: stopped at step {step} of {total} (--until-step); continue with --resume")
+        return out
+    if not dist.is_main():  # rank 0 scores the best checkpoint and writes the store
         return out
 
     # the best validation checkpoint is the model; the test item is scored once, here
@@ -482,9 +544,22 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     return out
 
 
+def global_loss_terms(rows: dict, idx: np.ndarray, negatives: str, device: torch.device) -> tuple[dict, int]:
+    """(info_nce arguments, trained positions of the global micro-batch `idx` (all ranks' rows))
+    that make each rank's loss, divided by those positions, its part of the global micro-batch's
+    mean loss: a sum over this rank's positions, with the in-batch candidates of all ranks. Read
+    from the rows in memory, so no collective and no device sync."""
+    mask = rows["loss_mask"][idx]                                                     # (B_all, S)
+    terms: dict = {"reduction": "sum"}
+    if negatives == "in_batch":  # sorted distinct targets (M,); a pinned copy does not wait for the GPU
+        cand = torch.from_numpy(np.unique(rows["target"][idx][mask]).astype(np.int64))
+        terms["candidates"] = cand.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cand
+    return terms, max(1, int(mask.sum()))
+
+
 def _cond_fields(tok_store: Path) -> list[dict]:
     from lumctl import zarrio
-    return list(zarrio.open_read(Path(tok_store) / "data.zarr").attrs["conditions"])
+    return list(zarrio.open_read(join(tok_store, "data.zarr")).attrs["conditions"])
 
 
 def plot_loss(metrics_path: Path, png: Path) -> None:

@@ -37,6 +37,11 @@ Output (`stores/<experiment>/query/`):
                    as in `conditions`), and `resolved` (list<string>, the asked conditions) with top_k.
                    The table an online KV store loads.
   manifest.json    inputs: tokenize store hash, checkpoint file hashes, user selection
+
+Under torchrun each rank answers a contiguous range of users whose rows are whole Zarr chunks of
+the user-indexed arrays, so ranks write disjoint chunks of one store; rank 0 creates the arrays in
+a temporary folder first and, once every rank has written, writes latest.parquet (from the ranks'
+parts), the manifest last, and renames the folder into place (`write_distributed`).
 """
 
 from __future__ import annotations
@@ -50,14 +55,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lumctl import zarrio
+from lumctl import dist, zarrio
 from lumctl.errors import InputError
 from lumctl.ops.packing import grouped_query_mask, pack_queries, top_values
 from lumctl.progress import progress, say
 from lumctl.specs import QuerySpec, Spec
 from lumctl.stages import tokenize
 from lumctl.stages.pretrain import load_model, resolve_device
-from lumctl.store import atomic_dir, hash_file, hash_obj, is_up_to_date, require_store, store_hash, write_manifest
+from lumctl.store import atomic_dir, fresh_dir_beside, hash_file, hash_obj, is_up_to_date, replace_dir, require_store
+from lumctl.store import store_hash, write_manifest
 
 BATCH_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "pos": torch.int32}
 
@@ -309,7 +315,8 @@ def _str(a: np.ndarray) -> np.ndarray:
 
 
 def latest_table(res: dict, users: np.ndarray, user_ids: np.ndarray, cond_names: list[str], vocabs: dict):
-    """The latest valid snapshot of each user as an Arrow table (one fixed-size list column per query)."""
+    """The latest valid snapshot of each user as an Arrow table (one fixed-size list column per query).
+    `users` [U] tokenize-store indices of the rows of `res`; `user_ids` the raw ids of all users."""
     import pyarrow as pa
     valid = res["snapshot_valid"]
     has = valid.any(1)
@@ -318,7 +325,7 @@ def latest_table(res: dict, users: np.ndarray, user_ids: np.ndarray, cond_names:
     u = np.flatnonzero(has)
     t = last[u]
     emb = res["user_emb"][u, t].astype(np.float32)                                # (U', N, d)
-    cols = {"user_id": pa.array(_str(user_ids[u])), "user_index": pa.array(users[u].astype(np.int64)),
+    cols = {"user_id": pa.array(_str(user_ids[users[u]])), "user_index": pa.array(users[u].astype(np.int64)),
             "snapshot": pa.array([res["snapshot_names"][i] for i in t]),
             "snapshot_ts": pa.array(res["snapshot_ts"][u, t]), "snapshot_pos": pa.array(res["snapshot_pos"][u, t])}
     d = emb.shape[-1]
@@ -338,7 +345,7 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
         raise InputError("[query]", "section missing; nothing to query")
     out = spec.store("query")
     started = time.time()
-    tok_store = spec.store("tokenize")
+    tok_store = spec.input_store("tokenize")  # a path or an fsspec URL
     tok_manifest = require_store(tok_store, "tokenize")
     ckpt = checkpoint_dir(spec)
     n_users = int(tok_manifest["counts"]["users"])
@@ -351,7 +358,7 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
         say(f"query: {out} is up to date")
         return out
 
-    device = resolve_device(qs.device, "[query].device")
+    device = dist.init(resolve_device(qs.device, "[query].device"))  # torchrun: joins the process group
     model, cfg = load_model(ckpt, device)
     if cfg.get("kind") != "lum" or not cfg.get("conditions"):
         raise InputError(str(ckpt), "query needs a LUM checkpoint trained with condition tokens "
@@ -362,13 +369,16 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
     data = tokenize.load(tok_store)
     cond_names = list(cfg["condition_fields"])
     max_items = qs.max_items or int(cfg["max_items"])
+    if dist.world() > 1:
+        return write_distributed(out, model, data, qs, cfg, ckpt, cond_names, user_idx, max_items, device,
+                                 spec_hash, inputs, started)
     res = compute(model, data, qs, cond_names, user_idx, max_items, int(cfg["seq_len"]), device, show=True)
     dtype = np.dtype(qs.dtype)
     res["user_emb"] = res["user_emb"].astype(dtype)  # latest.parquet holds the same (rounded) values
     U, T, N, d = res["user_emb"].shape
     vocabs = {n: [str(v) for v in data[f"vocab/cond_{n}"]] for n in cond_names}
     with atomic_dir(out) as tmp:
-        g = zarrio.create(tmp / "answers.zarr")
+        g = zarrio.create(tmp / "answers.zarr")  # (write_distributed writes the same arrays and attrs)
         zarrio.put(g, "user_emb", res["user_emb"])
         for k in ("snapshot_valid", "snapshot_ts", "snapshot_pos", "query_cond", "conditions"):
             zarrio.put(g, k, res[k])
@@ -389,4 +399,94 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
                        extra={"checkpoint": str(ckpt)})
     say(f"query: {U:,} users x {T} snapshots x {N} queries ({counts['valid_snapshots']:,} snapshots, "
         f"d={d}) in {time.time() - started:.1f}s -> {out}")
+    return out
+
+
+# ------------------------------------------------------------------------------------ torchrun
+USER_ARRAYS = ("user_emb", "snapshot_valid", "snapshot_ts", "snapshot_pos", "query_cond", "user_index", "user_id")
+
+
+def write_distributed(out: Path, model, data: dict, qs: QuerySpec, cfg: dict, ckpt: Path, cond_names: list[str],
+                      users: np.ndarray, max_items: int, device: torch.device, spec_hash: str, inputs: dict,
+                      started: float) -> Path:
+    """The store `run` writes, with the users shared between the ranks of a torchrun job.
+
+    Every rank first finds, for all users (cheap NumPy), the number of snapshot slots T and the
+    packed row length S, so all ranks pack alike; then answers its own users (rows
+    [u0, u1) of every user-indexed array, whole chunks of `chunk` users) and writes them."""
+    rank, world = dist.rank(), dist.world()
+    U = len(users)
+    vocabs = {n: [str(v) for v in data[f"vocab/cond_{n}"]] for n in cond_names}
+    N = len(build_queries(qs, cond_names, vocabs).names)
+    cut, _, snap_names = snapshots(data, users, qs)
+    T = cut.shape[1]
+    need = 2 * min(int(cut.max(initial=0)), max_items - 1) + N
+    if qs.seq_len is not None and qs.seq_len < need:  # compute() would refuse on one rank only
+        raise InputError("[query].seq_len", f"must be >= {need} tokens to hold the longest prefix and {N} queries "
+                         f"(got {qs.seq_len})")
+    seq_len = max(int(cfg["seq_len"]), need)
+    dtype = np.dtype(qs.dtype)
+    d = int(cfg["model"]["d_model"])
+    chunk = max(1, min(-(-U // world), (8 << 20) // max(1, T * N * d * dtype.itemsize)))  # users per chunk
+    chunks = np.array_split(np.arange(-(-U // chunk)), world)[rank]
+    u0, u1 = (int(chunks[0]) * chunk, min(U, (int(chunks[-1]) + 1) * chunk)) if len(chunks) else (0, 0)
+
+    tmp = None
+    if dist.is_main():  # the arrays, in a temporary folder beside `out`
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = fresh_dir_beside(out)
+        g = zarrio.create(tmp / "answers.zarr")
+        F = len(cond_names)
+        for name, shape, dt, fill in (("user_emb", (U, T, N, d), dtype, np.nan), ("snapshot_valid", (U, T), bool, False),
+                                      ("snapshot_ts", (U, T), np.int64, -1), ("snapshot_pos", (U, T), np.int64, 0),
+                                      ("query_cond", (U, T, N, F), np.int32, 0), ("user_index", (U,), np.int64, 0)):
+            g.create_array(name, shape=shape, dtype=dt, chunks=(chunk, *shape[1:]), fill_value=fill)
+        g.create_array("user_id", shape=(U,), dtype=str, chunks=(chunk,))
+        with torch.no_grad():
+            zarrio.put(g, "item_emb", model.item_table(None).float().cpu().numpy().astype(dtype))
+        zarrio.put(g, "item_id", _str(data["vocab/item"]))
+    tmp = Path(dist.broadcast_object(str(tmp) if tmp else None))
+
+    counts = {"valid_snapshots": 0, "tokens": 0}
+    if u1 > u0:
+        mine = users[u0:u1]
+        res = compute(model, data, qs, cond_names, mine, max_items, seq_len, device, show=True)
+        t = res["snapshot_valid"].shape[1]                                              # T of these users, <= T
+        g = zarrio.open_write(tmp / "answers.zarr")
+        g["user_emb"][u0:u1, :t] = res["user_emb"].astype(dtype)
+        for k in ("snapshot_valid", "snapshot_ts", "snapshot_pos", "query_cond"):
+            g[k][u0:u1, :t] = res[k]
+        g["user_index"][u0:u1] = mine
+        g["user_id"][u0:u1] = _str(data["vocab/user"][mine])
+        res["user_emb"] = res["user_emb"].astype(dtype)
+        res["snapshot_names"] = snap_names
+        import pyarrow.parquet as pq
+        pq.write_table(latest_table(res, mine, data["vocab/user"], cond_names, vocabs), tmp / f"latest.part-{rank:05d}.parquet")
+        counts = {"valid_snapshots": int(res["snapshot_valid"].sum()), "tokens": res["rows_tokens"]}
+        conditions, asked = res["conditions"], res["queries"].asked
+    counts = {k: int(dist.all_reduce_sum(v)) for k, v in counts.items()}
+    dist.barrier()
+    if not dist.is_main():
+        dist.barrier()
+        return out
+
+    import pyarrow.parquet as pq
+    parts = sorted(tmp.glob("latest.part-*.parquet"))
+    with pq.ParquetWriter(tmp / "latest.parquet", pq.read_schema(parts[0])) as w:
+        for part in parts:
+            w.write_table(pq.read_table(part))
+            part.unlink()
+    g = zarrio.open_write(tmp / "answers.zarr")
+    zarrio.put(g, "conditions", conditions)  # rank 0 always holds users: it owns the first chunk
+    g.attrs.update({"queries": asked, "condition_fields": cond_names, "snapshot": qs.snapshot,
+                    "every_n_events": qs.every_n_events, "snapshot_names": snap_names, "checkpoint": str(ckpt),
+                    "model": cfg["model"], "max_items": max_items, "seq_len": seq_len})
+    counts = {"users": U, "snapshots": T, "queries": N, "d": d, "items": int(g["item_emb"].shape[0]),
+              **counts, "seq_len": seq_len, "device": device.type}
+    write_manifest(tmp, stage="query", spec_hash=spec_hash, inputs=inputs, counts=counts, started=started,
+                   extra={"checkpoint": str(ckpt)})
+    replace_dir(tmp, out)
+    dist.barrier()
+    say(f"query: {U:,} users x {T} snapshots x {N} queries on {world} ranks ({counts['valid_snapshots']:,} "
+        f"snapshots, d={d}) in {time.time() - started:.1f}s -> {out}")
     return out

@@ -29,7 +29,7 @@ from lumctl.errors import InputError
 from lumctl.progress import say
 from lumctl.readers import RawLog, read_log
 from lumctl.specs import Spec, TokenizeSpec
-from lumctl.store import atomic_dir, hash_file, is_up_to_date, require_store, store_hash, write_manifest
+from lumctl.store import atomic_dir, hash_file, is_up_to_date, join, require_store, store_hash, write_manifest
 
 USER_ATTRS = ("gender", "age", "occupation")
 
@@ -256,7 +256,7 @@ def run(spec: Spec, force: bool = False) -> Path:
 def load(store: Path) -> dict[str, np.ndarray]:
     """Every array of a tokenize store, as numpy, keyed by path."""
     require_store(store, "tokenize")
-    g = zarrio.open_read(Path(store) / "data.zarr")
+    g = zarrio.open_read(join(store, "data.zarr"))  # a path or an fsspec URL
     out = {}
     for group in ("events", "users", "items", "vocab"):
         if group in g:

@@ -106,9 +106,17 @@ class SplitSpec(Strict):
     valid: float = Field(0.1, ge=0, lt=1, description="fraction: share in valid (the rest is test)")
     valid_from: int | None = Field(None, description="time: events at or after this timestamp are valid")
     test_from: int | None = Field(None, description="time: events at or after this timestamp are test")
+    # leak-free LUM (Step 1 before Step 3 in time): a global cutoff T0 splits the train events in two
+    pretrain_before: int | None = Field(None, description=(
+        "cutoff T0 (a timestamp): pack/pretrain keep only train events before T0; fuse trains the DLRM on the "
+        "train events at/after T0 (valid/test unchanged), so no LUM ever trained on a fuse sample or a later event"))
+    pretrain_quantile: float | None = Field(None, gt=0, lt=1, description=(
+        "T0 as this quantile of the train events' timestamps (instead of pretrain_before)"))
 
     @model_validator(mode="after")
     def _check(self):
+        if self.pretrain_before is not None and self.pretrain_quantile is not None:
+            raise ValueError("give pretrain_before or pretrain_quantile, not both")
         if self.kind == "fraction" and self.train + self.valid >= 1:
             raise ValueError(f"train + valid must be < 1 (got {self.train + self.valid})")
         if self.kind == "time":

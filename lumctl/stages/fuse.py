@@ -15,10 +15,15 @@ exist is the query store's choice:
     fusion layer only sees "missing" in training - use this for serving-like evaluation only.
   - [query] snapshot = "every_n_events" (K): a snapshot after every K events, so train samples get
     answers that are at most K events old; this is what trains the fusion layer.
-Caveat: pretrain trains the LUM on each user's last max_items train events, so the answers joined to
-those train samples come from a model that saw the samples themselves (in-sample; the fusion layer may
-over-trust them). Valid/test answers come from a model that never saw a valid/test event. As for the
-base DLRM, the per-user split is not a global time cut (other users' train events may be later).
+Leak-free LUM: with a cutoff T0 in [tokenize.split] (pretrain_before, or pretrain_quantile of the
+train events' timestamps) the LUM pretrains on train events before T0 only, and the DLRM (base and
++LUM alike) trains on the train events at/after T0; events before T0 are still history (context) of
+later samples and of the query snapshots. Then no LUM answer comes from a model that trained on the
+sample or on any later event of its user (valid/test events are never pretrained on either).
+Without a cutoff, pretrain trains on each user's last max_items train events, so the answers joined
+to those train samples come from a model that saw the samples themselves (in-sample; the fusion layer
+may over-trust them). As for the base DLRM, the per-user split is not a global time cut (other users'
+train events may be later).
 
 Output (`stores/<experiment>/fuse/`):
   metrics.json        per seed {valid, test: auc, gauc, logloss, n, pos_rate; best_epoch}, and mean / std
@@ -63,7 +68,8 @@ USER_ATTRS = tokenize.USER_ATTRS
 
 # ------------------------------------------------------------------------------------ samples
 def samples(data: dict) -> dict[str, np.ndarray]:
-    """One sample per event: user, label, split (0 train, 1 valid, 2 test), history bounds."""
+    """One sample per event: user, label, split (0 train, 1 valid, 2 test, -1 LUM pretrain only:
+    train events before the cutoff T0), history bounds."""
     if "events/rating" not in data:
         raise InputError("[fuse]", "the CTR protocol needs ratings (label = rating >= 4); the log has none")
     offsets, ts = data["users/offsets"], data["events/timestamp"]
@@ -72,6 +78,8 @@ def samples(data: dict) -> dict[str, np.ndarray]:
     j = np.arange(E) - offsets[user]                                   # position within the user
     sp = data["users/split"][user]
     split = np.where(j < sp[:, 0], 0, np.where(j < sp[:, 1], 1, 2)).astype(np.int8)
+    if "users/pretrain_end" in data:  # cutoff T0: train events before it are the LUM's, not samples
+        split[j < data["users/pretrain_end"][user]] = -1
     tie_first, _ = _tie_groups(offsets, ts)
     return {"user": user, "label": (data["events/rating"] >= 4).astype(np.float32), "split": split,
             "hist_end": tie_first.astype(np.int64),                    # history = [user start, hist_end)
@@ -351,7 +359,8 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
             d.mkdir(parents=True)
             torch.save(state, d / "model.pt")
             (d / "config.json").write_text(json.dumps({**config_json, "seed": fs.seed + k}, indent=2))
-        counts = {"samples": len(s["label"]), "train": int((s["split"] == 0).sum()),
+        counts = {"samples": len(s["label"]), "lum_pretrain_only": int((s["split"] == -1).sum()),
+                  "train": int((s["split"] == 0).sum()),
                   "valid": int((s["split"] == 1).sum()), "test": int((s["split"] == 2).sum()),
                   "seeds": fs.seeds, "device": device.type}
         write_manifest(tmp, stage="fuse", spec_hash=spec_hash, inputs=inputs, counts=counts, started=started)

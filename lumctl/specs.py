@@ -366,7 +366,7 @@ class FuseSpec(Strict):
 
     backbone: Literal["dnn", "din", "dien", "sim", "two_tower"] = Field("din", description=(
         "dnn: embedding + MLP over the mean-pooled history; din: target attention; dien: GRU + AUGRU "
-        "(no auxiliary loss); sim: hard search (history items of the target's category) + target attention; "
+        "(+ auxiliary loss, aux_weight); sim: hard search (history items of the target's category) + target attention; "
         "two_tower: user tower . item tower, BCE plus an in-batch softmax over positives"))
     lum: Literal["none", "direct", "match", "direct+match"] = Field("none", description=(
         "none: the base model; direct: the N query answers o_qn and the target's LUM embedding e^i as MLP "
@@ -381,6 +381,11 @@ class FuseSpec(Strict):
     epochs: int = Field(5, gt=0, description="passes over the train samples")
     patience: int = Field(1, ge=0, description="epochs without a better valid AUC tolerated before stopping")
     temperature: float = Field(0.1, gt=0, description="two_tower: tau of the in-batch softmax")
+    retrieval_ks: list[Annotated[int, Field(gt=0)]] = Field([10, 50], min_length=1, description=(
+        "two_tower: Recall@K of each user's valid/test positives over the full catalogue (seen items filtered)"))
+    aux_weight: float = Field(1.0, ge=0, description=(
+        "dien: weight of the auxiliary loss (GRU state h_l tells the next behaviour from a sampled item; "
+        "DIEN paper: 1; 0 = off)"))
     seeds: int = Field(1, gt=0, description="independent runs (seed, seed+1, ...); metrics.json reports mean and std")
     seed: int = Field(0, description="first seed")
     init_from: str = Field("", description=(

@@ -4,8 +4,9 @@ Backbones (all share one feature embedding: user profile attributes, the target 
 category + genres, the behaviour history as item vectors):
   dnn        Embedding & MLP, history mean-pooled (Covington et al. 2016, "YouTube DNN" style)
   din        target attention over the history (Zhou et al. 2018, "Deep Interest Network")
-  dien       GRU interest extractor + attention-update GRU (AUGRU) (Zhou et al. 2019, "DIEN");
-             the auxiliary next-behaviour loss is omitted
+  dien       GRU interest extractor + attention-update GRU (AUGRU) (Zhou et al. 2019, "DIEN"), with
+             the auxiliary loss: GRU state h_l tells the next behaviour from a sampled item (weight
+             `aux_weight` of `loss`)
   sim        hard search: history items sharing the target's category, then target attention, next to
              DIN over the recent history (Pi et al. 2020, "Search-based Interest Model")
   two_tower  user tower . item tower (cosine / tau), BCE plus an in-batch softmax over positives
@@ -171,65 +172,115 @@ class DLRM(nn.Module):
         return direct, match, miss
 
     # ------------------------------------------------------------------ backbones
-    def interest(self, batch: dict, t: torch.Tensor) -> list[torch.Tensor]:
-        """Pooled history representations, each (B, d)."""
+    def interest(self, batch: dict, t: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Pooled history representations, each (B, d), and the GRU states (B, L, d) of dien (else None).
+        t (B, d) is the target item (None for two_tower, whose user side never sees it)."""
         h = self.item_vec(batch["hist"])                                    # (B, L, d)
         m = batch["hist_mask"].float()                                      # (B, L)
         b = self.cfg.backbone
         if b in ("dnn", "two_tower"):
-            return [(h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)]
+            return [(h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)], None
         if b == "din":
-            return [self.att(h, t, m)]
+            return [self.att(h, t, m)], None
         if b == "sim":
             hs = self.item_vec(batch["sim_hist"])                           # (B, L, d)
-            return [self.att(h, t, m), self.att_long(hs, t, batch["sim_mask"].float())]
-        # dien: interest extractor (masked GRU), then AUGRU driven by softmax attention on its states
+            return [self.att(h, t, m), self.att_long(hs, t, batch["sim_mask"].float())], None
+        states = self.extract(h, m)                                         # (B, L, d)
+        return [self.evolve(states, t, m)], states
+
+    def extract(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """DIEN interest extractor: a GRU over the history (B, L, d) -> states (B, L, d); pads keep the state."""
         B, L, d = h.shape
         s = h.new_zeros(B, d)
         states = []
         for l in range(L):
             s = torch.where(m[:, l:l + 1] > 0, self.gru(h[:, l], s), s)
             states.append(s)
-        states = torch.stack(states, 1)                                     # (B, L, d)
+        return torch.stack(states, 1)                                       # (B, L, d)
+
+    def evolve(self, states: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """DIEN interest evolving: AUGRU driven by softmax target attention on the states -> (B, d)."""
         a = self.att.scores(states, t).masked_fill(m == 0, float("-inf"))
         a = torch.nan_to_num(torch.softmax(a, -1))                          # (B, L); all-pad rows -> 0
-        z = h.new_zeros(B, d)
-        for l in range(L):
+        z = states.new_zeros(states.shape[0], states.shape[2])
+        for l in range(states.shape[1]):
             z = torch.where(m[:, l:l + 1] > 0, self.augru(states[:, l], z, a[:, l]), z)
-        return [z]
+        return z
 
-    def forward(self, batch: dict, return_towers: bool = False):
-        """Logits (B,); two_tower with return_towers also gives the unit towers (B, h), (B, h)."""
-        t = self.item_vec(batch["item"])                                    # (B, d)
-        pooled = self.interest(batch, t)
-        users = self.user_vec(batch["user_attr"])
-        direct, match, miss = self.lum_features(batch)
+    def aux_loss(self, states: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """DIEN's auxiliary loss: -log sigmoid(h_l . e(hist_{l+1})) - log(1 - sigmoid(h_l . e(neg_{l+1}))),
+        averaged over the positions l where l and l+1 are both real events.
+        states (B, L, d), hist (B, L), mask (B, L) bool, neg (B, L) sampled item ids (column 0 unused)."""
+        h = states[:, :-1]                                                  # (B, L-1, d)
+        pos = (h * self.item_vec(hist[:, 1:])).sum(-1)                      # (B, L-1)
+        negl = (h * self.item_vec(neg[:, 1:])).sum(-1)
+        ok = (mask[:, :-1] & mask[:, 1:]).float()
+        per = F.softplus(-pos) + F.softplus(negl)                          # -log s(pos) - log(1 - s(neg))
+        return (per * ok).sum() / ok.sum().clamp(min=1)
+
+    def user_side(self, batch: dict) -> torch.Tensor:
+        """two_tower: the unit user tower (B, h) from profile, history and the direct LUM answers."""
+        pooled, _ = self.interest(batch, None)
+        hu = self.user_in(torch.cat(self.user_vec(batch["user_attr"]) + pooled, -1))  # (B, h0)
+        if self.direct:
+            miss = batch["lum_missing"].float()[:, None]
+            hu = hu + self.lum_user(torch.cat([batch["lum"].flatten(1), miss], -1))
+        return F.normalize(self.user_tower(F.relu(hu)), dim=-1)
+
+    def item_side(self, item: torch.Tensor, lum_item: torch.Tensor | None) -> torch.Tensor:
+        """two_tower: the unit item tower (B, h) from item ids (B,) and their LUM embeddings (B, D)."""
+        hi = self.item_in(self.item_vec(item))                              # (B, h0)
+        if self.direct:
+            hi = hi + self.lum_item(lum_item)
+        return F.normalize(self.item_tower(F.relu(hi)), dim=-1)
+
+    def retrieval_scores(self, batch: dict, items: torch.Tensor, lum_items: torch.Tensor | None) -> torch.Tensor:
+        """two_tower: (B, I) scores of every user of `batch` against `items` (I,) with LUM embeddings
+        (I, D). Equal to the logit up to a per-user constant: the match term sum_n w_n cos(o_qn, e^i)
+        is the dot product (sum_n w_n o_qn) . e^i, so the full catalogue is one matrix product."""
+        s = self.user_side(batch) @ self.item_side(items, lum_items).T / self.cfg.temperature  # (B, I)
+        if self.match:
+            w = self.lum_match.weight[0, :self.cfg.n_queries]               # (N,)
+            q = (batch["lum"] * w[None, :, None]).sum(1)                    # (B, D)
+            s = s + q @ lum_items.T
+        return s
+
+    def run(self, batch: dict) -> dict[str, torch.Tensor]:
+        """{"logit": (B,)}, plus "u", "i" (two_tower unit towers, (B, h)) or "states" (dien GRU states, (B, L, d))."""
         if self.cfg.backbone == "two_tower":
-            hu = self.user_in(torch.cat(users + pooled, -1))                # (B, h0)
-            hi = self.item_in(t)
-            if direct is not None:
-                hu = hu + self.lum_user(torch.cat([batch["lum"].flatten(1), miss], -1))
-                hi = hi + self.lum_item(batch["lum_item"])
-            u = F.normalize(self.user_tower(F.relu(hu)), dim=-1)           # (B, h)
-            i = F.normalize(self.item_tower(F.relu(hi)), dim=-1)
+            u = self.user_side(batch)
+            i = self.item_side(batch["item"], batch.get("lum_item"))
             logit = (u * i).sum(-1) / self.cfg.temperature + self.bias
-            if match is not None:
+            if self.match:
+                _, match, miss = self.lum_features(batch)
                 logit = logit + self.lum_match(torch.cat([match, miss], -1)).squeeze(-1)
-            return (logit, u, i) if return_towers else logit
-        x = self.fc_in(torch.cat(users + [t] + pooled, -1))                 # (B, h0)
+            return {"logit": logit, "u": u, "i": i}
+        t = self.item_vec(batch["item"])                                    # (B, d)
+        pooled, states = self.interest(batch, t)
+        direct, match, miss = self.lum_features(batch)
+        x = self.fc_in(torch.cat(self.user_vec(batch["user_attr"]) + [t] + pooled, -1))  # (B, h0)
         if self.cfg.lum != "none":
             x = x + self.lum_in(torch.cat([v for v in (direct, match, miss) if v is not None], -1))
-        return self.out(self.hidden(F.relu(x))).squeeze(-1)                 # (B,)
+        return {"logit": self.out(self.hidden(F.relu(x))).squeeze(-1), "states": states}  # (B,)
 
-    def loss(self, batch: dict, label: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits (B,)."""
+        return self.run(batch)["logit"]
+
+    def loss(self, batch: dict, label: torch.Tensor, aux_weight: float = 0.0) -> torch.Tensor:
         """BCE; two_tower adds an in-batch softmax over the positives (each positive user against the
-        batch's positive items)."""
-        if self.cfg.backbone != "two_tower":
-            return F.binary_cross_entropy_with_logits(self(batch), label)
-        logit, u, i = self(batch, return_towers=True)
-        loss = F.binary_cross_entropy_with_logits(logit, label)
-        pos = label > 0.5
-        if pos.sum() > 1:
-            sim = u[pos] @ i[pos].T / self.cfg.temperature                 # (P, P)
-            loss = loss + F.cross_entropy(sim, torch.arange(len(sim), device=sim.device))
+        batch's positive items); dien adds aux_weight x its auxiliary loss (negatives drawn uniformly
+        from the item vocabulary, torch's global generator)."""
+        out = self.run(batch)
+        loss = F.binary_cross_entropy_with_logits(out["logit"], label)
+        if self.cfg.backbone == "dien" and aux_weight > 0:
+            hist = batch["hist"]
+            neg = torch.randint(2, self.cfg.n_items, hist.shape, device=hist.device)  # (B, L)
+            loss = loss + aux_weight * self.aux_loss(out["states"], hist, batch["hist_mask"], neg)
+        if self.cfg.backbone == "two_tower":
+            pos = label > 0.5
+            if pos.sum() > 1:
+                u, i = out["u"][pos], out["i"][pos]
+                sim = u @ i.T / self.cfg.temperature                        # (P, P)
+                loss = loss + F.cross_entropy(sim, torch.arange(len(sim), device=sim.device))
         return loss

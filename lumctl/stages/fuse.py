@@ -251,7 +251,7 @@ def train(model: DLRM, feats: Features, fs: FuseSpec, seed: int, device: torch.d
         model.train()
         for a in range(0, len(perm), fs.batch_size):
             idx = perm[a:a + fs.batch_size]
-            loss = model.loss(feats.batch(idx, device), label[idx].to(device))
+            loss = model.loss(feats.batch(idx, device), label[idx].to(device), fs.aux_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -273,7 +273,48 @@ def train(model: DLRM, feats: Features, fs: FuseSpec, seed: int, device: torch.d
         logit = predict(model, feats, idx, 4 * fs.batch_size, device)
         res[name] = ctr_metrics(s["user"][idx], s["label"][idx], logit)
         res[f"{name}_logit"] = logit
+        if fs.backbone == "two_tower":
+            res[name]["retrieval"] = retrieval(model, feats, 1 if name == "valid" else 2, fs.retrieval_ks, device)
     return model, res
+
+
+@torch.no_grad()
+def retrieval(model: DLRM, feats: Features, part: int, ks: list[int], device: torch.device,
+              users_per_batch: int = 256) -> dict:
+    """two_tower retrieval: each user's positives (label 1) in split `part` (1 valid, 2 test) ranked over the
+    full catalogue from the user's state at its first event of the part (history and LUM snapshot strictly
+    before it); items the user rated before that event are filtered. Recall@K = mean over users with a
+    positive of |top-K & positives| / |positives|."""
+    s = feats.s
+    ev = np.flatnonzero(s["split"] == part)                             # grouped by user, time ordered
+    pos_ev = ev[s["label"][ev] > 0.5]
+    users, first = np.unique(s["user"][ev], return_index=True)
+    keep = np.isin(users, s["user"][pos_ev])
+    users, q = users[keep], ev[first[keep]]                             # q: the query event of each user
+    n_items = model.cfg.n_items
+    items = torch.arange(n_items, device=device)
+    lum_items = torch.from_numpy(feats.item_lum).to(device) if feats.ans is not None else None
+    was = model.training
+    model.eval()
+    hits = {k: [] for k in ks}
+    for a in range(0, len(users), users_per_batch):
+        qb = q[a:a + users_per_batch]
+        scores = model.retrieval_scores(feats.batch(qb, device), items, lum_items).float()  # (B, I)
+        scores[:, :2] = -float("inf")                                   # pad, unknown
+        target = np.zeros((len(qb), n_items), bool)                     # (B, I) the positives
+        seen = np.zeros((len(qb), n_items), bool)
+        for r, e in enumerate(qb):
+            u = s["user"][e]
+            target[r, feats.ev_item[pos_ev[s["user"][pos_ev] == u]]] = True
+            seen[r, feats.ev_item[s["user_start"][e]:e]] = True
+        scores[torch.from_numpy(seen & ~target).to(device)] = -float("inf")
+        top = scores.topk(max(ks), dim=1).indices.cpu().numpy()         # (B, K)
+        got = np.take_along_axis(target, top, 1)                        # (B, K)
+        for k in ks:
+            hits[k].append(got[:, :k].sum(1) / target.sum(1))
+    model.train(was)
+    out = {f"recall@{k}": float(np.concatenate(hits[k]).mean()) if len(users) else 0.0 for k in ks}
+    return {**out, "users": len(users)}
 
 
 # ------------------------------------------------------------------------------------ run
@@ -294,6 +335,10 @@ def summarize(runs: list[dict]) -> dict:
         for k in ("auc", "gauc", "logloss"):
             x = np.array([r[part][k] for r in runs], np.float64)
             out[part][k] = {"mean": float(np.mean(x)), "std": float(np.std(x))}
+        for k in runs[0][part].get("retrieval", {}):
+            if k.startswith("recall@"):
+                x = np.array([r[part]["retrieval"][k] for r in runs], np.float64)
+                out[part][k] = {"mean": float(np.mean(x)), "std": float(np.std(x))}
     return out
 
 

@@ -375,6 +375,10 @@ class FuseSpec(Strict):
     sim_search_len: int = Field(500, gt=0, description="sim: events searched for the target's category")
     d_emb: int = Field(16, gt=0, description="width of every feature embedding")
     mlp: list[Annotated[int, Field(gt=0)]] = Field([200, 80], min_length=1, description="hidden sizes of the MLP")
+    activation: Literal["relu", "prelu", "dice"] = Field("relu", description=(
+        "activation of the ranking MLP and the target-attention MLP (DIN paper: dice)"))
+    att_norm: Literal["none", "softmax"] = Field("none", description=(
+        "target attention weights: none = DIN's un-normalised weighted sum; softmax = normalised over the history"))
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     batch_size: int = Field(1024, gt=0, description="samples per step")

@@ -354,3 +354,56 @@ def test_retrieval_recall_by_hand():
         want3.append(len(pos & set(ranked[:3])) / len(pos))
     assert got["users"] == len(want1) > 0
     assert got["recall@1"] == pytest.approx(np.mean(want1)) and got["recall@3"] == pytest.approx(np.mean(want3))
+
+
+# ------------------------------------------------------------------------------ activations, attention norm
+def test_dice_and_prelu_by_hand():
+    from lumctl.models.dlrm import Dice, PReLU
+    x = torch.tensor([[1.0, -2.0], [3.0, 4.0], [-1.0, 0.5]])
+    d = Dice(2, momentum=0.5)
+    with torch.no_grad():
+        d.alpha.copy_(torch.tensor([0.1, -0.3]))
+    m, v = x.mean(0), x.var(0, unbiased=False)
+    p = torch.sigmoid((x - m) / torch.sqrt(v + 1e-8))
+    torch.testing.assert_close(d(x), p * x + (1 - p) * d.alpha * x)
+    torch.testing.assert_close(d.mean, 0.5 * m)                          # running moments (from 0 and 1)
+    torch.testing.assert_close(d.var, 0.5 + 0.5 * v)
+    d.eval()
+    p = torch.sigmoid((x - d.mean) / torch.sqrt(d.var + 1e-8))
+    torch.testing.assert_close(d(x), p * x + (1 - p) * d.alpha * x)
+    assert d(x[:1]).shape == (1, 2) and d(x[None]).shape == (1, 3, 2)    # any leading shape, batch of one
+    pr = PReLU(2)
+    torch.testing.assert_close(pr(x), torch.where(x > 0, x, 0.25 * x))
+
+
+def test_softmax_target_attention_is_a_weighted_mean_of_the_real_events():
+    from lumctl.models.dlrm import TargetAttention
+    torch.manual_seed(0)
+    att = TargetAttention(4, norm="softmax")
+    h, t = torch.randn(3, 5, 4), torch.randn(3, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0]]).float()
+    got = att(h, t, mask)
+    s = att.scores(h, t)
+    for b in range(2):
+        w = torch.softmax(s[b][mask[b] > 0], 0)
+        torch.testing.assert_close(got[b], (w[:, None] * h[b][mask[b] > 0]).sum(0))
+    torch.testing.assert_close(got[2], torch.zeros(4))                   # no history -> zeros
+
+
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_warm_start_with_other_activations(activation, tmp_path):
+    cfg = toy_config("din")
+    cfg.activation = activation
+    base = DLRM(cfg, *item_tables())
+    base.train()
+    base(toy_batch(seed=3))                                              # move Dice's running moments
+    torch.save(base.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"model": base.cfg.to_dict()}))
+    cfg2 = toy_config("din", "direct+match")
+    cfg2.activation = activation
+    fused = DLRM(cfg2, *item_tables())
+    f.warm_start(fused, tmp_path)
+    base.eval(), fused.eval()
+    with torch.no_grad():
+        assert torch.equal(base(toy_batch()), fused(toy_batch()))
+

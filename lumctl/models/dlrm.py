@@ -10,7 +10,8 @@ category + genres, the behaviour history as item vectors):
   sim        hard search: history items sharing the target's category, then target attention, next to
              DIN over the recent history (Pi et al. 2020, "Search-based Interest Model")
   two_tower  user tower . item tower (cosine / tau), BCE plus an in-batch softmax over positives
-ReLU everywhere (DIN's Dice / PReLU are not used).
+Activations of the ranking MLP and the attention MLP: ReLU, PReLU or DIN's Dice (`activation`);
+target attention weights un-normalised as in DIN or softmax-normalised (`att_norm`).
 
 LUM fusion (Yan et al. 2025, "Unlocking Scaling Law in Industrial Recommendation Systems with a
 Three-step Paradigm based Large User Model"): `direct` feeds the N query answers o_q1..o_qN and the
@@ -46,15 +47,56 @@ class DLRMConfig:
     n_queries: int = 0              # N
     d_lum: int = 0                  # D
     temperature: float = 0.1        # two_tower
+    activation: str = "relu"        # relu | prelu | dice: the ranking MLP's and the attention MLP's
+    att_norm: str = "none"          # none (DIN: weighted sum) | softmax (weights sum to 1 over the history)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def mlp(sizes: list[int]) -> nn.Sequential:
+class PReLU(nn.Module):
+    """max(x, 0) + alpha min(x, 0), alpha learned per unit of the last dimension (any leading shape)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((n,), 0.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > 0, x, self.alpha * x)
+
+
+class Dice(nn.Module):
+    """DIN's data-adaptive activation: p = sigmoid((x - E[x]) / sqrt(Var[x] + eps)), f = p x + (1 - p) alpha x,
+    moments per unit over all leading dimensions (running averages at eval), alpha learned per unit."""
+
+    def __init__(self, n: int, momentum: float = 0.01, eps: float = 1e-8):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(n))
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("var", torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            flat = x.reshape(-1, x.shape[-1])                               # (B*..., n)
+            mean, var = flat.mean(0), flat.var(0, unbiased=False)
+            with torch.no_grad():
+                self.mean.lerp_(mean, self.momentum)
+                self.var.lerp_(var, self.momentum)
+        else:
+            mean, var = self.mean, self.var
+        p = torch.sigmoid((x - mean) / torch.sqrt(var + self.eps))
+        return p * x + (1 - p) * self.alpha * x
+
+
+def act(kind: str, n: int) -> nn.Module:
+    return {"relu": nn.ReLU, "prelu": PReLU, "dice": Dice}[kind](*(() if kind == "relu" else (n,)))
+
+
+def mlp(sizes: list[int], activation: str = "relu") -> nn.Sequential:
     layers = []
     for a, b in itertools.pairwise(sizes):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        layers += [nn.Linear(a, b), act(activation, b)]
     return nn.Sequential(*layers)
 
 
@@ -66,18 +108,22 @@ def zero_linear(n_in: int, n_out: int) -> nn.Linear:
 
 class TargetAttention(nn.Module):
     """DIN's activation unit: weight_l = MLP([h_l, t, h_l - t, h_l * t]); pooled = sum_l weight_l h_l
-    (no softmax, as in DIN: the sum keeps the intensity of interest)."""
+    (norm "none", as in DIN: the sum keeps the intensity of interest) or with softmax weights (norm "softmax")."""
 
-    def __init__(self, d: int, hidden: int = 36):
+    def __init__(self, d: int, hidden: int = 36, activation: str = "relu", norm: str = "none"):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(4 * d, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.net = nn.Sequential(nn.Linear(4 * d, hidden), act(activation, hidden), nn.Linear(hidden, 1))
+        self.norm = norm
 
     def scores(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t[:, None].expand_as(h)                                       # (B, L, d)
         return self.net(torch.cat([h, t, h - t, h * t], -1)).squeeze(-1)  # (B, L)
 
     def forward(self, h: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        w = self.scores(h, t) * mask                                      # (B, L)
+        w = self.scores(h, t)                                             # (B, L)
+        if self.norm == "softmax":
+            w = torch.nan_to_num(torch.softmax(w.masked_fill(mask == 0, float("-inf")), -1))  # all-pad rows -> 0
+        w = w * mask
         return (w[..., None] * h).sum(1)                                  # (B, d)
 
 
@@ -117,9 +163,9 @@ class DLRM(nn.Module):
         # ---- backbone
         b = cfg.backbone
         if b in ("din", "sim", "dien"):
-            self.att = TargetAttention(d)
+            self.att = TargetAttention(d, activation=cfg.activation, norm=cfg.att_norm)
         if b == "sim":
-            self.att_long = TargetAttention(d)
+            self.att_long = TargetAttention(d, activation=cfg.activation, norm=cfg.att_norm)
         if b == "dien":
             self.gru = nn.GRUCell(d, d)
             self.augru = AUGRUCell(d)
@@ -143,7 +189,8 @@ class DLRM(nn.Module):
                 self.lum_match = zero_linear(N + 1, 1)
         else:
             self.fc_in = nn.Linear(d * (A + 1 + pooled), h0)
-            self.hidden = mlp(cfg.mlp)
+            self.act_in = act(cfg.activation, h0)
+            self.hidden = mlp(cfg.mlp, cfg.activation)
             self.out = nn.Linear(cfg.mlp[-1], 1)
             if cfg.lum != "none":
                 self.lum_in = zero_linear(n_lum, h0)
@@ -189,7 +236,8 @@ class DLRM(nn.Module):
         return [self.evolve(states, t, m)], states
 
     def extract(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """DIEN interest extractor: a GRU over the history (B, L, d) -> states (B, L, d); pads keep the state."""
+        """DIEN interest extractor: a GRU over the history h (B, L, d) -> states (B, L, d); pads keep the
+        state (zero before the first event). A step loop: on CPU it beats nn.GRU on packed sequences."""
         B, L, d = h.shape
         s = h.new_zeros(B, d)
         states = []
@@ -261,7 +309,7 @@ class DLRM(nn.Module):
         x = self.fc_in(torch.cat(self.user_vec(batch["user_attr"]) + [t] + pooled, -1))  # (B, h0)
         if self.cfg.lum != "none":
             x = x + self.lum_in(torch.cat([v for v in (direct, match, miss) if v is not None], -1))
-        return {"logit": self.out(self.hidden(F.relu(x))).squeeze(-1), "states": states}  # (B,)
+        return {"logit": self.out(self.hidden(self.act_in(x))).squeeze(-1), "states": states}  # (B,)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits (B,)."""

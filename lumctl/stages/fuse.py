@@ -191,7 +191,8 @@ def model_config(data: dict, fs: FuseSpec, feats: Features) -> DLRMConfig:
                       n_categories=len(data["vocab/category"]) if "items/category" in data else 0,
                       n_genres=int(data["items/genres"].shape[1]) if "items/genres" in data else 0,
                       user_vocab=[len(data[f"vocab/user_{a}"]) for a in feats.attrs], d_emb=fs.d_emb,
-                      mlp=list(fs.mlp), lum=fs.lum, n_queries=int(N), d_lum=int(D))
+                      mlp=list(fs.mlp), lum=fs.lum, n_queries=int(N), d_lum=int(D), temperature=fs.temperature,
+                      activation=fs.activation, att_norm=fs.att_norm)
 
 
 def build_model(cfg: DLRMConfig, data: dict) -> DLRM:

@@ -26,7 +26,8 @@ may over-trust them). As for the base DLRM, the per-user split is not a global t
 train events may be later).
 
 Output (`stores/<experiment>/fuse/`):
-  metrics.json        per seed {valid, test: auc, gauc, logloss, n, pos_rate; best_epoch}, and mean / std
+  metrics.json        per seed {valid, test: auc, gauc, logloss, n, pos_rate (two_tower: retrieval: recall@K,
+                      users); best_epoch}, and mean / std (recall@K too)
   predictions.zarr/   event [S] int64, user [S], split [S] int8 (1 valid, 2 test), label [S] int8,
                       logit [seeds, S] float32 (valid + test samples)
   final/              the first seed's best-valid model: model.pt + config.json (DLRMConfig, spec, inputs)
@@ -412,6 +413,7 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
         write_manifest(tmp, stage="fuse", spec_hash=spec_hash, inputs=inputs, counts=counts, started=started)
     t = metrics["test"]
     say(f"fuse: {fs.backbone} lum={fs.lum} test auc {t['auc']['mean']:.4f} ± {t['auc']['std']:.4f}, "
-        f"gauc {t['gauc']['mean']:.4f}, logloss {t['logloss']['mean']:.4f} "
-        f"({fs.seeds} seed(s), {time.time() - started:.1f}s) -> {out}")
+        f"gauc {t['gauc']['mean']:.4f}, logloss {t['logloss']['mean']:.4f}"
+        + "".join(f", {k} {v['mean']:.4f}" for k, v in t.items() if k.startswith("recall@")) +
+        f" ({fs.seeds} seed(s), {time.time() - started:.1f}s) -> {out}")
     return out

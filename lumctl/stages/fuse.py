@@ -155,6 +155,16 @@ class Features:
         self.user_attr = (np.stack([data[f"users/{a}"] for a in self.attrs], 1).astype(np.int64)
                           if self.attrs else np.zeros((len(data["users/offsets"]) - 1, 0), np.int64))
         self.cat = search_category(data)
+        if fs.backbone == "sim":  # the hard search is a pure function of the sample: run it once, not per epoch
+            if self.cat is None:
+                raise InputError("[fuse].backbone", "sim searches by item category or genre; the store has neither")
+            E, L = len(self.ev_item), fs.history_len
+            self.sim_hist, self.sim_mask = np.zeros((E, L), np.int32), np.zeros((E, L), bool)
+            for a in range(0, E, 1 << 14):
+                i = np.arange(a, min(E, a + (1 << 14)))
+                self.sim_hist[i], self.sim_mask[i] = hard_search(
+                    self.ev_item, self.cat, self.s["user_start"][i], self.s["hist_end"][i], self.ev_item[i],
+                    fs.sim_search_len, L)
         if ans is not None:
             self.lum_row, self.lum_slot, self.lum_has = join_snapshots(
                 ans, self.s["user"], self.s["ts"], len(data["users/offsets"]) - 1)
@@ -167,10 +177,7 @@ class Features:
         hist, hmask = history(self.ev_item, start, end, fs.history_len)
         out = {"user_attr": self.user_attr[s["user"][idx]], "item": target, "hist": hist, "hist_mask": hmask}
         if fs.backbone == "sim":
-            if self.cat is None:
-                raise InputError("[fuse].backbone", "sim searches by item category or genre; the store has neither")
-            out["sim_hist"], out["sim_mask"] = hard_search(self.ev_item, self.cat, start, end, target,
-                                                           fs.sim_search_len, fs.history_len)
+            out["sim_hist"], out["sim_mask"] = self.sim_hist[idx].astype(np.int64), self.sim_mask[idx]
         if self.ans is not None:
             has = self.lum_has[idx]
             o = _unit(self.ans["user_emb"][self.lum_row[idx], self.lum_slot[idx]])  # (B, N, D)

@@ -106,9 +106,17 @@ class SplitSpec(Strict):
     valid: float = Field(0.1, ge=0, lt=1, description="fraction: share in valid (the rest is test)")
     valid_from: int | None = Field(None, description="time: events at or after this timestamp are valid")
     test_from: int | None = Field(None, description="time: events at or after this timestamp are test")
+    # leak-free LUM (Step 1 before Step 3 in time): a global cutoff T0 splits the train events in two
+    pretrain_before: int | None = Field(None, description=(
+        "cutoff T0 (a timestamp): pack/pretrain keep only train events before T0; fuse trains the DLRM on the "
+        "train events at/after T0 (valid/test unchanged), so no LUM ever trained on a fuse sample or a later event"))
+    pretrain_quantile: float | None = Field(None, gt=0, lt=1, description=(
+        "T0 as this quantile of the train events' timestamps (instead of pretrain_before)"))
 
     @model_validator(mode="after")
     def _check(self):
+        if self.pretrain_before is not None and self.pretrain_quantile is not None:
+            raise ValueError("give pretrain_before or pretrain_quantile, not both")
         if self.kind == "fraction" and self.train + self.valid >= 1:
             raise ValueError(f"train + valid must be < 1 (got {self.train + self.valid})")
         if self.kind == "time":
@@ -365,12 +373,14 @@ class FuseSpec(Strict):
     LUM inputs are joined point in time: a sample at time t reads the latest snapshot with timestamp < t
     (zeros and a "missing" flag when there is none). [query] snapshot = "split" only has snapshots at the
     valid/test boundaries, so train samples get almost no answers (the fusion layer barely trains);
-    snapshot = "every_n_events" gives train samples real point-in-time answers too.
+    snapshot = "every_n_events" gives train samples real point-in-time answers too. With a cutoff T0
+    ([tokenize.split] pretrain_before / pretrain_quantile) the train samples are the train events at/after
+    T0 and the LUM never trained on one of them (leak-free answers).
     """
 
     backbone: Literal["dnn", "din", "dien", "sim", "two_tower"] = Field("din", description=(
         "dnn: embedding + MLP over the mean-pooled history; din: target attention; dien: GRU + AUGRU "
-        "(no auxiliary loss); sim: hard search (history items of the target's category) + target attention; "
+        "(+ auxiliary loss, aux_weight); sim: hard search (history items of the target's category) + target attention; "
         "two_tower: user tower . item tower, BCE plus an in-batch softmax over positives"))
     lum: Literal["none", "direct", "match", "direct+match"] = Field("none", description=(
         "none: the base model; direct: the N query answers o_qn and the target's LUM embedding e^i as MLP "
@@ -379,12 +389,21 @@ class FuseSpec(Strict):
     sim_search_len: int = Field(500, gt=0, description="sim: events searched for the target's category")
     d_emb: int = Field(16, gt=0, description="width of every feature embedding")
     mlp: list[Annotated[int, Field(gt=0)]] = Field([200, 80], min_length=1, description="hidden sizes of the MLP")
+    activation: Literal["relu", "prelu", "dice"] = Field("relu", description=(
+        "activation of the ranking MLP and the target-attention MLP (DIN paper: dice)"))
+    att_norm: Literal["none", "softmax"] = Field("none", description=(
+        "target attention weights: none = DIN's un-normalised weighted sum; softmax = normalised over the history"))
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     batch_size: int = Field(1024, gt=0, description="samples per step")
     epochs: int = Field(5, gt=0, description="passes over the train samples")
     patience: int = Field(1, ge=0, description="epochs without a better valid AUC tolerated before stopping")
     temperature: float = Field(0.1, gt=0, description="two_tower: tau of the in-batch softmax")
+    retrieval_ks: list[Annotated[int, Field(gt=0)]] = Field([10, 50], min_length=1, description=(
+        "two_tower: Recall@K of each user's valid/test positives over the full catalogue (seen items filtered)"))
+    aux_weight: float = Field(1.0, ge=0, description=(
+        "dien: weight of the auxiliary loss (GRU state h_l tells the next behaviour from a sampled item; "
+        "DIEN paper: 1; 0 = off)"))
     seeds: int = Field(1, gt=0, description="independent runs (seed, seed+1, ...); metrics.json reports mean and std")
     seed: int = Field(0, description="first seed")
     init_from: str = Field("", description=(

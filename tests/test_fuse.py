@@ -259,3 +259,151 @@ def test_history_and_hard_search_by_hand():
     items, mask = f.hard_search(ev_item, cat, np.array([0]), np.array([5]), np.array([7]), W=5, L=3)
     np.testing.assert_array_equal(items, [[0, 0, 0]])          # target without a category: nothing found
     assert not mask.any()
+
+
+# ------------------------------------------------------------------------------ dien auxiliary loss
+def test_dien_aux_loss_by_hand():
+    torch.manual_seed(0)
+    model = DLRM(toy_config("dien"), *item_tables())
+    batch = toy_batch()
+    states = model.run(batch)["states"]                                  # (B, L, d)
+    neg = torch.randint(2, 12, batch["hist"].shape)
+    terms = []
+    for b in range(7):
+        for l in range(4):
+            if batch["hist_mask"][b, l] and batch["hist_mask"][b, l + 1]:
+                h = states[b, l]
+                p = torch.sigmoid(h @ model.item_vec(batch["hist"][b, l + 1]))
+                q = torch.sigmoid(h @ model.item_vec(neg[b, l + 1]))
+                terms.append(-torch.log(p) - torch.log(1 - q))
+    want = torch.stack(terms).mean()
+    assert model.aux_loss(states, batch["hist"], batch["hist_mask"], neg).item() == pytest.approx(want.item(), rel=1e-5)
+    # loss = BCE + weight x aux (same negatives: same generator state)
+    label = (torch.arange(7) % 2).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), label)
+    assert model.loss(batch, label, aux_weight=0.0).item() == pytest.approx(bce.item(), rel=1e-6)
+    torch.manual_seed(3)
+    neg = torch.randint(2, 12, batch["hist"].shape)
+    torch.manual_seed(3)
+    got = model.loss(batch, label, aux_weight=0.5)
+    assert got.item() == pytest.approx(bce.item() + 0.5 * model.aux_loss(states, batch["hist"], batch["hist_mask"], neg).item(), rel=1e-5)
+
+
+def test_dien_aux_loss_learns_the_next_behaviour():
+    # histories walk the items in order (i -> i + 1): the auxiliary loss alone teaches the GRU states that
+    torch.manual_seed(0)
+    model = DLRM(toy_config("dien"), *item_tables())
+    start = torch.randint(2, 6, (64,))
+    hist = start[:, None] + torch.arange(5)                              # (64, 5) items 2..10
+    mask = torch.ones(64, 5, dtype=torch.bool)
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
+
+    def aux():
+        return model.aux_loss(model.extract(model.item_vec(hist), mask.float()), hist, mask,
+                              torch.randint(2, 12, hist.shape))
+    first = aux().item()
+    for _ in range(60):
+        opt.zero_grad()
+        loss = aux()
+        loss.backward()
+        opt.step()
+    assert aux().item() < 0.5 * first
+
+
+# ------------------------------------------------------------------------------ two-tower retrieval
+@pytest.mark.parametrize("lum", ["none", "direct+match"])
+def test_retrieval_scores_rank_as_the_logits(lum):
+    torch.manual_seed(0)
+    model = DLRM(toy_config("two_tower", lum), *item_tables())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith("lum_"):
+                p.normal_(0, 0.5)                                        # LUM layers active
+    model.eval()
+    batch = toy_batch()
+    lum_items = torch.nn.functional.normalize(torch.randn(12, 6), dim=-1)
+    items = torch.arange(12)
+    with torch.no_grad():
+        scores = model.retrieval_scores(batch, items, lum_items)        # (B, I)
+        for j in range(12):
+            b = {**batch, "item": torch.full((7,), j), "lum_item": lum_items[j].expand(7, 6)}
+            logit = model(b)
+            if j == 0:
+                const = logit - scores[:, 0]
+            torch.testing.assert_close(logit - scores[:, j], const, rtol=0, atol=1e-4)
+
+
+def test_retrieval_recall_by_hand():
+    data = data_dict()
+    fs = FuseSpec(backbone="two_tower", history_len=6, mlp=[8])
+    feats = f.Features(data, fs, None)
+    model = DLRM(f.model_config(data, fs, feats), None, None)
+    s = feats.s
+    # a model that scores items by a fixed preference: item 11 > 10 > ... > 2
+    model.retrieval_scores = lambda batch, items, lum: items.float()[None].expand(len(batch["item"]), -1).clone()
+    got = f.retrieval(model, feats, 2, [1, 3], torch.device("cpu"))
+    want1, want3 = [], []
+    for u in range(3):
+        ev = np.flatnonzero((s["split"] == 2) & (s["user"] == u))
+        pos = set(feats.ev_item[ev[s["label"][ev] > 0.5]].tolist())
+        if not pos:
+            continue
+        seen = set(feats.ev_item[s["user_start"][ev[0]]:ev[0]].tolist()) - pos
+        ranked = [i for i in range(11, 1, -1) if i not in seen]
+        want1.append(len(pos & set(ranked[:1])) / len(pos))
+        want3.append(len(pos & set(ranked[:3])) / len(pos))
+    assert got["users"] == len(want1) > 0
+    assert got["recall@1"] == pytest.approx(np.mean(want1)) and got["recall@3"] == pytest.approx(np.mean(want3))
+
+
+# ------------------------------------------------------------------------------ activations, attention norm
+def test_dice_and_prelu_by_hand():
+    from lumctl.models.dlrm import Dice, PReLU
+    x = torch.tensor([[1.0, -2.0], [3.0, 4.0], [-1.0, 0.5]])
+    d = Dice(2, momentum=0.5)
+    with torch.no_grad():
+        d.alpha.copy_(torch.tensor([0.1, -0.3]))
+    m, v = x.mean(0), x.var(0, unbiased=False)
+    p = torch.sigmoid((x - m) / torch.sqrt(v + 1e-8))
+    torch.testing.assert_close(d(x), p * x + (1 - p) * d.alpha * x)
+    torch.testing.assert_close(d.mean, 0.5 * m)                          # running moments (from 0 and 1)
+    torch.testing.assert_close(d.var, 0.5 + 0.5 * v)
+    d.eval()
+    p = torch.sigmoid((x - d.mean) / torch.sqrt(d.var + 1e-8))
+    torch.testing.assert_close(d(x), p * x + (1 - p) * d.alpha * x)
+    assert d(x[:1]).shape == (1, 2) and d(x[None]).shape == (1, 3, 2)    # any leading shape, batch of one
+    pr = PReLU(2)
+    torch.testing.assert_close(pr(x), torch.where(x > 0, x, 0.25 * x))
+
+
+def test_softmax_target_attention_is_a_weighted_mean_of_the_real_events():
+    from lumctl.models.dlrm import TargetAttention
+    torch.manual_seed(0)
+    att = TargetAttention(4, norm="softmax")
+    h, t = torch.randn(3, 5, 4), torch.randn(3, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0]]).float()
+    got = att(h, t, mask)
+    s = att.scores(h, t)
+    for b in range(2):
+        w = torch.softmax(s[b][mask[b] > 0], 0)
+        torch.testing.assert_close(got[b], (w[:, None] * h[b][mask[b] > 0]).sum(0))
+    torch.testing.assert_close(got[2], torch.zeros(4))                   # no history -> zeros
+
+
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_warm_start_with_other_activations(activation, tmp_path):
+    cfg = toy_config("din")
+    cfg.activation = activation
+    base = DLRM(cfg, *item_tables())
+    base.train()
+    base(toy_batch(seed=3))                                              # move Dice's running moments
+    torch.save(base.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"model": base.cfg.to_dict()}))
+    cfg2 = toy_config("din", "direct+match")
+    cfg2.activation = activation
+    fused = DLRM(cfg2, *item_tables())
+    f.warm_start(fused, tmp_path)
+    base.eval(), fused.eval()
+    with torch.no_grad():
+        assert torch.equal(base(toy_batch()), fused(toy_batch()))
+

@@ -4,12 +4,14 @@ Backbones (all share one feature embedding: user profile attributes, the target 
 category + genres, the behaviour history as item vectors):
   dnn        Embedding & MLP, history mean-pooled (Covington et al. 2016, "YouTube DNN" style)
   din        target attention over the history (Zhou et al. 2018, "Deep Interest Network")
-  dien       GRU interest extractor + attention-update GRU (AUGRU) (Zhou et al. 2019, "DIEN");
-             the auxiliary next-behaviour loss is omitted
+  dien       GRU interest extractor + attention-update GRU (AUGRU) (Zhou et al. 2019, "DIEN"), with
+             the auxiliary loss: GRU state h_l tells the next behaviour from a sampled item (weight
+             `aux_weight` of `loss`)
   sim        hard search: history items sharing the target's category, then target attention, next to
              DIN over the recent history (Pi et al. 2020, "Search-based Interest Model")
   two_tower  user tower . item tower (cosine / tau), BCE plus an in-batch softmax over positives
-ReLU everywhere (DIN's Dice / PReLU are not used).
+Activations of the ranking MLP and the attention MLP: ReLU, PReLU or DIN's Dice (`activation`);
+target attention weights un-normalised as in DIN or softmax-normalised (`att_norm`).
 
 LUM fusion (Yan et al. 2025, "Unlocking Scaling Law in Industrial Recommendation Systems with a
 Three-step Paradigm based Large User Model"): `direct` feeds the N query answers o_q1..o_qN and the
@@ -45,15 +47,56 @@ class DLRMConfig:
     n_queries: int = 0              # N
     d_lum: int = 0                  # D
     temperature: float = 0.1        # two_tower
+    activation: str = "relu"        # relu | prelu | dice: the ranking MLP's and the attention MLP's
+    att_norm: str = "none"          # none (DIN: weighted sum) | softmax (weights sum to 1 over the history)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def mlp(sizes: list[int]) -> nn.Sequential:
+class PReLU(nn.Module):
+    """max(x, 0) + alpha min(x, 0), alpha learned per unit of the last dimension (any leading shape)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((n,), 0.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > 0, x, self.alpha * x)
+
+
+class Dice(nn.Module):
+    """DIN's data-adaptive activation: p = sigmoid((x - E[x]) / sqrt(Var[x] + eps)), f = p x + (1 - p) alpha x,
+    moments per unit over all leading dimensions (running averages at eval), alpha learned per unit."""
+
+    def __init__(self, n: int, momentum: float = 0.01, eps: float = 1e-8):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(n))
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("var", torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            flat = x.reshape(-1, x.shape[-1])                               # (B*..., n)
+            mean, var = flat.mean(0), flat.var(0, unbiased=False)
+            with torch.no_grad():
+                self.mean.lerp_(mean, self.momentum)
+                self.var.lerp_(var, self.momentum)
+        else:
+            mean, var = self.mean, self.var
+        p = torch.sigmoid((x - mean) / torch.sqrt(var + self.eps))
+        return p * x + (1 - p) * self.alpha * x
+
+
+def act(kind: str, n: int) -> nn.Module:
+    return {"relu": nn.ReLU, "prelu": PReLU, "dice": Dice}[kind](*(() if kind == "relu" else (n,)))
+
+
+def mlp(sizes: list[int], activation: str = "relu") -> nn.Sequential:
     layers = []
     for a, b in itertools.pairwise(sizes):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        layers += [nn.Linear(a, b), act(activation, b)]
     return nn.Sequential(*layers)
 
 
@@ -65,18 +108,22 @@ def zero_linear(n_in: int, n_out: int) -> nn.Linear:
 
 class TargetAttention(nn.Module):
     """DIN's activation unit: weight_l = MLP([h_l, t, h_l - t, h_l * t]); pooled = sum_l weight_l h_l
-    (no softmax, as in DIN: the sum keeps the intensity of interest)."""
+    (norm "none", as in DIN: the sum keeps the intensity of interest) or with softmax weights (norm "softmax")."""
 
-    def __init__(self, d: int, hidden: int = 36):
+    def __init__(self, d: int, hidden: int = 36, activation: str = "relu", norm: str = "none"):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(4 * d, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.net = nn.Sequential(nn.Linear(4 * d, hidden), act(activation, hidden), nn.Linear(hidden, 1))
+        self.norm = norm
 
     def scores(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t[:, None].expand_as(h)                                       # (B, L, d)
         return self.net(torch.cat([h, t, h - t, h * t], -1)).squeeze(-1)  # (B, L)
 
     def forward(self, h: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        w = self.scores(h, t) * mask                                      # (B, L)
+        w = self.scores(h, t)                                             # (B, L)
+        if self.norm == "softmax":
+            w = torch.nan_to_num(torch.softmax(w.masked_fill(mask == 0, float("-inf")), -1))  # all-pad rows -> 0
+        w = w * mask
         return (w[..., None] * h).sum(1)                                  # (B, d)
 
 
@@ -116,9 +163,9 @@ class DLRM(nn.Module):
         # ---- backbone
         b = cfg.backbone
         if b in ("din", "sim", "dien"):
-            self.att = TargetAttention(d)
+            self.att = TargetAttention(d, activation=cfg.activation, norm=cfg.att_norm)
         if b == "sim":
-            self.att_long = TargetAttention(d)
+            self.att_long = TargetAttention(d, activation=cfg.activation, norm=cfg.att_norm)
         if b == "dien":
             self.gru = nn.GRUCell(d, d)
             self.augru = AUGRUCell(d)
@@ -142,7 +189,8 @@ class DLRM(nn.Module):
                 self.lum_match = zero_linear(N + 1, 1)
         else:
             self.fc_in = nn.Linear(d * (A + 1 + pooled), h0)
-            self.hidden = mlp(cfg.mlp)
+            self.act_in = act(cfg.activation, h0)
+            self.hidden = mlp(cfg.mlp, cfg.activation)
             self.out = nn.Linear(cfg.mlp[-1], 1)
             if cfg.lum != "none":
                 self.lum_in = zero_linear(n_lum, h0)
@@ -171,65 +219,116 @@ class DLRM(nn.Module):
         return direct, match, miss
 
     # ------------------------------------------------------------------ backbones
-    def interest(self, batch: dict, t: torch.Tensor) -> list[torch.Tensor]:
-        """Pooled history representations, each (B, d)."""
+    def interest(self, batch: dict, t: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Pooled history representations, each (B, d), and the GRU states (B, L, d) of dien (else None).
+        t (B, d) is the target item (None for two_tower, whose user side never sees it)."""
         h = self.item_vec(batch["hist"])                                    # (B, L, d)
         m = batch["hist_mask"].float()                                      # (B, L)
         b = self.cfg.backbone
         if b in ("dnn", "two_tower"):
-            return [(h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)]
+            return [(h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)], None
         if b == "din":
-            return [self.att(h, t, m)]
+            return [self.att(h, t, m)], None
         if b == "sim":
             hs = self.item_vec(batch["sim_hist"])                           # (B, L, d)
-            return [self.att(h, t, m), self.att_long(hs, t, batch["sim_mask"].float())]
-        # dien: interest extractor (masked GRU), then AUGRU driven by softmax attention on its states
+            return [self.att(h, t, m), self.att_long(hs, t, batch["sim_mask"].float())], None
+        states = self.extract(h, m)                                         # (B, L, d)
+        return [self.evolve(states, t, m)], states
+
+    def extract(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """DIEN interest extractor: a GRU over the history h (B, L, d) -> states (B, L, d); pads keep the
+        state (zero before the first event). A step loop: on CPU it beats nn.GRU on packed sequences."""
         B, L, d = h.shape
         s = h.new_zeros(B, d)
         states = []
         for l in range(L):
             s = torch.where(m[:, l:l + 1] > 0, self.gru(h[:, l], s), s)
             states.append(s)
-        states = torch.stack(states, 1)                                     # (B, L, d)
+        return torch.stack(states, 1)                                       # (B, L, d)
+
+    def evolve(self, states: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """DIEN interest evolving: AUGRU driven by softmax target attention on the states -> (B, d)."""
         a = self.att.scores(states, t).masked_fill(m == 0, float("-inf"))
         a = torch.nan_to_num(torch.softmax(a, -1))                          # (B, L); all-pad rows -> 0
-        z = h.new_zeros(B, d)
-        for l in range(L):
+        z = states.new_zeros(states.shape[0], states.shape[2])
+        for l in range(states.shape[1]):
             z = torch.where(m[:, l:l + 1] > 0, self.augru(states[:, l], z, a[:, l]), z)
-        return [z]
+        return z
 
-    def forward(self, batch: dict, return_towers: bool = False):
-        """Logits (B,); two_tower with return_towers also gives the unit towers (B, h), (B, h)."""
-        t = self.item_vec(batch["item"])                                    # (B, d)
-        pooled = self.interest(batch, t)
-        users = self.user_vec(batch["user_attr"])
-        direct, match, miss = self.lum_features(batch)
+    def aux_loss(self, states: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """DIEN's auxiliary loss: -log sigmoid(h_l . e(hist_{l+1})) - log(1 - sigmoid(h_l . e(neg_{l+1}))),
+        averaged over the positions l where l and l+1 are both real events.
+        states (B, L, d), hist (B, L), mask (B, L) bool, neg (B, L) sampled item ids (column 0 unused)."""
+        h = states[:, :-1]                                                  # (B, L-1, d)
+        pos = (h * self.item_vec(hist[:, 1:])).sum(-1)                      # (B, L-1)
+        negl = (h * self.item_vec(neg[:, 1:])).sum(-1)
+        ok = (mask[:, :-1] & mask[:, 1:]).float()
+        per = F.softplus(-pos) + F.softplus(negl)                          # -log s(pos) - log(1 - s(neg))
+        return (per * ok).sum() / ok.sum().clamp(min=1)
+
+    def user_side(self, batch: dict) -> torch.Tensor:
+        """two_tower: the unit user tower (B, h) from profile, history and the direct LUM answers."""
+        pooled, _ = self.interest(batch, None)
+        hu = self.user_in(torch.cat(self.user_vec(batch["user_attr"]) + pooled, -1))  # (B, h0)
+        if self.direct:
+            miss = batch["lum_missing"].float()[:, None]
+            hu = hu + self.lum_user(torch.cat([batch["lum"].flatten(1), miss], -1))
+        return F.normalize(self.user_tower(F.relu(hu)), dim=-1)
+
+    def item_side(self, item: torch.Tensor, lum_item: torch.Tensor | None) -> torch.Tensor:
+        """two_tower: the unit item tower (B, h) from item ids (B,) and their LUM embeddings (B, D)."""
+        hi = self.item_in(self.item_vec(item))                              # (B, h0)
+        if self.direct:
+            hi = hi + self.lum_item(lum_item)
+        return F.normalize(self.item_tower(F.relu(hi)), dim=-1)
+
+    def retrieval_scores(self, batch: dict, items: torch.Tensor, lum_items: torch.Tensor | None) -> torch.Tensor:
+        """two_tower: (B, I) scores of every user of `batch` against `items` (I,) with LUM embeddings
+        (I, D). Equal to the logit up to a per-user constant: the match term sum_n w_n cos(o_qn, e^i)
+        is the dot product (sum_n w_n o_qn) . e^i, so the full catalogue is one matrix product."""
+        s = self.user_side(batch) @ self.item_side(items, lum_items).T / self.cfg.temperature  # (B, I)
+        if self.match:
+            w = self.lum_match.weight[0, :self.cfg.n_queries]               # (N,)
+            q = (batch["lum"] * w[None, :, None]).sum(1)                    # (B, D)
+            s = s + q @ lum_items.T
+        return s
+
+    def run(self, batch: dict) -> dict[str, torch.Tensor]:
+        """{"logit": (B,)}, plus "u", "i" (two_tower unit towers, (B, h)) or "states" (dien GRU states, (B, L, d))."""
         if self.cfg.backbone == "two_tower":
-            hu = self.user_in(torch.cat(users + pooled, -1))                # (B, h0)
-            hi = self.item_in(t)
-            if direct is not None:
-                hu = hu + self.lum_user(torch.cat([batch["lum"].flatten(1), miss], -1))
-                hi = hi + self.lum_item(batch["lum_item"])
-            u = F.normalize(self.user_tower(F.relu(hu)), dim=-1)           # (B, h)
-            i = F.normalize(self.item_tower(F.relu(hi)), dim=-1)
+            u = self.user_side(batch)
+            i = self.item_side(batch["item"], batch.get("lum_item"))
             logit = (u * i).sum(-1) / self.cfg.temperature + self.bias
-            if match is not None:
+            if self.match:
+                _, match, miss = self.lum_features(batch)
                 logit = logit + self.lum_match(torch.cat([match, miss], -1)).squeeze(-1)
-            return (logit, u, i) if return_towers else logit
-        x = self.fc_in(torch.cat(users + [t] + pooled, -1))                 # (B, h0)
+            return {"logit": logit, "u": u, "i": i}
+        t = self.item_vec(batch["item"])                                    # (B, d)
+        pooled, states = self.interest(batch, t)
+        direct, match, miss = self.lum_features(batch)
+        x = self.fc_in(torch.cat(self.user_vec(batch["user_attr"]) + [t] + pooled, -1))  # (B, h0)
         if self.cfg.lum != "none":
             x = x + self.lum_in(torch.cat([v for v in (direct, match, miss) if v is not None], -1))
-        return self.out(self.hidden(F.relu(x))).squeeze(-1)                 # (B,)
+        return {"logit": self.out(self.hidden(self.act_in(x))).squeeze(-1), "states": states}  # (B,)
 
-    def loss(self, batch: dict, label: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits (B,)."""
+        return self.run(batch)["logit"]
+
+    def loss(self, batch: dict, label: torch.Tensor, aux_weight: float = 0.0) -> torch.Tensor:
         """BCE; two_tower adds an in-batch softmax over the positives (each positive user against the
-        batch's positive items)."""
-        if self.cfg.backbone != "two_tower":
-            return F.binary_cross_entropy_with_logits(self(batch), label)
-        logit, u, i = self(batch, return_towers=True)
-        loss = F.binary_cross_entropy_with_logits(logit, label)
-        pos = label > 0.5
-        if pos.sum() > 1:
-            sim = u[pos] @ i[pos].T / self.cfg.temperature                 # (P, P)
-            loss = loss + F.cross_entropy(sim, torch.arange(len(sim), device=sim.device))
+        batch's positive items); dien adds aux_weight x its auxiliary loss (negatives drawn uniformly
+        from the item vocabulary, torch's global generator)."""
+        out = self.run(batch)
+        loss = F.binary_cross_entropy_with_logits(out["logit"], label)
+        if self.cfg.backbone == "dien" and aux_weight > 0:
+            hist = batch["hist"]
+            neg = torch.randint(2, self.cfg.n_items, hist.shape, device=hist.device)  # (B, L)
+            loss = loss + aux_weight * self.aux_loss(out["states"], hist, batch["hist_mask"], neg)
+        if self.cfg.backbone == "two_tower":
+            pos = label > 0.5
+            if pos.sum() > 1:
+                u, i = out["u"][pos], out["i"][pos]
+                sim = u @ i.T / self.cfg.temperature                        # (P, P)
+                loss = loss + F.cross_entropy(sim, torch.arange(len(sim), device=sim.device))
         return loss

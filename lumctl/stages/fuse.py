@@ -15,13 +15,19 @@ exist is the query store's choice:
     fusion layer only sees "missing" in training - use this for serving-like evaluation only.
   - [query] snapshot = "every_n_events" (K): a snapshot after every K events, so train samples get
     answers that are at most K events old; this is what trains the fusion layer.
-Caveat: pretrain trains the LUM on each user's last max_items train events, so the answers joined to
-those train samples come from a model that saw the samples themselves (in-sample; the fusion layer may
-over-trust them). Valid/test answers come from a model that never saw a valid/test event. As for the
-base DLRM, the per-user split is not a global time cut (other users' train events may be later).
+Leak-free LUM: with a cutoff T0 in [tokenize.split] (pretrain_before, or pretrain_quantile of the
+train events' timestamps) the LUM pretrains on train events before T0 only, and the DLRM (base and
++LUM alike) trains on the train events at/after T0; events before T0 are still history (context) of
+later samples and of the query snapshots. Then no LUM answer comes from a model that trained on the
+sample or on any later event of its user (valid/test events are never pretrained on either).
+Without a cutoff, pretrain trains on each user's last max_items train events, so the answers joined
+to those train samples come from a model that saw the samples themselves (in-sample; the fusion layer
+may over-trust them). As for the base DLRM, the per-user split is not a global time cut (other users'
+train events may be later).
 
 Output (`stores/<experiment>/fuse/`):
-  metrics.json        per seed {valid, test: auc, gauc, logloss, n, pos_rate; best_epoch}, and mean / std
+  metrics.json        per seed {valid, test: auc, gauc, logloss, n, pos_rate (two_tower: retrieval: recall@K,
+                      users); best_epoch}, and mean / std (recall@K too)
   predictions.zarr/   event [S] int64, user [S], split [S] int8 (1 valid, 2 test), label [S] int8,
                       logit [seeds, S] float32 (valid + test samples)
   final/              the first seed's best-valid model: model.pt + config.json (DLRMConfig, spec, inputs)
@@ -63,7 +69,8 @@ USER_ATTRS = tokenize.USER_ATTRS
 
 # ------------------------------------------------------------------------------------ samples
 def samples(data: dict) -> dict[str, np.ndarray]:
-    """One sample per event: user, label, split (0 train, 1 valid, 2 test), history bounds."""
+    """One sample per event: user, label, split (0 train, 1 valid, 2 test, -1 LUM pretrain only:
+    train events before the cutoff T0), history bounds."""
     if "events/rating" not in data:
         raise InputError("[fuse]", "the CTR protocol needs ratings (label = rating >= 4); the log has none")
     offsets, ts = data["users/offsets"], data["events/timestamp"]
@@ -72,6 +79,8 @@ def samples(data: dict) -> dict[str, np.ndarray]:
     j = np.arange(E) - offsets[user]                                   # position within the user
     sp = data["users/split"][user]
     split = np.where(j < sp[:, 0], 0, np.where(j < sp[:, 1], 1, 2)).astype(np.int8)
+    if "users/pretrain_end" in data:  # cutoff T0: train events before it are the LUM's, not samples
+        split[j < data["users/pretrain_end"][user]] = -1
     tie_first, _ = _tie_groups(offsets, ts)
     return {"user": user, "label": (data["events/rating"] >= 4).astype(np.float32), "split": split,
             "hist_end": tie_first.astype(np.int64),                    # history = [user start, hist_end)
@@ -146,6 +155,16 @@ class Features:
         self.user_attr = (np.stack([data[f"users/{a}"] for a in self.attrs], 1).astype(np.int64)
                           if self.attrs else np.zeros((len(data["users/offsets"]) - 1, 0), np.int64))
         self.cat = search_category(data)
+        if fs.backbone == "sim":  # the hard search is a pure function of the sample: run it once, not per epoch
+            if self.cat is None:
+                raise InputError("[fuse].backbone", "sim searches by item category or genre; the store has neither")
+            E, L = len(self.ev_item), fs.history_len
+            self.sim_hist, self.sim_mask = np.zeros((E, L), np.int32), np.zeros((E, L), bool)
+            for a in range(0, E, 1 << 14):
+                i = np.arange(a, min(E, a + (1 << 14)))
+                self.sim_hist[i], self.sim_mask[i] = hard_search(
+                    self.ev_item, self.cat, self.s["user_start"][i], self.s["hist_end"][i], self.ev_item[i],
+                    fs.sim_search_len, L)
         if ans is not None:
             self.lum_row, self.lum_slot, self.lum_has = join_snapshots(
                 ans, self.s["user"], self.s["ts"], len(data["users/offsets"]) - 1)
@@ -158,10 +177,7 @@ class Features:
         hist, hmask = history(self.ev_item, start, end, fs.history_len)
         out = {"user_attr": self.user_attr[s["user"][idx]], "item": target, "hist": hist, "hist_mask": hmask}
         if fs.backbone == "sim":
-            if self.cat is None:
-                raise InputError("[fuse].backbone", "sim searches by item category or genre; the store has neither")
-            out["sim_hist"], out["sim_mask"] = hard_search(self.ev_item, self.cat, start, end, target,
-                                                           fs.sim_search_len, fs.history_len)
+            out["sim_hist"], out["sim_mask"] = self.sim_hist[idx].astype(np.int64), self.sim_mask[idx]
         if self.ans is not None:
             has = self.lum_has[idx]
             o = _unit(self.ans["user_emb"][self.lum_row[idx], self.lum_slot[idx]])  # (B, N, D)
@@ -183,7 +199,8 @@ def model_config(data: dict, fs: FuseSpec, feats: Features) -> DLRMConfig:
                       n_categories=len(data["vocab/category"]) if "items/category" in data else 0,
                       n_genres=int(data["items/genres"].shape[1]) if "items/genres" in data else 0,
                       user_vocab=[len(data[f"vocab/user_{a}"]) for a in feats.attrs], d_emb=fs.d_emb,
-                      mlp=list(fs.mlp), lum=fs.lum, n_queries=int(N), d_lum=int(D))
+                      mlp=list(fs.mlp), lum=fs.lum, n_queries=int(N), d_lum=int(D), temperature=fs.temperature,
+                      activation=fs.activation, att_norm=fs.att_norm)
 
 
 def build_model(cfg: DLRMConfig, data: dict) -> DLRM:
@@ -243,7 +260,7 @@ def train(model: DLRM, feats: Features, fs: FuseSpec, seed: int, device: torch.d
         model.train()
         for a in range(0, len(perm), fs.batch_size):
             idx = perm[a:a + fs.batch_size]
-            loss = model.loss(feats.batch(idx, device), label[idx].to(device))
+            loss = model.loss(feats.batch(idx, device), label[idx].to(device), fs.aux_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -265,7 +282,48 @@ def train(model: DLRM, feats: Features, fs: FuseSpec, seed: int, device: torch.d
         logit = predict(model, feats, idx, 4 * fs.batch_size, device)
         res[name] = ctr_metrics(s["user"][idx], s["label"][idx], logit)
         res[f"{name}_logit"] = logit
+        if fs.backbone == "two_tower":
+            res[name]["retrieval"] = retrieval(model, feats, 1 if name == "valid" else 2, fs.retrieval_ks, device)
     return model, res
+
+
+@torch.no_grad()
+def retrieval(model: DLRM, feats: Features, part: int, ks: list[int], device: torch.device,
+              users_per_batch: int = 256) -> dict:
+    """two_tower retrieval: each user's positives (label 1) in split `part` (1 valid, 2 test) ranked over the
+    full catalogue from the user's state at its first event of the part (history and LUM snapshot strictly
+    before it); items the user rated before that event are filtered. Recall@K = mean over users with a
+    positive of |top-K & positives| / |positives|."""
+    s = feats.s
+    ev = np.flatnonzero(s["split"] == part)                             # grouped by user, time ordered
+    pos_ev = ev[s["label"][ev] > 0.5]
+    users, first = np.unique(s["user"][ev], return_index=True)
+    keep = np.isin(users, s["user"][pos_ev])
+    users, q = users[keep], ev[first[keep]]                             # q: the query event of each user
+    n_items = model.cfg.n_items
+    items = torch.arange(n_items, device=device)
+    lum_items = torch.from_numpy(feats.item_lum).to(device) if feats.ans is not None else None
+    was = model.training
+    model.eval()
+    hits = {k: [] for k in ks}
+    for a in range(0, len(users), users_per_batch):
+        qb = q[a:a + users_per_batch]
+        scores = model.retrieval_scores(feats.batch(qb, device), items, lum_items).float()  # (B, I)
+        scores[:, :2] = -float("inf")                                   # pad, unknown
+        target = np.zeros((len(qb), n_items), bool)                     # (B, I) the positives
+        seen = np.zeros((len(qb), n_items), bool)
+        for r, e in enumerate(qb):
+            u = s["user"][e]
+            target[r, feats.ev_item[pos_ev[s["user"][pos_ev] == u]]] = True
+            seen[r, feats.ev_item[s["user_start"][e]:e]] = True
+        scores[torch.from_numpy(seen & ~target).to(device)] = -float("inf")
+        top = scores.topk(max(ks), dim=1).indices.cpu().numpy()         # (B, K)
+        got = np.take_along_axis(target, top, 1)                        # (B, K)
+        for k in ks:
+            hits[k].append(got[:, :k].sum(1) / target.sum(1))
+    model.train(was)
+    out = {f"recall@{k}": float(np.concatenate(hits[k]).mean()) if len(users) else 0.0 for k in ks}
+    return {**out, "users": len(users)}
 
 
 # ------------------------------------------------------------------------------------ run
@@ -286,6 +344,10 @@ def summarize(runs: list[dict]) -> dict:
         for k in ("auc", "gauc", "logloss"):
             x = np.array([r[part][k] for r in runs], np.float64)
             out[part][k] = {"mean": float(np.mean(x)), "std": float(np.std(x))}
+        for k in runs[0][part].get("retrieval", {}):
+            if k.startswith("recall@"):
+                x = np.array([r[part]["retrieval"][k] for r in runs], np.float64)
+                out[part][k] = {"mean": float(np.mean(x)), "std": float(np.std(x))}
     return out
 
 
@@ -351,12 +413,14 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
             d.mkdir(parents=True)
             torch.save(state, d / "model.pt")
             (d / "config.json").write_text(json.dumps({**config_json, "seed": fs.seed + k}, indent=2))
-        counts = {"samples": len(s["label"]), "train": int((s["split"] == 0).sum()),
+        counts = {"samples": len(s["label"]), "lum_pretrain_only": int((s["split"] == -1).sum()),
+                  "train": int((s["split"] == 0).sum()),
                   "valid": int((s["split"] == 1).sum()), "test": int((s["split"] == 2).sum()),
                   "seeds": fs.seeds, "device": device.type}
         write_manifest(tmp, stage="fuse", spec_hash=spec_hash, inputs=inputs, counts=counts, started=started)
     t = metrics["test"]
     say(f"fuse: {fs.backbone} lum={fs.lum} test auc {t['auc']['mean']:.4f} ± {t['auc']['std']:.4f}, "
-        f"gauc {t['gauc']['mean']:.4f}, logloss {t['logloss']['mean']:.4f} "
-        f"({fs.seeds} seed(s), {time.time() - started:.1f}s) -> {out}")
+        f"gauc {t['gauc']['mean']:.4f}, logloss {t['logloss']['mean']:.4f}"
+        + "".join(f", {k} {v['mean']:.4f}" for k, v in t.items() if k.startswith("recall@")) +
+        f" ({fs.seeds} seed(s), {time.time() - started:.1f}s) -> {out}")
     return out

@@ -9,6 +9,9 @@ Store layout (`stores/<experiment>/tokenize/data.zarr`):
   users/offsets    int64 [U+1]   events of user u are offsets[u]:offsets[u+1]
   users/split      int64 [U, 2]  (train_end, valid_end) within the user's events:
                                  train = [0, train_end), valid = [train_end, valid_end), test = rest
+  users/pretrain_end int64 [U]   (only with a cutoff T0, [tokenize.split] pretrain_before/_quantile)
+                                 the user's train events before T0 = [0, pretrain_end): what the LUM
+                                 pretrains on; [pretrain_end, train_end) are the DLRM's train samples
   users/<attr>     int32 [U]     profile attributes, vocab in vocab/user_<attr>
   items/popularity int32 [I]     2 + log2 bucket of training-event count
   items/genres     uint8 [I, G]  multi-hot (when known); items/category int32 [I] (when known)
@@ -109,6 +112,26 @@ def _split_points(spec: TokenizeSpec, offsets: np.ndarray, ts: np.ndarray) -> np
     return np.stack([before_valid, before_test], axis=1)
 
 
+def pretrain_cutoff(spec: TokenizeSpec, offsets: np.ndarray, ts: np.ndarray, split: np.ndarray) -> int | None:
+    """T0 of a leak-free LUM: [tokenize.split] pretrain_before, or the pretrain_quantile of the train
+    events' timestamps (lower interpolation, so T0 is a real timestamp); None without a cutoff."""
+    s = spec.split
+    if s.pretrain_before is not None:
+        return int(s.pretrain_before)
+    if s.pretrain_quantile is None:
+        return None
+    user = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    train = np.arange(len(ts)) - offsets[user] < split[user, 0]
+    return int(np.quantile(ts[train], s.pretrain_quantile, method="lower")) if train.any() else None
+
+
+def pretrain_ends(offsets: np.ndarray, ts: np.ndarray, split: np.ndarray, t0: int) -> np.ndarray:
+    """[U] per user, its train events before T0 = [0, pretrain_end) (events are time ordered)."""
+    user = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    before = np.bincount(user, weights=ts < t0, minlength=len(offsets) - 1).astype(np.int64)
+    return np.minimum(before, split[:, 0])
+
+
 def tokenize_log(spec: TokenizeSpec, log: RawLog, where: str = "[tokenize]") -> tuple[dict[str, np.ndarray], dict]:
     """Pure function: raw log -> {array path: array}, counts. Everything the store holds."""
     ev = log.events
@@ -142,20 +165,24 @@ def tokenize_log(spec: TokenizeSpec, log: RawLog, where: str = "[tokenize]") -> 
     offsets = np.zeros(U + 1, np.int64)
     offsets[1:] = np.cumsum(np.bincount(user, minlength=U))
     split = _split_points(spec, offsets, ts)
+    t0 = pretrain_cutoff(spec, offsets, ts, split)
 
     out: dict[str, np.ndarray] = {
         "events/user": user, "events/item": item, "events/timestamp": ts, "events/cond": cond,
         "users/offsets": offsets, "users/split": split,
         "vocab/user": user_vocab, "vocab/item": np.concatenate([["<pad>", "<unk>"], item_vocab]).astype(str),
     }
+    if t0 is not None:
+        out["users/pretrain_end"] = pretrain_ends(offsets, ts, split, t0)
     if rating is not None:
         out["events/rating"] = rating
     for name, v in cond_vocabs.items():
         out[f"vocab/cond_{name}"] = v
 
-    # item features: popularity from training events only (no leakage from valid/test)
+    # item features: popularity from training events only (no leakage from valid/test); with a
+    # cutoff T0 from the LUM's pretrain events only (the LUM reads it)
     pos_in_user = np.arange(len(user)) - offsets[user]
-    train = pos_in_user < split[user, 0]
+    train = pos_in_user < (split[user, 0] if t0 is None else out["users/pretrain_end"][user])
     counts = np.bincount(item[train], minlength=I)
     out["items/popularity"] = np.where(np.arange(I) >= 2, 2 + np.minimum(spec.popularity_buckets - 1,
                                        np.floor(np.log2(1 + counts)).astype(np.int32)), 0).astype(np.int32)
@@ -207,6 +234,10 @@ def tokenize_log(spec: TokenizeSpec, log: RawLog, where: str = "[tokenize]") -> 
         "train_events": int(split[:, 0].sum()), "valid_events": int((split[:, 1] - split[:, 0]).sum()),
         "test_events": int((n - split[:, 1]).sum()),
     }
+    if t0 is not None:
+        pe = out["users/pretrain_end"]
+        counts_out.update({"pretrain_before": t0, "pretrain_events": int(pe.sum()),
+                           "fuse_train_events": int((split[:, 0] - pe).sum())})
     return out, counts_out
 
 

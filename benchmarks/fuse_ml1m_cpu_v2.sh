@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The ML-1M CTR table of benchmarks/results/fuse_ml1m_cpu_v2/ (CPU, 3 seeds per variant), leak-free LUM.
+# Run with the project venv active (python = its python). Prerequisite: LUMCTL_DATA=... lumctl run specs/ml-1m-ctr.toml  (tokenize, pack, pretrain, query; ~20 min on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T="env OMP_NUM_THREADS=1 python benchmarks/fuse_table.py specs/ml-1m-ctr.toml --out benchmarks/results/fuse_ml1m_cpu_v2 --seeds 3"
+$T --only dnn-none,dnn-direct+match,din-none,din-direct+match,sim-none,sim-direct+match
+$T --only din-direct,din-match,two_tower-none,two_tower-direct+match
+$T --only dien-none,dien-direct+match --set epochs=5    # ~1 min per epoch on one core: capped at 5 (valid peaks at 4-6)

@@ -378,10 +378,11 @@ class FuseSpec(Strict):
     T0 and the LUM never trained on one of them (leak-free answers).
     """
 
-    backbone: Literal["dnn", "din", "dien", "sim", "two_tower"] = Field("din", description=(
+    backbone: Literal["dnn", "din", "dien", "sim", "two_tower", "hstu"] = Field("din", description=(
         "dnn: embedding + MLP over the mean-pooled history; din: target attention; dien: GRU + AUGRU "
         "(+ auxiliary loss, aux_weight); sim: hard search (history items of the target's category) + target attention; "
-        "two_tower: user tower . item tower, BCE plus an in-batch softmax over positives"))
+        "two_tower: user tower . item tower, BCE plus an in-batch softmax over positives; hstu: end-to-end "
+        "generative ranker, HSTU layers over the history (item + past like/dislike) and the target token"))
     lum: Literal["none", "direct", "match", "direct+match"] = Field("none", description=(
         "none: the base model; direct: the N query answers o_qn and the target's LUM embedding e^i as MLP "
         "inputs; match: the N scalars cos(o_qn, e^i); direct+match: both (needs a query store)"))

@@ -18,7 +18,7 @@ from lumctl.models.dlrm import DLRM, DLRMConfig
 from lumctl.specs import FuseSpec, load_spec
 from lumctl.stages import fuse as f
 
-BACKBONES = ["dnn", "din", "dien", "sim", "two_tower"]
+BACKBONES = ["dnn", "din", "dien", "sim", "two_tower", "hstu"]
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -70,6 +70,7 @@ def toy_batch(B: int = 7, L: int = 5, seed: int = 0) -> dict:
     return {"user_attr": torch.stack([torch.randint(0, 4, (B,), generator=g), torch.randint(0, 6, (B,), generator=g)], 1),
             "item": torch.randint(2, 12, (B,), generator=g),
             "hist": torch.randint(2, 12, (B, L), generator=g) * mask, "hist_mask": mask,
+            "hist_action": torch.randint(1, 3, (B, L), generator=g) * mask,
             "sim_hist": torch.randint(2, 12, (B, L), generator=g) * mask, "sim_mask": mask,
             "lum": lum, "lum_item": torch.nn.functional.normalize(torch.randn(B, 6, generator=g), dim=-1),
             "lum_missing": (torch.rand(B, generator=g) > 0.7).float()}
@@ -135,7 +136,7 @@ def answers(data: dict, seed=0, T=6) -> dict:
             "snapshot_ts": np.where(valid, ts, -1), "user_index": np.arange(U), "item_emb": rng.normal(size=(12, 6))}
 
 
-@pytest.mark.parametrize("backbone", ["sim", "din"])
+@pytest.mark.parametrize("backbone", ["sim", "din", "hstu"])
 def test_features_do_not_change_when_own_and_later_events_change(backbone):
     fs = FuseSpec(backbone=backbone, lum="direct+match", history_len=6, sim_search_len=8)
     data, ans = data_dict(), answers(data_dict())
@@ -154,7 +155,8 @@ def test_features_do_not_change_when_own_and_later_events_change(backbone):
         a2["user_emb"][u, future] = rng.normal(size=a2["user_emb"][u, future].shape)
         a2["snapshot_valid"][u, future] = rng.random(future.sum()) > 0.5
         after = f.Features(d2, fs, a2).numpy(np.arange(off[-1]))
-        for k in ("hist", "hist_mask", "lum", "lum_missing", "user_attr") + (("sim_hist", "sim_mask") if backbone == "sim" else ()):
+        extra = {"sim": ("sim_hist", "sim_mask"), "hstu": ("hist_action",)}.get(backbone, ())
+        for k in ("hist", "hist_mask", "lum", "lum_missing", "user_attr") + extra:
             np.testing.assert_array_equal(after[k][e], before[k][e], err_msg=f"{k} of event {e}")
         # earlier samples of the user are unaffected too; the change is visible to a later sample
         np.testing.assert_array_equal(after["hist"][off[u]:e], before["hist"][off[u]:e])
@@ -407,3 +409,17 @@ def test_warm_start_with_other_activations(activation, tmp_path):
     with torch.no_grad():
         assert torch.equal(base(toy_batch()), fused(toy_batch()))
 
+
+
+def test_hstu_ranker_reads_the_history_actions_causally():
+    """The target's score depends on the past like/dislike actions, and padding never matters."""
+    torch.manual_seed(0)
+    model = DLRM(toy_config("hstu"), *item_tables()).eval()
+    b = toy_batch()
+    with torch.no_grad():
+        base = model(b)
+        flipped = dict(b, hist_action=torch.where(b["hist_mask"], 3 - b["hist_action"], 0))  # 1 <-> 2 on real events
+        assert not torch.allclose(model(flipped), base)
+        padded = dict(b, hist=torch.where(b["hist_mask"], b["hist"], 7))                      # garbage under the mask
+        padded["hist_action"] = torch.where(b["hist_mask"], b["hist_action"], 2)
+        torch.testing.assert_close(model(padded), base)

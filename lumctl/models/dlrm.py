@@ -36,7 +36,7 @@ from torch import nn
 
 @dataclass
 class DLRMConfig:
-    backbone: str = "din"           # dnn | din | dien | sim | two_tower
+    backbone: str = "din"           # dnn | din | dien | sim | two_tower | hstu
     n_items: int = 2                # item vocab (0 pad, 1 unknown)
     n_categories: int = 0           # category vocab (0 = no category feature)
     n_genres: int = 0               # genre multi-hot width (0 = none)
@@ -49,6 +49,9 @@ class DLRMConfig:
     temperature: float = 0.1        # two_tower
     activation: str = "relu"        # relu | prelu | dice: the ranking MLP's and the attention MLP's
     att_norm: str = "none"          # none (DIN: weighted sum) | softmax (weights sum to 1 over the history)
+    history_len: int = 50           # hstu: history tokens (+ 1 target token) = its positions
+    seq_layers: int = 2             # hstu: HSTU layers
+    seq_heads: int = 1              # hstu: heads
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,7 +172,13 @@ class DLRM(nn.Module):
         if b == "dien":
             self.gru = nn.GRUCell(d, d)
             self.augru = AUGRUCell(d)
-        pooled = {"dnn": 1, "din": 1, "dien": 1, "sim": 2, "two_tower": 1}[b]
+        if b == "hstu":  # end-to-end generative ranker: HSTU over (item, action) history tokens + the target
+            from lumctl.models.hstu import HSTUConfig, HSTULayer
+            hc = HSTUConfig(n_items=cfg.n_items, d_model=d, n_layers=cfg.seq_layers, n_heads=cfg.seq_heads,
+                            max_len=cfg.history_len + 1, dropout=0.0)
+            self.action = nn.Embedding(4, d)         # 0 pad, 1 not liked, 2 liked (rating >= 4), 3 the target
+            self.seq = nn.ModuleList(HSTULayer(hc) for _ in range(cfg.seq_layers))
+        pooled = {"dnn": 1, "din": 1, "dien": 1, "sim": 2, "two_tower": 1, "hstu": 1}[b]
         # ---- LUM inputs (zero-initialised)
         N, D = cfg.n_queries, cfg.d_lum
         self.direct = "direct" in cfg.lum
@@ -229,6 +238,19 @@ class DLRM(nn.Module):
             return [(h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)], None
         if b == "din":
             return [self.att(h, t, m)], None
+        if b == "hstu":
+            # tokens: history item + its action (right-aligned, pads 0), then the target with action 3;
+            # the output at the target attends causally to the history (no timestamps: one time bucket)
+            x = torch.cat([h + self.action(batch["hist_action"]), (t + self.action.weight[3])[:, None]], 1)  # (B, L+1, d)
+            valid = torch.cat([batch["hist_mask"], torch.ones_like(batch["hist_mask"][:, :1])], 1)         # (B, L+1)
+            S = x.shape[1]
+            mask = valid[:, None, :] & torch.ones(S, S, dtype=torch.bool, device=x.device).tril()        # (B, S, S)
+            pos = torch.arange(S, device=x.device)
+            dist = (pos[:, None] - pos[None, :]).clamp(min=0).expand(len(x), S, S)
+            tb = torch.zeros_like(dist)
+            for layer in self.seq:
+                x = layer(x, mask, dist, tb)
+            return [x[:, -1]], None                                         # (B, d) at the target
         if b == "sim":
             hs = self.item_vec(batch["sim_hist"])                           # (B, L, d)
             return [self.att(h, t, m), self.att_long(hs, t, batch["sim_mask"].float())], None

@@ -151,6 +151,7 @@ class Features:
         self.fs, self.ans = fs, ans
         self.s = samples(data)
         self.ev_item = data["events/item"].astype(np.int64)
+        self.ev_action = self.s["label"].astype(np.int64) + 1                  # past labels: 1 not liked, 2 liked
         self.attrs = [a for a in USER_ATTRS if f"users/{a}" in data]
         self.user_attr = (np.stack([data[f"users/{a}"] for a in self.attrs], 1).astype(np.int64)
                           if self.attrs else np.zeros((len(data["users/offsets"]) - 1, 0), np.int64))
@@ -176,6 +177,9 @@ class Features:
         target = self.ev_item[idx]
         hist, hmask = history(self.ev_item, start, end, fs.history_len)
         out = {"user_attr": self.user_attr[s["user"][idx]], "item": target, "hist": hist, "hist_mask": hmask}
+        if fs.backbone == "hstu":  # the actions of the history events (1 not liked, 2 liked; 0 pad)
+            act, _ = history(self.ev_action, start, end, fs.history_len)
+            out["hist_action"] = act
         if fs.backbone == "sim":
             out["sim_hist"], out["sim_mask"] = self.sim_hist[idx].astype(np.int64), self.sim_mask[idx]
         if self.ans is not None:
@@ -200,7 +204,7 @@ def model_config(data: dict, fs: FuseSpec, feats: Features) -> DLRMConfig:
                       n_genres=int(data["items/genres"].shape[1]) if "items/genres" in data else 0,
                       user_vocab=[len(data[f"vocab/user_{a}"]) for a in feats.attrs], d_emb=fs.d_emb,
                       mlp=list(fs.mlp), lum=fs.lum, n_queries=int(N), d_lum=int(D), temperature=fs.temperature,
-                      activation=fs.activation, att_norm=fs.att_norm)
+                      activation=fs.activation, att_norm=fs.att_norm, history_len=fs.history_len)
 
 
 def build_model(cfg: DLRMConfig, data: dict) -> DLRM:

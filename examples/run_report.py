@@ -3,6 +3,7 @@
     python examples/run_report.py specs/report-cpu.toml                  # every missing or stale run
     python examples/run_report.py specs/report-cpu.toml --only 'ml-100k-size-*' --parallel 2
     python examples/run_report.py specs/report-cpu.toml --dry-run        # list the runs and their status
+    python examples/run_report.py specs/report.toml --dry-run --export DIR   # export what is finished, train nothing
     python examples/run_report.py specs/report-gpu-sweep.toml --parallel 4 --export $OUT/stores
 
 Each run is one resolved experiment spec (the row's spec, its `set` overrides, its seed; see
@@ -127,6 +128,8 @@ def main() -> None:
     for r in runs:
         print(f"{r.experiment:40s} {r.stage:9s} {'ok' if r not in todo else ev.status(r)}")
     if a.dry_run:
+        if a.export:
+            export(runs, Path(rep.store_root), Path(a.export))
         return
     log_dir = rep.store("logs")
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,7 @@ def main() -> None:
     print(f"done in {time.time() - t0:.0f}s: {len(done) - len(bad)} ok, {len(bad)} failed"
           + "".join(f"\n  {d['experiment']}: {d['status']} (log {log_dir / d['experiment']}.log)" for d in bad), flush=True)
     if a.export:
-        export(ev.unique_runs(ev.plan(rep, a.report)), Path(rep.store_root), Path(a.export))
+        export(runs, Path(rep.store_root), Path(a.export))
     if a.eval:
         ev.run(rep, path=a.report, allow_missing=bool(bad))
     sys.exit(1 if bad else 0)

@@ -429,9 +429,10 @@ RANKING_METRICS = ("auc", "gauc", "logloss")
 class RowSpec(Strict):
     """One row of a report table: the runs of one experiment spec (plus overrides), read from finished stores.
 
-    The run's experiment is `<spec's experiment>[-<name>]`, and with several retrieval seeds one run per
-    seed, `<...>-s<seed>` with [pretrain] seed = <seed>. A ranking row is one fuse store whose
-    [fuse] seed/seeds are set from `seeds` (consecutive)."""
+    The run's experiment is `<spec's experiment>[-<name>]`; a retrieval/scaling row with `seeds` has one
+    run per seed, `<...>-s<seed>` with [pretrain] seed = <seed> (rows of any table that resolve to the
+    same experiment share its run). A ranking row is one fuse store whose [fuse] seed/seeds are set from
+    `seeds` (consecutive)."""
 
     label: str = Field(min_length=1, description="what the row is called in the table, e.g. 'LUM' or 'DIN + LUM'")
     spec: str = Field(min_length=1, description="experiment spec (TOML) the run starts from, relative to the working directory")

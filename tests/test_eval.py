@@ -100,6 +100,18 @@ def test_rows_resolve_to_runs(tmp_path):
     assert w[0].spec.fuse.init_from == str(tmp_path / "stores" / "tiny-din" / "fuse" / "final")
 
 
+def test_rows_of_different_tables_share_a_run(tmp_path):
+    spec = tiny_experiment(tmp_path)
+    rep = load_report(report_in(tmp_path, [
+        {"name": "r", "title": "R", "kind": "retrieval", "rows": [{"label": "A", "spec": spec, "seeds": [0, 1]}]},
+        {"name": "s", "title": "S", "kind": "scaling", "rows": [
+            {"label": "d32", "spec": spec, "seeds": [0]},
+            {"label": "d8", "spec": spec, "name": "d8", "set": {"pretrain": {"model": {"d_model": 8}}}}]}]))
+    rows = ev.plan(rep, "report.toml")
+    assert [r.experiment for r in rows[1].runs] == ["tiny-s0"]
+    assert [r.experiment for r in ev.unique_runs(rows)] == ["tiny-s0", "tiny-s1", "tiny-d8"]
+
+
 def test_one_experiment_name_means_one_spec(tmp_path):
     spec = tiny_experiment(tmp_path)
     rep = load_report(report_in(tmp_path, [{"name": "r", "title": "R", "kind": "retrieval", "rows": [

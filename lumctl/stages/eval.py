@@ -2,7 +2,8 @@
 
 A report spec (`[report]`, see `ReportSpec` in lumctl/specs.py and specs/report-*.toml) lists tables;
 each row names an experiment spec plus overrides, which resolve to one or more *runs*:
-  retrieval / scaling row  -> one pretrain store per seed: <store_root>/<exp>[-<name>][-s<seed>]/pretrain
+  retrieval / scaling row  -> one pretrain store per seed: <store_root>/<exp>[-<name>]-s<seed>/pretrain
+                              (no `seeds`: the spec's own seed, <store_root>/<exp>[-<name>]/pretrain)
   ranking row              -> one fuse store (all its seeds):  <store_root>/<exp>[-<name>]/fuse
 A run whose store is missing, incomplete or made from other spec sections (stale) stops the report
 with one line naming the row, the store and the command that makes it (`optional = true` rows and
@@ -111,7 +112,7 @@ def resolve_row(rep: ReportFile, table: TableSpec, row: RowSpec, where: str) -> 
     runs = []
     for s in seeds:
         dd = deep_merge(d, {"pretrain": {"seed": s}}) if s is not None else copy.deepcopy(d)
-        dd["experiment"] = exp + (f"-s{s}" if len(seeds) > 1 else "")
+        dd["experiment"] = exp + (f"-s{s}" if s is not None else "")
         runs.append(Run(dd["experiment"], "pretrain", dd, _parse(dd, where), label))
     return runs
 

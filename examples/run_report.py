@@ -22,6 +22,7 @@ import fnmatch
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -61,22 +62,28 @@ def code_for(run: ev.Run, fuse_only: bool, force: bool) -> str:
 
 
 def run_parallel(jobs: list[tuple[ev.Run, str]], parallel: int, log_dir: Path) -> list[dict]:
-    """Run (run, code) jobs, `parallel` at a time; one line per finished job."""
+    """Run (run, code) jobs, `parallel` at a time; one line per finished job. Interrupted (Ctrl-C,
+    SIGTERM from `timeout`), it stops the running jobs; their stores stay unfinished (atomic writes)."""
     pending, running, done = list(jobs), [], []
-    while pending or running:
-        while pending and len(running) < parallel:
-            run, code = pending.pop(0)
-            running.append((run, launch(run, code, log_dir), time.time()))
-        time.sleep(0.5)
-        for job in list(running):
-            run, proc, t0 = job
-            if proc.poll() is None:
-                continue
-            running.remove(job)
-            st = ev.status(run)
-            done.append({"experiment": run.experiment, "returncode": proc.returncode, "status": st,
-                         "seconds": round(time.time() - t0, 1)})
-            print(f"{run.experiment}: rc={proc.returncode} {done[-1]['seconds']}s {st}", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                run, code = pending.pop(0)
+                running.append((run, launch(run, code, log_dir), time.time()))
+            time.sleep(0.5)
+            for job in list(running):
+                run, proc, t0 = job
+                if proc.poll() is None:
+                    continue
+                running.remove(job)
+                st = ev.status(run)
+                done.append({"experiment": run.experiment, "returncode": proc.returncode, "status": st,
+                             "seconds": round(time.time() - t0, 1)})
+                print(f"{run.experiment}: rc={proc.returncode} {done[-1]['seconds']}s {st}", flush=True)
+    finally:
+        for run, proc, _ in running:
+            proc.terminate()
+            print(f"{run.experiment}: stopped", flush=True)
     return done
 
 
@@ -105,6 +112,7 @@ def export(runs: list[ev.Run], root: Path, dest: Path) -> None:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # `timeout` stops the jobs too (finally above)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("report", help="report spec (TOML with [report])")
     ap.add_argument("--only", default="", help="comma-separated experiment names or globs (default: all)")

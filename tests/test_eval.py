@@ -235,3 +235,15 @@ def test_runner_trains_ranking_rows_sharing_upstream_and_exports(tmp_path, monke
     assert r.exit_code == 0, r.output
     res2 = json.loads((export / "rep" / "eval" / "results.json").read_text())
     assert res2["tables"][0]["comparisons"] == t["comparisons"]
+
+
+def test_docs_results_md_is_the_tools_rendering_of_its_json():
+    """docs/results.md is written by `lumctl eval --out docs`: rendering docs/results/results.json
+    again gives the page byte for byte (so nobody edited a number by hand)."""
+    md, js = REPO / "docs" / "results.md", REPO / "docs" / "results" / "results.json"
+    if not md.is_file():
+        pytest.skip("no docs/results.md yet")
+    res = json.loads(js.read_text())
+    assert ev.markdown(res, "results/") == md.read_text()
+    for t in res["tables"]:
+        assert (REPO / "docs" / "results" / f"{t['name']}.png").is_file()

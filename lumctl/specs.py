@@ -588,7 +588,7 @@ def parse_spec(data: dict, path: str = "<spec>") -> Spec:
 
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a TOML spec; any problem becomes one InputError line."""
-    data = _read_toml(path)
+    data = read_toml(path)
     if is_report(data):
         raise InputError(str(path), "this is a report spec ([report]); run it with `lumctl eval`")
     return parse_spec(data, str(path))
@@ -599,7 +599,7 @@ def is_report(data: dict) -> bool:
     return "report" in data
 
 
-def _read_toml(path: str | Path) -> dict:
+def read_toml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise InputError(str(p), "spec file not found")
@@ -620,7 +620,7 @@ def parse_report(data: dict, path: str = "<report>") -> ReportFile:
 
 def load_report(path: str | Path) -> ReportFile:
     """Read and validate a report spec; any problem becomes one InputError line."""
-    data = _read_toml(path)
+    data = read_toml(path)
     if not is_report(data):
         raise InputError(str(path), "[report]: section missing; this is an experiment spec, not a report spec")
     return parse_report(data, str(path))
@@ -628,5 +628,5 @@ def load_report(path: str | Path) -> ReportFile:
 
 def load_any(path: str | Path) -> Spec | ReportFile:
     """An experiment spec or a report spec, whichever the file is."""
-    data = _read_toml(path)
+    data = read_toml(path)
     return parse_report(data, str(path)) if is_report(data) else parse_spec(data, str(path))

@@ -100,6 +100,12 @@ def test_rows_resolve_to_runs(tmp_path):
     assert w[0].spec.fuse.init_from == str(tmp_path / "stores" / "tiny-din" / "fuse" / "final")
 
 
+def test_a_row_whose_spec_file_is_missing_is_named(tmp_path):
+    rep = report_in(tmp_path, [{"name": "t", "title": "T", "kind": "retrieval", "rows": [{"label": "A", "spec": "no.toml"}]}])
+    r = invoke("eval", rep)
+    assert r.exit_code == 2 and r.stderr.strip() == f"error: {rep}: table 't' row 'A': spec = 'no.toml': spec file not found"
+
+
 def test_rows_of_different_tables_share_a_run(tmp_path):
     spec = tiny_experiment(tmp_path)
     rep = load_report(report_in(tmp_path, [

@@ -44,7 +44,7 @@ from lumctl.specs import (
     RowSpec,
     Spec,
     TableSpec,
-    _read_toml,
+    read_toml,
     deep_merge,
     is_report,
     parse_spec,
@@ -93,7 +93,10 @@ def _subst(obj, store_root: str):
 
 def resolve_row(rep: ReportFile, table: TableSpec, row: RowSpec, where: str) -> list[Run]:
     """The runs of one row: the row's spec with `set` merged in, its experiment name and seeds."""
-    base = _read_toml(row.spec)
+    try:
+        base = read_toml(row.spec)
+    except InputError as e:
+        raise InputError(where, f"spec = {row.spec!r}: {e.what}") from None
     if is_report(base):
         raise InputError(where, f"spec = {row.spec!r} is a report spec, not an experiment spec")
     d = deep_merge(base, _subst(row.set, rep.store_root))

@@ -30,6 +30,7 @@ import copy
 import json
 import shutil
 import subprocess
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,18 +389,16 @@ def plot_table(table: dict, png: Path) -> None:
             ax.legend(fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("non-embedding parameters" if table["x"] == "params" else "max items per user (events)")
-    else:
-        labels = [r["label"] for r in ok]
-        means = [r["values"][metric]["mean"] for r in ok]
-        errs = [r["values"][metric]["std"] or 0.0 for r in ok]
-        ax.bar(range(len(ok)), means, yerr=errs, capsize=3, color="C0")
-        ax.set_xticks(range(len(ok)), labels, rotation=30, ha="right", fontsize=8)
-        if means:
-            lo, hi = min(m - e for m, e in zip(means, errs)), max(m + e for m, e in zip(means, errs))
-            pad = max(1e-3, (hi - lo) * 0.3)
-            ax.set_ylim(max(0.0, lo - pad), hi + pad)
+    else:  # mean ± std per row, every seed a dot (no bars: a cut y axis would exaggerate gaps)
+        for i, r in enumerate(ok):
+            v = r["values"][metric]
+            ax.scatter([i] * len(v["values"]), v["values"], color="C0", s=14, alpha=0.5)
+            ax.errorbar([i], [v["mean"]], yerr=[v["std"] or 0.0], fmt="o", color="C1", capsize=4, markersize=6)
+        ax.set_xticks(range(len(ok)), [r["label"] for r in ok], rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(ok) - 0.5)
+        ax.grid(axis="y", alpha=0.3)
     ax.set_ylabel(f"test {metric}")
-    ax.set_title(table["title"], fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(table["title"], 70)), fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -438,7 +437,8 @@ def _compare_line(c: dict) -> str:
         boot = c["bootstrap_note"] or "—"
     else:
         star = " *" if b["lo"] > 0 or b["hi"] < 0 else ""
-        boot = f"{b['delta']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}], p = {b['p']:.3f}{star}"
+        p = f"p < {1 / b['reps']:.3f}" if b["p"] == 0 else f"p = {b['p']:.3f}"
+        boot = f"{b['delta']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}], {p}{star}"
     return f"| {c['row']} | {c['vs']} | {_signed(c['delta'])} | {seeds} | {boot} |"
 
 
@@ -503,8 +503,9 @@ def markdown(res: dict, img_dir: str) -> str:
     lines += ["Regenerate every number below (train the runs, then rebuild this page):", "", "```bash",
               f"{RUNNER} {path}            # trains the runs whose stores are missing or stale",
               f"lumctl eval {path} --out docs", "```", "",
-              "Every table cell is a test metric, mean ± std (n − 1) over seeds. The runs, their spec hashes "
-              "(manifest `spec_hash` of the stage) and the command that retrains each are listed at the end.", ""]
+              "Every table cell is a test metric, mean ± std (n − 1) over seeds. Retrieval holds out one item "
+              "per user, so HR@K is also Recall@K. The runs, their spec hashes (manifest `spec_hash` of the "
+              "stage) and the command that retrains each are listed at the end.", ""]
     for t in res["tables"]:
         lines += table_markdown(t, f"{img_dir}{t['name']}.png", rp["confidence"])
     lines += ["## Runs", "", "| run (experiment) | table / row | spec + overrides | seed(s) | stage spec hash | "

@@ -143,10 +143,16 @@ def main() -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     # phase 1: every retrieval run and the first ranking run of each upstream group (synth .. fuse);
     # phase 2: the other ranking runs of a group, linked to the leader's upstream stores (fuse only)
+    # (the leader of a group is its first run in the whole report; when --only leaves it out and it is
+    # not finished, the group's first selected run trains the upstream stores itself)
     leaders: dict[str, ev.Run] = {}
-    for r in runs:
+    for r in ev.unique_runs(ev.plan(rep, a.report)):
         if r.stage == "fuse":
             leaders.setdefault(upstream_key(r), r)
+    for r in todo:
+        lead = leaders[upstream_key(r)] if r.stage == "fuse" else None
+        if lead is not None and lead not in todo and ev.status(lead) != "ok":
+            leaders[upstream_key(r)] = r
     first = [(r, code_for(r, False, a.force)) for r in todo if r.stage == "pretrain" or leaders[upstream_key(r)] is r]
     second = [r for r in todo if r.stage == "fuse" and leaders[upstream_key(r)] is not r]
     # warm starts read another run's fuse checkpoint ([fuse] init_from): they go last

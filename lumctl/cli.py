@@ -145,10 +145,10 @@ def spec_validate(specs: list[Path] = typer.Argument(..., help="spec files")):
 
 
 @spec_app.command("schema")
-def spec_schema():
+def spec_schema(report: bool = typer.Option(False, "--report", help="the schema of report specs (lumctl eval)")):
     """Print the JSON schema of the specs."""
-    from lumctl.specs import Spec
-    typer.echo(json.dumps(Spec.model_json_schema(), indent=2))
+    from lumctl.specs import ReportFile, Spec
+    typer.echo(json.dumps((ReportFile if report else Spec).model_json_schema(), indent=2))
 
 
 def main() -> None:  # console script entry point

@@ -71,6 +71,11 @@ def test_report_spec_errors_name_the_key(tmp_path):
     assert "table names must be unique" in err([t, t])
 
 
+def test_report_schema_is_printed():
+    r = invoke("spec", "schema", "--report")
+    assert r.exit_code == 0 and "TableSpec" in json.loads(r.stdout)["$defs"]
+
+
 def test_a_report_spec_is_not_an_experiment_spec(tmp_path):
     rep = report_in(tmp_path, [{"name": "t", "title": "T", "kind": "retrieval", "rows": [{"label": "A", "spec": "x.toml"}]}])
     r = invoke("pretrain", rep)

@@ -255,6 +255,8 @@ def test_docs_results_md_is_the_tools_rendering_of_its_json():
     if not md.is_file():
         pytest.skip("no docs/results.md yet")
     res = json.loads(js.read_text())
-    assert ev.markdown(res, "results/") == md.read_text()
+    assert ev.markdown(res, "results/") == md.read_text(), (
+        f"docs/results.md is not the rendering of its results.json: regenerate it with "
+        f"`lumctl eval {res['report_path']} --out docs`")
     for t in res["tables"]:
         assert (REPO / "docs" / "results" / f"{t['name']}.png").is_file()

@@ -4,6 +4,7 @@ stores, and tiny end-to-end reports (runs trained by the runner, then the report
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -199,7 +200,17 @@ def test_sweep_report_end_to_end(tmp_path):
     assert f"`python examples/run_report.py {rep} --only tiny-d8-s1`" in md
     m = json.loads((tmp_path / "stores" / "tiny-d8-s1" / "pretrain" / "manifest.json").read_text())
     assert m["spec_hash"][:12] in md
+    # a row missing one seed: an error, or with --allow-missing a "partial" row of the other seed
+    shutil.rmtree(tmp_path / "stores" / "tiny-d8-s1")
+    assert invoke("eval", rep).exit_code == 2
+    r = invoke("eval", rep, "--allow-missing")
+    assert r.exit_code == 0, r.output
+    part = json.loads((tmp_path / "stores" / "rep" / "eval" / "results.json").read_text())["tables"][1]["rows"][0]
+    assert part["status"] == "partial" and part["values"]["hr@10"]["n"] == 1
+    assert "| d8 (partial: `tiny-d8-s1`: no finished pretrain store" in (tmp_path / "stores" / "rep" / "eval" / "results.md").read_text()
+    run_all(ev.plan(load_report(rep), rep)[1].runs[1].spec)         # train tiny-d8-s1 again
     # a second eval is a no-op; a changed row spec makes the store stale and the report refuse
+    invoke("eval", rep)
     r = invoke("eval", rep)
     assert r.exit_code == 0 and "is up to date" in r.stderr
     text = open(spec).read()

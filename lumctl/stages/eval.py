@@ -7,7 +7,8 @@ each row names an experiment spec plus overrides, which resolve to one or more *
   ranking row              -> one fuse store (all its seeds):  <store_root>/<exp>[-<name>]/fuse
 A run whose store is missing, incomplete or made from other spec sections (stale) stops the report
 with one line naming the row, the store and the command that makes it (`optional = true` rows and
-`--allow-missing` show it as "not run" instead). `examples/run_report.py` trains the runs.
+`--allow-missing` show it as "not run", or "partial" with the seeds that exist). `examples/run_report.py`
+trains the runs.
 
 Per row: mean ± std (n - 1) over seeds of each metric. A row with `vs = ["<label>", ...]` is compared
 with those rows on the table's compare metric: per-seed paired differences (mean, std, t-test, seeds
@@ -331,14 +332,15 @@ def evaluate_table(t: TableSpec, rows: list[RowPlan], read: dict[str, dict | str
                              "seed": r.get("seed"), "seeds": sorted(r["seeds"]) if "seeds" in r else None,
                              "n_params": r.get("n_params"), "max_items": r.get("max_items")})}
                         for run, r in zip(rp.runs, res)]}
-        if missing:
+        done = [r for r in res if not isinstance(r, str)]
+        if not done:
             rec["status"] = "not run"
-        else:
-            rec["status"] = "ok"
-            rec["values"] = row_values(t.kind, res, cols)
+        else:  # "partial": some seeds missing (--allow-missing); the values are those of the others
+            rec["status"] = "partial" if missing else "ok"
+            rec["values"] = row_values(t.kind, done, cols)
             if t.kind == "scaling":
-                rec["x"] = x_of(t, res)
-            by_label[rp.row.label] = (res, rec["values"])
+                rec["x"] = x_of(t, done)
+            by_label[rp.row.label] = (done, rec["values"])
         out_rows.append(rec)
     comparisons = []
     for rec in out_rows:
@@ -354,7 +356,7 @@ def evaluate_table(t: TableSpec, rows: list[RowPlan], read: dict[str, dict | str
              "rows": out_rows, "comparisons": comparisons}
     if t.kind == "scaling":
         table["x"] = t.x
-        pts = [(r["x"], v) for r in out_rows if r["status"] == "ok" and r.get("x")
+        pts = [(r["x"], v) for r in out_rows if r["status"] != "not run" and r.get("x")
                for v in r["values"][metric]["values"]]
         try:
             table["fit"] = stats.fit_log([p[0] for p in pts], [p[1] for p in pts])
@@ -371,7 +373,7 @@ def plot_table(table: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     metric = table["compare"]
-    ok = [r for r in table["rows"] if r["status"] == "ok"]
+    ok = [r for r in table["rows"] if r["status"] != "not run"]
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     if table["kind"] == "scaling":
         for r in ok:
@@ -448,12 +450,12 @@ def table_markdown(t: dict, img: str, confidence: float) -> list[str]:
     head += ["store"] if t["kind"] == "ranking" else ["params"]
     lines = [f"### {t['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in t["rows"]:
-        if r["status"] != "ok":
-            why = "; ".join(f"`{x['experiment']}`: {x['status']}" for x in r["runs"] if x["status"] != "ok")
+        why = "; ".join(f"`{x['experiment']}`: {x['status']}" for x in r["runs"] if x["status"] != "ok")
+        if r["status"] == "not run":
             lines.append(f"| {r['label']} | not run: {why} |" + " |" * (len(head) - 2))
             continue
-        v, first = r["values"], r["runs"][0]
-        cells = [r["label"]]
+        v, first = r["values"], next(x for x in r["runs"] if x["status"] == "ok")
+        cells = [r["label"] + (f" (partial: {why})" if r["status"] == "partial" else "")]
         if scaling:
             cells.append("—" if not r.get("x") else _params(r["x"]) if t["x"] == "params" else str(int(r["x"])))
         cells += [_cell(v[c]) for c in cols] + [str(v[cols[0]]["n"])]
@@ -574,7 +576,7 @@ def run(rep: ReportFile, force: bool = False, out: str | Path | None = None, all
                 plot_table(t, tmp / f"{t['name']}.png")
             (tmp / "results.json").write_text(json.dumps(res, indent=2))
             (tmp / "results.md").write_text(markdown(res, ""))
-            not_run = sum(r["status"] != "ok" for t in res["tables"] for r in t["rows"])
+            not_run = sum(r["status"] == "not run" for t in res["tables"] for r in t["rows"])
             write_manifest(tmp, stage="eval", spec_hash=spec_hash, inputs=inputs, started=started,
                            counts={"tables": len(res["tables"]), "rows": sum(len(t["rows"]) for t in res["tables"]),
                                    "not_run": not_run})

@@ -387,7 +387,7 @@ def plot_table(table: dict, png: Path) -> None:
             xs = np.array([r["x"] for r in ok if r.get("x")], np.float64)
             grid = np.exp(np.linspace(np.log(xs.min()), np.log(xs.max()), 50))
             ax.plot(grid, f["a"] * np.log(grid) + f["b"], color="C1",
-                    label=f"{metric} = {f['a']:.4f} ln(x) + {f['b']:.4f}, R² = {f['r2']:.3f}")
+                    label=f"{metric} = {f['a']:.4f} ln(x) {'+' if f['b'] >= 0 else '−'} {abs(f['b']):.4f}, R² = {f['r2']:.3f}")
             ax.legend(fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("non-embedding parameters" if table["x"] == "params" else "max items per user (events)")
@@ -466,8 +466,9 @@ def table_markdown(t: dict, img: str, confidence: float) -> list[str]:
         f = t.get("fit")
         if f:
             xname = "non-embedding parameters" if t["x"] == "params" else "max_items (events per user)"
-            lines += [f"Fit over {f['n']} points ({f['on']}), x = {xname}: **{metric} = {f['a']:.4f} · ln(x) + "
-                      f"{f['b']:.4f}**, R² = {f['r2']:.3f} ({_signed(f['per_10x'])} {metric} per 10× x).", ""]
+            sign = "+" if f["b"] >= 0 else "−"
+            lines += [f"Fit over {f['n']} points ({f['on']}), x = {xname}: **{metric} = {f['a']:.4f} · ln(x) {sign} "
+                      f"{abs(f['b']):.4f}**, R² = {f['r2']:.3f} ({_signed(f['per_10x'])} {metric} per 10× x).", ""]
         else:
             lines += [f"No fit: {t.get('fit_note', '')}", ""]
     if t["comparisons"]:

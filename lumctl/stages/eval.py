@@ -433,7 +433,8 @@ def _compare_line(c: dict) -> str:
     sd = c["seeds"]
     seeds = "—" if sd is None else (f"{_signed(sd['mean'])}" + (f" ± {sd['std']:.4f}" if sd["std"] is not None else "")
                                     + f"; {sd['better']}/{sd['n']} seeds better"
-                                    + (f"; t-test p = {sd['p']:.3f}" if sd["p"] is not None else ""))
+                                    + ("" if sd["p"] is None else "; t-test p < 0.001" if sd["p"] < 0.001
+                                       else f"; t-test p = {sd['p']:.3f}"))
     b = c["bootstrap"]
     if b is None:
         boot = c["bootstrap_note"] or "—"

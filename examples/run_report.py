@@ -145,16 +145,21 @@ def main() -> None:
     # phase 2: the other ranking runs of a group, linked to the leader's upstream stores (fuse only)
     # (the leader of a group is its first run in the whole report; when --only leaves it out and it is
     # not finished, the group's first selected run trains the upstream stores itself)
-    leaders: dict[str, ev.Run] = {}
+    leaders: dict[str, ev.Run] = {}   # upstream key -> the run that trains synth .. query
     for r in ev.unique_runs(ev.plan(rep, a.report)):
         if r.stage == "fuse":
             leaders.setdefault(upstream_key(r), r)
+    todo_names = {r.experiment for r in todo}
     for r in todo:
         lead = leaders[upstream_key(r)] if r.stage == "fuse" else None
-        if lead is not None and lead not in todo and ev.status(lead) != "ok":
+        if lead is not None and lead.experiment not in todo_names and ev.status(lead) != "ok":
             leaders[upstream_key(r)] = r
-    first = [(r, code_for(r, False, a.force)) for r in todo if r.stage == "pretrain" or leaders[upstream_key(r)] is r]
-    second = [r for r in todo if r.stage == "fuse" and leaders[upstream_key(r)] is not r]
+
+    def leads(r: ev.Run) -> bool:
+        return r.stage == "fuse" and leaders[upstream_key(r)].experiment == r.experiment
+
+    first = [(r, code_for(r, False, a.force)) for r in todo if r.stage == "pretrain" or leads(r)]
+    second = [r for r in todo if r.stage == "fuse" and not leads(r)]
     # warm starts read another run's fuse checkpoint ([fuse] init_from): they go last
     third = [r for r in second if r.spec.fuse.init_from]
     second = [r for r in second if not r.spec.fuse.init_from]

@@ -11,7 +11,6 @@ experiment `<base experiment>-<name>` under the base spec's store_root (or --sto
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import subprocess
@@ -22,12 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+from lumctl.specs import deep_merge as merge  # noqa: E402  (the overrides of report rows merge the same way)
 
 
 def main() -> None:

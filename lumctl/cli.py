@@ -51,7 +51,12 @@ def _run_stage(stage: str, spec_path: Path, force: bool, **kwargs) -> None:
     from lumctl.specs import load_spec
 
     def go():
-        spec = load_spec(spec_path)
+        if stage == "eval":  # the report spec lists the experiments it reads
+            from lumctl.specs import load_report
+            spec = load_report(spec_path)
+            kwargs["path"] = str(spec_path)
+        else:
+            spec = load_spec(spec_path)
         _refuse_torchrun(stage)
         if stage in NOTHING_TO and getattr(spec, stage) is None:
             raise InputError(str(spec_path), f"[{stage}]: section missing; nothing to {NOTHING_TO[stage]}")
@@ -111,6 +116,17 @@ def fuse(spec: Path = SpecArg, force: bool = ForceOpt,
     _run_stage("fuse", spec, force, seeds=seeds)
 
 
+@app.command("eval")
+def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [report] section)", show_default=False),
+          force: bool = ForceOpt,
+          out: Path = typer.Option(None, "--out", help="also write OUT/results.md and OUT/results/ (plots, JSON), "
+                                   "e.g. --out docs"),
+          allow_missing: bool = typer.Option(False, "--allow-missing", help="show rows whose stores are missing or "
+                                             "stale as 'not run' instead of failing")):
+    """Results report from finished stores (never trains): tables, significance tests, scaling fits, plots."""
+    _run_stage("eval", spec, force, out=out, allow_missing=allow_missing)
+
+
 @app.command()
 def run(spec: Path = SpecArg, force: bool = ForceOpt):
     """Every implemented stage in order, skipping those already up to date."""
@@ -127,12 +143,13 @@ def run(spec: Path = SpecArg, force: bool = ForceOpt):
 def spec_validate(specs: list[Path] = typer.Argument(..., help="spec files")):
     """Validate spec files; print one line per file."""
     from lumctl.errors import InputError
-    from lumctl.specs import load_spec
+    from lumctl.specs import ReportFile, load_any
     bad = 0
     for p in specs:
         try:
-            s = load_spec(p)
-            typer.echo(f"{p}: ok (experiment '{s.experiment}')")
+            s = load_any(p)
+            what = "report" if isinstance(s, ReportFile) else "experiment"
+            typer.echo(f"{p}: ok ({what} '{s.experiment}')")
         except InputError as e:
             typer.echo(f"error: {e}", err=True)
             bad += 1
@@ -140,10 +157,10 @@ def spec_validate(specs: list[Path] = typer.Argument(..., help="spec files")):
 
 
 @spec_app.command("schema")
-def spec_schema():
+def spec_schema(report: bool = typer.Option(False, "--report", help="the schema of report specs (lumctl eval)")):
     """Print the JSON schema of the specs."""
-    from lumctl.specs import Spec
-    typer.echo(json.dumps(Spec.model_json_schema(), indent=2))
+    from lumctl.specs import ReportFile, Spec
+    typer.echo(json.dumps((ReportFile if report else Spec).model_json_schema(), indent=2))
 
 
 def main() -> None:  # console script entry point

@@ -137,7 +137,7 @@ import sys
 from typer.testing import CliRunner
 from lumctl.cli import app
 runner = CliRunner()
-for args in (["--help"], ["tokenize", "--help"], ["pack", "--help"], ["spec", "--help"]):
+for args in (["--help"], ["tokenize", "--help"], ["pack", "--help"], ["spec", "--help"], ["eval", "--help"]):
     r = runner.invoke(app, args)
     assert r.exit_code == 0, (args, r.output)
     assert "Usage" in r.output

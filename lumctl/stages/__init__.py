@@ -15,8 +15,12 @@ ORDER = {
 }
 
 
+# verbs that are not part of `lumctl run`
+OTHER = {"eval": "lumctl.stages.eval"}    # reads finished stores of many experiments (a report spec)
+
+
 def stage_module(stage: str):
-    return importlib.import_module(ORDER[stage])
+    return importlib.import_module(ORDER.get(stage) or OTHER[stage])
 
 
 def run_all(spec, upto: str | None = None, force: bool = False) -> None:

@@ -5,6 +5,8 @@ Output (`stores/<experiment>/pretrain/`):
   checkpoints/best/        weights of the best validation step so far
   final/                   the best-validation model: model.pt + config.json (resolved spec,
                            model config, upstream store hashes) + metrics.json (valid and test)
+                           + test_rank.npy, test_target.npy (int32 [U]: each test user's 0-based
+                           rank of the held-out item, and the item; for paired tests in `lumctl eval`)
   metrics.jsonl            one JSON object per log/eval step;  loss.png  the loss curve
   manifest.json            written last
 Validation picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
@@ -219,8 +221,11 @@ def history_weights(data: dict, split: str, field: int, n_values: int, alpha: fl
 
 @torch.no_grad()
 def evaluate(model, data: dict, split: str, p: PretrainSpec, pack_spec, device, query_cond, autocast,
-             cache: dict | None = None, tau: float = 1.0, cond_names: list[str] | None = None) -> dict:
+             cache: dict | None = None, tau: float = 1.0, cond_names: list[str] | None = None,
+             ranks_out: list | None = None) -> dict:
     """Full-ranking next-item retrieval; items already in the user's history are filtered.
+    `ranks_out`, when given, receives (ranks, targets): per-user 0-based rank of the held-out item and
+    its item id, both [U] (users in `eval_rows` order).
 
     With [pretrain.eval].mixture = F, every value v of condition field F is queried (grouped
     conditions, as in LUM step 2) and items are scored by log sum_v p(v | history) p(item | user, v),
@@ -271,6 +276,8 @@ def evaluate(model, data: dict, split: str, p: PretrainSpec, pack_spec, device, 
         scores.scatter_(1, t[:, None], pos)                                           # ... but never the target
         ranks[u0:u1] = (scores > pos).sum(1).cpu().numpy()
     model.train()
+    if ranks_out is not None:
+        ranks_out.append((ranks, target))
     return retrieval_metrics(ranks, p.eval.ks)
 
 
@@ -524,9 +531,11 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     # the best validation checkpoint is the model; the test item is scored once, here
     best_model, best_cfg = load_model(ckpt_dir / "best", device)
     tau = best_cfg.get("tau", float(log_tau.exp()))
+    test_ranks: list = []  # per-user test ranks, for paired bootstraps in `lumctl eval`
     results = {"best_step": best_step, "select": p.eval.select,
                "valid": evaluate(best_model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache, tau, cond_names),
-               "test": evaluate(best_model, data_c, "test", p, spec.pack, device, qcond, autocast, None, tau, cond_names),
+               "test": evaluate(best_model, data_c, "test", p, spec.pack, device, qcond, autocast, None, tau, cond_names,
+                                test_ranks),
                "query_condition": {n: str(data[f"vocab/cond_{n}"][i]) for n, i in zip(cond_names, qcond)} if conditions else {}}
     if p.eval.oracle and conditions:
         results["test_oracle_condition"] = evaluate(best_model, data_c, "test", p, spec.pack, device, None, autocast)
@@ -534,6 +543,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
         torch.save(best_model.state_dict(), tmp / "model.pt")
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
+        np.save(tmp / "test_rank.npy", test_ranks[0][0].astype(np.int32))   # [U], users in eval_rows order
+        np.save(tmp / "test_target.npy", test_ranks[0][1].astype(np.int32))  # [U] held-out item ids
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     write_manifest(out, stage="pretrain", spec_hash=spec_hash, inputs=inputs, started=started,
                    counts={"steps": total, "best_step": best_step, "n_params": n_params, **speed,

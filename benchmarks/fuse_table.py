@@ -37,6 +37,8 @@ VARIANTS = {
     "sim-direct+match": {"backbone": "sim", "lum": "direct+match"},
     "two_tower-none": {"backbone": "two_tower", "lum": "none"},
     "two_tower-direct+match": {"backbone": "two_tower", "lum": "direct+match"},
+    "hstu-none": {"backbone": "hstu", "lum": "none"},                 # end-to-end generative ranker
+    "hstu-direct+match": {"backbone": "hstu", "lum": "direct+match"},
 }
 
 

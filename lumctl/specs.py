@@ -622,11 +622,16 @@ def _format_error(path: str, err: dict) -> str:
     return f"{path}: {where + ': ' if where else ''}{msg}"
 
 
-def parse_spec(data: dict, path: str = "<spec>") -> Spec:
+def _validate(model, data: dict, path: str):
+    """model.model_validate(data); the first problem becomes one InputError line naming `path`."""
     try:
-        return Spec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise InputError(path, _format_error(path, e.errors()[0]).split(": ", 1)[1]) from None
+
+
+def parse_spec(data: dict, path: str = "<spec>") -> Spec:
+    return _validate(Spec, data, path)
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -655,10 +660,7 @@ def read_toml(path: str | Path) -> dict:
 
 
 def parse_report(data: dict, path: str = "<report>") -> ReportFile:
-    try:
-        return ReportFile.model_validate(data)
-    except ValidationError as e:
-        raise InputError(path, _format_error(path, e.errors()[0]).split(": ", 1)[1]) from None
+    return _validate(ReportFile, data, path)
 
 
 def load_report(path: str | Path) -> ReportFile:

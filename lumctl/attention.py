@@ -50,6 +50,14 @@ def flex(q, k, v, block_mask):
     return fn(q, k, v, block_mask=block_mask)
 
 
+def attend(q, k, v, mask, dropout_p: float = 0.0):
+    """Masked attention on either backend. q, k, v (B, H, S, Dh); mask a dense bool (B, S, S)
+    (True = may attend; sdpa, with dropout_p) or a flex BlockMask -> (B, H, S, Dh)."""
+    if isinstance(mask, torch.Tensor):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout_p)
+    return flex(q, k, v, block_mask=mask)
+
+
 def make_mask(batch: dict, backend: str):
     """The mask a model's forward expects for `batch` on `backend`: a BlockMask (flex), the
     batch's dense Numba mask (sdpa), or None (dense: the model builds its own from segments)."""

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from lumctl.attention import attend
 
 # name -> (d_model, n_layers, n_heads, d_ff)
 PRESETS = {
@@ -57,12 +58,7 @@ class Attention(nn.Module):
     def forward(self, x, mask):
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, Dh)
-        if isinstance(mask, torch.Tensor):  # dense bool (B, S, S), True = may attend
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
-                                               dropout_p=self.dropout if self.training else 0.0)
-        else:  # flex BlockMask
-            from lumctl.attention import flex
-            y = flex(q, k, v, block_mask=mask)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)    # dense mask (sdpa) or BlockMask (flex)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))  # (B, S, D)
 
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lumctl.models.hstu import HSTUConfig, HSTULayer, dense_document_causal, relative_buckets
+
 
 @dataclass
 class DLRMConfig:
@@ -173,11 +175,11 @@ class DLRM(nn.Module):
             self.gru = nn.GRUCell(d, d)
             self.augru = AUGRUCell(d)
         if b == "hstu":  # end-to-end generative ranker: HSTU over (item, action) history tokens + the target
-            from lumctl.models.hstu import HSTUConfig, HSTULayer
             hc = HSTUConfig(n_items=cfg.n_items, d_model=d, n_layers=cfg.seq_layers, n_heads=cfg.seq_heads,
                             max_len=cfg.history_len + 1, dropout=0.0)
             self.action = nn.Embedding(4, d)         # 0 pad, 1 not liked, 2 liked (rating >= 4), 3 the target
             self.seq = nn.ModuleList(HSTULayer(hc) for _ in range(cfg.seq_layers))
+            self.seq_cfg = hc
         pooled = {"dnn": 1, "din": 1, "dien": 1, "sim": 2, "two_tower": 1, "hstu": 1}[b]
         # ---- LUM inputs (zero-initialised)
         N, D = cfg.n_queries, cfg.d_lum
@@ -243,11 +245,9 @@ class DLRM(nn.Module):
             # the output at the target attends causally to the history (no timestamps: one time bucket)
             x = torch.cat([h + self.action(batch["hist_action"]), (t + self.action.weight[3])[:, None]], 1)  # (B, L+1, d)
             valid = torch.cat([batch["hist_mask"], torch.ones_like(batch["hist_mask"][:, :1])], 1)         # (B, L+1)
-            S = x.shape[1]
-            mask = valid[:, None, :] & torch.ones(S, S, dtype=torch.bool, device=x.device).tril()        # (B, S, S)
-            pos = torch.arange(S, device=x.device)
-            dist = (pos[:, None] - pos[None, :]).clamp(min=0).expand(len(x), S, S)
-            tb = torch.zeros_like(dist)
+            mask = dense_document_causal(torch.where(valid, 0, -1))                                         # (B, S, S)
+            pos = torch.arange(x.shape[1], device=x.device).expand(len(x), -1)                              # (B, S)
+            dist, tb = relative_buckets(pos, torch.zeros_like(pos), self.seq_cfg.max_len, self.seq_cfg.time_buckets)
             for layer in self.seq:
                 x = layer(x, mask, dist, tb)
             return [x[:, -1]], None                                         # (B, d) at the target

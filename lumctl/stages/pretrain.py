@@ -142,8 +142,13 @@ class Batches:
 
 
 @functools.lru_cache(maxsize=4)  # the loader thread and the training loop ask for the same epochs
+@functools.lru_cache(maxsize=4)
 def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    """The row order of an epoch, computed once: the loader thread, the training loop (token and
+    FLOP counts) and the rank split all ask for it every micro-batch. Read-only: callers slice it."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm.flags.writeable = False
+    return perm
 
 
 def drop_conditions(cond: torch.Tensor, typ: torch.Tensor, p: torch.Tensor, gen: torch.Generator,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 import tomllib
@@ -29,7 +28,6 @@ from pathlib import Path
 from common import append_result, machine
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
 RESULTS = REPO / "benchmarks" / "results" / "cpu_datapath.json"
 
 
@@ -53,8 +51,8 @@ def main() -> None:
     import torch
     if a.threads:
         torch.set_num_threads(a.threads)
+    from lumctl.specs import deep_merge as merge
     from lumctl.specs import parse_spec
-    from run_variants import merge
     os.environ["LUMCTL_DATA"] = str(Path(a.data).resolve())
     info = machine(torch_threads=torch.get_num_threads())
     tmp = Path(tempfile.mkdtemp(prefix="lumctl-bench-"))

@@ -8,8 +8,9 @@
 
 Each run is one resolved experiment spec (the row's spec, its `set` overrides, its seed; see
 lumctl/stages/eval.py), trained by `lumctl run`'s stages in its own process (log in
-<store_root>/<report>/logs/<experiment>.log). Ranking rows that differ only in [fuse] share their
-upstream stores: the first trains synth .. query, the others link to them and train only fuse.
+<store_root>/<report>/logs/<experiment>.log). Ranking rows that differ only in [query] / [fuse] share their
+upstream stores: the first trains synth .. fuse, the others link to its stores as deep as their sections
+agree and train only the rest (query + fuse, or fuse).
 --export DIR copies the small files `lumctl eval` reads (manifests, metrics, configs, per-user
 ranks, predictions; no model weights) into DIR/<experiment>/..., so a GPU machine's runs can be
 evaluated elsewhere: `LUMCTL_STORES=DIR lumctl eval REPORT` (the report's store_root reads it).
@@ -42,23 +43,41 @@ EXPORT = ["synth/manifest.json", "tokenize/manifest.json", "pack/manifest.json",
           "fuse/final/config.json", "fuse/predictions.zarr"]
 
 
-def upstream_key(run: ev.Run) -> str:
-    """Runs with equal keys can share every store up to query."""
-    return hash_obj({k: v for k, v in run.data.items() if k not in ("experiment", "fuse")})
+def prefix_key(run: ev.Run, stage: str) -> str:
+    """Runs with equal keys at `stage` can share every store up to and including that stage: their
+    specs agree on everything but the experiment name and the sections of later stages."""
+    later = STAGES[STAGES.index(stage) + 1:]
+    return hash_obj({k: v for k, v in run.data.items() if k != "experiment" and k not in later})
+
+
+def shared_depth(run: ev.Run, leader: ev.Run) -> int:
+    """How many stages (synth, tokenize, ...) run can take from leader's stores (before fuse)."""
+    n = 0
+    for stage in STAGES[:-1]:
+        if prefix_key(run, stage) != prefix_key(leader, stage):
+            break
+        n += 1
+    return n
+
+
+_LOGS: set[Path] = set()   # logs opened by this invocation
 
 
 def launch(run: ev.Run, code: str, log_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    log = open(log_dir / f"{run.experiment}.log", "w")
+    path = log_dir / f"{run.experiment}.log"
+    log = open(path, "a" if path in _LOGS else "w")   # a leader's fuse appends to its upstream log
+    _LOGS.add(path)
     return subprocess.Popen([sys.executable, "-c", code], cwd=Path.cwd(), stdout=log, stderr=log, env=env)
 
 
-def code_for(run: ev.Run, fuse_only: bool, force: bool) -> str:
+def code_for(run: ev.Run, force: bool, linked: int = 0, upto: int = len(STAGES)) -> str:
+    """Python that trains run's stages after its first `linked` ones (those are links to another run's
+    stores: never retrained, not even with --force) and before STAGES[upto]."""
     spec = f"parse_spec(json.loads({json.dumps(json.dumps(run.data))}), {json.dumps(run.experiment)})"
-    if fuse_only:
-        return f"import json; from lumctl.specs import parse_spec; from lumctl.stages import fuse; fuse.run({spec}, force={force})"
-    return (f"import json; from lumctl.specs import parse_spec; from lumctl.stages import run_all; "
-            f"run_all({spec}, force={force})")
+    stages = [s for s in STAGES[linked:upto] if run.data.get(s) is not None]
+    return (f"import json; from lumctl.specs import parse_spec; from lumctl.stages import stage_module; "
+            f"spec = {spec}; [stage_module(s).run(spec, force={force}) for s in {stages!r}]")
 
 
 def run_parallel(jobs: list[tuple[ev.Run, str]], parallel: int, log_dir: Path) -> list[dict]:
@@ -88,8 +107,9 @@ def run_parallel(jobs: list[tuple[ev.Run, str]], parallel: int, log_dir: Path) -
 
 
 def link_upstream(run: ev.Run, leader: ev.Run) -> None:
-    """Make run's synth .. query stores links to the leader's (a fuse-only variant)."""
-    for stage in STAGES[:-1]:
+    """Make run's first shared_depth(run, leader) stores (synth, tokenize, ...) links to the leader's;
+    run_all then finds them up to date and trains only the stages after them."""
+    for stage in STAGES[:shared_depth(run, leader)]:
         src, dst = leader.spec.store(stage), run.spec.store(stage)
         if src.exists() and not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -141,36 +161,49 @@ def main() -> None:
         return
     log_dir = rep.store("logs")
     log_dir.mkdir(parents=True, exist_ok=True)
-    # phase 1: every retrieval run and the first ranking run of each upstream group (synth .. fuse);
-    # phase 2: the other ranking runs of a group, linked to the leader's upstream stores (fuse only)
+    # phase 1: every retrieval run and the first ranking run of each group of ranking runs that share
+    # synth .. pretrain (its leader), trained from scratch; phase 2: the other ranking runs of a group,
+    # linked to the leader's stores as deep as their sections agree (fuse only, or query + fuse);
     # (the leader of a group is its first run in the whole report; when --only leaves it out and it is
     # not finished, the group's first selected run trains the upstream stores itself)
-    leaders: dict[str, ev.Run] = {}   # upstream key -> the run that trains synth .. query
+    def key(r: ev.Run) -> str:
+        return prefix_key(r, "pretrain")
+
+    leaders: dict[str, ev.Run] = {}   # pretrain key -> the run that trains synth .. pretrain
     for r in ev.unique_runs(ev.plan(rep, a.report)):
         if r.stage == "fuse":
-            leaders.setdefault(upstream_key(r), r)
+            leaders.setdefault(key(r), r)
     todo_names = {r.experiment for r in todo}
+    by_name = {r.experiment: r for r in todo}
     for r in todo:
-        lead = leaders[upstream_key(r)] if r.stage == "fuse" else None
+        lead = leaders[key(r)] if r.stage == "fuse" else None
         if lead is not None and lead.experiment not in todo_names and ev.status(lead) != "ok":
-            leaders[upstream_key(r)] = r
+            leaders[key(r)] = r
 
     def leads(r: ev.Run) -> bool:
-        return r.stage == "fuse" and leaders[upstream_key(r)].experiment == r.experiment
+        return r.stage == "fuse" and leaders[key(r)].experiment == r.experiment
 
-    first = [(r, code_for(r, False, a.force)) for r in todo if r.stage == "pretrain" or leads(r)]
-    second = [r for r in todo if r.stage == "fuse" and not leads(r)]
+    # leaders train synth .. query in phase 1 and their fuse in phase 2, beside the runs they lead
+    n_up = len(STAGES) - 1
+    first = [(r, code_for(r, a.force, 0, n_up if leads(r) else len(STAGES)))
+             for r in todo if r.stage == "pretrain" or leads(r)]
+    second = [r for r in todo if r.stage == "fuse"]
     # warm starts read another run's fuse checkpoint ([fuse] init_from): they go last
     third = [r for r in second if r.spec.fuse.init_from]
     second = [r for r in second if not r.spec.fuse.init_from]
-    print(f"training {len(todo)} of {len(runs)} runs ({len(first)} full, {len(second) + len(third)} fuse only), "
+    print(f"training {len(todo)} of {len(runs)} runs ({len(first)} from scratch, "
+          f"{len([r for r in todo if r.stage == 'fuse' and not leads(r)])} sharing upstream stores), "
           f"{a.parallel} at a time; logs in {log_dir}", flush=True)
     t0 = time.time()
-    done = run_parallel(first, a.parallel, log_dir)
+    done = [d for d in run_parallel(first, a.parallel, log_dir) if not leads(by_name[d["experiment"]])
+            or d["returncode"] != 0]   # a leader counts once its fuse is done (or when it failed here)
+    failed = {d["experiment"] for d in done if d["returncode"] != 0}
     for batch in (second, third):
+        batch = [r for r in batch if r.experiment not in failed]
         for r in batch:
-            link_upstream(r, leaders[upstream_key(r)])
-        done += run_parallel([(r, code_for(r, True, a.force)) for r in batch], a.parallel, log_dir)
+            link_upstream(r, leaders[key(r)])
+        done += run_parallel([(r, code_for(r, a.force, n_up if leads(r) else shared_depth(r, leaders[key(r)])))
+                              for r in batch], a.parallel, log_dir)
     bad = [d for d in done if d["returncode"] != 0 or d["status"] != "ok"]
     print(f"done in {time.time() - t0:.0f}s: {len(done) - len(bad)} ok, {len(bad)} failed"
           + "".join(f"\n  {d['experiment']}: {d['status']} (log {log_dir / d['experiment']}.log)" for d in bad), flush=True)

@@ -501,7 +501,8 @@ class TableSpec(Strict):
         "retrieval: next-item test metrics of pretrain stores; ranking: test AUC/GAUC/logloss of fuse stores; "
         "scaling: retrieval rows plus the fit metric = a ln(x) + b"))
     metrics: list[str] = Field(default_factory=list, description=(
-        "columns (default: hr@10, ndcg@10, hr@50, mrr for retrieval/scaling; auc, gauc, logloss for ranking)"))
+        "columns (default: hr@10, ndcg@10, hr@50, mrr for retrieval/scaling; auc, gauc, logloss for ranking, "
+        "where a two_tower row also has recall@K of its [fuse] retrieval_ks)"))
     compare: str = Field("", description=(
         "metric of the delta / significance columns and of the plot (default: hr@10, or auc for ranking)"))
     x: Literal["params", "max_items"] = Field("params", description=(
@@ -513,10 +514,10 @@ class TableSpec(Strict):
     def _check(self):
         known = RANKING_METRICS if self.kind == "ranking" else None
         for m in self.metrics + ([self.compare] if self.compare else []):
-            ok = m in known if known else bool(re.fullmatch(r"(hr|ndcg)@\d+|mrr", m))
+            ok = (m in known or bool(re.fullmatch(r"recall@\d+", m))) if known else bool(re.fullmatch(r"(hr|ndcg)@\d+|mrr", m))
             if not ok:
                 raise ValueError(f"unknown {self.kind} metric {m!r} (use "
-                                 + ("auc, gauc or logloss" if known else "hr@K, ndcg@K or mrr") + ")")
+                                 + ("auc, gauc, logloss or recall@K (two_tower)" if known else "hr@K, ndcg@K or mrr") + ")")
         labels = [r.label for r in self.rows]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:

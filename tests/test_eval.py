@@ -222,28 +222,33 @@ def test_sweep_report_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_runner_trains_ranking_rows_sharing_upstream_and_exports(tmp_path, monkeypatch):
-    """examples/run_report.py on ranking rows: base, + LUM and a warm start share one LUM (links),
-    the export holds what eval reads and no weights, and eval on the export gives the same report."""
+    """examples/run_report.py on ranking rows: base, + LUM and a warm start share one LUM (links), a row
+    with another [query] shares it up to pretrain and queries it itself, the export holds what eval reads
+    and no weights, and eval on the export gives the same report."""
     qf = '\n[query]\neach = ["scenario"]\nsnapshot = "every_n_events"\nevery_n_events = 5\n' \
          '\n[fuse]\nbackbone = "din"\nlum = "direct+match"\nd_emb = 8\nmlp = [16, 8]\nbatch_size = 64\nepochs = 2\n'
     spec = tiny_experiment(tmp_path, qf)
     rows = [{"label": "DIN", "spec": spec, "name": "din", "seeds": [0, 1], "set": {"fuse": {"lum": "none"}}},
             {"label": "DIN + LUM", "spec": spec, "name": "din-lum", "seeds": [0, 1], "vs": ["DIN"]},
             {"label": "warm", "spec": spec, "name": "din-warm", "seeds": [0, 1], "vs": ["DIN", "DIN + LUM"],
-             "set": {"fuse": {"init_from": "{store_root}/tiny-din/fuse/final"}}}]
+             "set": {"fuse": {"init_from": "{store_root}/tiny-din/fuse/final"}}},
+            {"label": "q7", "spec": spec, "name": "din-q7", "seeds": [0, 1], "set": {"query": {"every_n_events": 7}}}]
     rep = report_in(tmp_path, [{"name": "rank", "title": "Ranking", "kind": "ranking", "rows": rows}])
     export = tmp_path / "export"
     r = run_runner(rep, "--export", str(export))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "training 3 of 3 runs (1 full, 2 fuse only)" in r.stdout and "3 ok, 0 failed" in r.stdout
+    assert "training 4 of 4 runs (1 from scratch, 3 sharing upstream stores)" in r.stdout and "4 ok, 0 failed" in r.stdout
     root = tmp_path / "stores"
     assert (root / "tiny-din-lum" / "query").is_symlink() and not (root / "tiny-din" / "query").is_symlink()
+    assert (root / "tiny-din-q7" / "pretrain").is_symlink() and not (root / "tiny-din-q7" / "query").is_symlink()
+    q7 = json.loads((root / "tiny-din-q7" / "query" / "manifest.json").read_text())
+    assert q7["spec_hash"] != json.loads((root / "tiny-din" / "query" / "manifest.json").read_text())["spec_hash"]
     assert not list(export.rglob("*.pt")) and (export / "tiny-din-warm" / "fuse" / "predictions.zarr").is_dir()
     r = invoke("eval", rep)
     assert r.exit_code == 0, r.output
     res = json.loads((root / "rep" / "eval" / "results.json").read_text())
     t = res["tables"][0]
-    assert [c["vs"] for c in t["comparisons"]] == ["DIN", "DIN", "DIN + LUM"]
+    assert [c["vs"] for c in t["comparisons"]] == ["DIN", "DIN", "DIN + LUM"]   # q7 has no vs
     for c in t["comparisons"]:
         assert c["seeds"]["n"] == 2 and c["bootstrap"] is not None and c["bootstrap"]["reps"] == 200
     m = json.loads((root / "tiny-din" / "fuse" / "metrics.json").read_text())

@@ -245,7 +245,9 @@ def read_fuse(run: Run) -> dict:
         if p.is_file():
             _check_sections(json.loads(p.read_text()).get("spec", {}), spec, RETRIEVAL_SECTIONS)
     met = json.loads((store / "metrics.json").read_text())
-    out = {"experiment": run.experiment, "seeds": {int(s["seed"]): s["test"] for s in met["seeds"]},
+    # per seed: test auc, gauc, logloss (+ recall@K of a two_tower, flattened from "retrieval")
+    out = {"experiment": run.experiment,
+           "seeds": {int(s["seed"]): {**s["test"], **s["test"].get("retrieval", {})} for s in met["seeds"]},
            "backbone": met.get("backbone"), "lum": met.get("lum"), "lum_coverage": met.get("lum_coverage"),
            "spec_hash": m["spec_hash"], "store_hash": store_hash(m), "tokenize": m["inputs"].get("tokenize"),
            "seconds": m.get("seconds"), "created": m.get("created"), "versions": m.get("versions", {}),

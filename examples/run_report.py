@@ -80,14 +80,26 @@ def code_for(run: ev.Run, force: bool, linked: int = 0, upto: int = len(STAGES))
             f"spec = {spec}; [stage_module(s).run(spec, force={force}) for s in {stages!r}]")
 
 
+def ready(run: ev.Run) -> bool:
+    """A warm start ([fuse] init_from) can start once the checkpoint it reads exists."""
+    f = run.spec.fuse.init_from if run.spec.fuse is not None else ""
+    return not f or (Path(f) / "model.pt").is_file()
+
+
 def run_parallel(jobs: list[tuple[ev.Run, str]], parallel: int, log_dir: Path) -> list[dict]:
-    """Run (run, code) jobs, `parallel` at a time; one line per finished job. Interrupted (Ctrl-C,
-    SIGTERM from `timeout`), it stops the running jobs; their stores stay unfinished (atomic writes)."""
+    """Run (run, code) jobs, `parallel` at a time, a warm start once its checkpoint exists (or when
+    nothing else is left to wait for: it then fails with the fuse stage's error); one line per finished
+    job. Interrupted (Ctrl-C, SIGTERM from `timeout`), it stops the running jobs; their stores stay
+    unfinished (atomic writes)."""
     pending, running, done = list(jobs), [], []
     try:
         while pending or running:
             while pending and len(running) < parallel:
-                run, code = pending.pop(0)
+                job = next((j for j in pending if ready(j[0])), pending[0] if not running else None)
+                if job is None:
+                    break
+                pending.remove(job)
+                run, code = job
                 running.append((run, launch(run, code, log_dir), time.time()))
             time.sleep(0.5)
             for job in list(running):
@@ -185,12 +197,10 @@ def main() -> None:
 
     # leaders train synth .. query in phase 1 and their fuse in phase 2, beside the runs they lead
     n_up = len(STAGES) - 1
-    first = [(r, code_for(r, a.force, 0, n_up if leads(r) else len(STAGES)))
+    # (a retrieval row reads a pretrain store: its spec's [query] / [fuse], if any, are not its business)
+    first = [(r, code_for(r, a.force, 0, n_up if leads(r) else STAGES.index(r.stage) + 1))
              for r in todo if r.stage == "pretrain" or leads(r)]
-    second = [r for r in todo if r.stage == "fuse"]
-    # warm starts read another run's fuse checkpoint ([fuse] init_from): they go last
-    third = [r for r in second if r.spec.fuse.init_from]
-    second = [r for r in second if not r.spec.fuse.init_from]
+    second = [r for r in todo if r.stage == "fuse"]   # warm starts wait for their checkpoint (ready)
     print(f"training {len(todo)} of {len(runs)} runs ({len(first)} from scratch, "
           f"{len([r for r in todo if r.stage == 'fuse' and not leads(r)])} sharing upstream stores), "
           f"{a.parallel} at a time; logs in {log_dir}", flush=True)
@@ -198,12 +208,11 @@ def main() -> None:
     done = [d for d in run_parallel(first, a.parallel, log_dir) if not leads(by_name[d["experiment"]])
             or d["returncode"] != 0]   # a leader counts once its fuse is done (or when it failed here)
     failed = {d["experiment"] for d in done if d["returncode"] != 0}
-    for batch in (second, third):
-        batch = [r for r in batch if r.experiment not in failed]
-        for r in batch:
-            link_upstream(r, leaders[key(r)])
-        done += run_parallel([(r, code_for(r, a.force, n_up if leads(r) else shared_depth(r, leaders[key(r)])))
-                              for r in batch], a.parallel, log_dir)
+    second = [r for r in second if leaders[key(r)].experiment not in failed]   # no upstream to share
+    for r in second:
+        link_upstream(r, leaders[key(r)])
+    done += run_parallel([(r, code_for(r, a.force, n_up if leads(r) else shared_depth(r, leaders[key(r)])))
+                          for r in second], a.parallel, log_dir)
     bad = [d for d in done if d["returncode"] != 0 or d["status"] != "ok"]
     print(f"done in {time.time() - t0:.0f}s: {len(done) - len(bad)} ok, {len(bad)} failed"
           + "".join(f"\n  {d['experiment']}: {d['status']} (log {log_dir / d['experiment']}.log)" for d in bad), flush=True)

@@ -264,6 +264,20 @@ def test_runner_trains_ranking_rows_sharing_upstream_and_exports(tmp_path, monke
     assert res2["tables"][0]["comparisons"] == t["comparisons"]
 
 
+@pytest.mark.slow
+def test_runner_trains_a_retrieval_row_only_up_to_pretrain(tmp_path):
+    """A retrieval row reads a pretrain store: the runner leaves its spec's [query] alone (an item-only
+    LUM has no conditions to query: running query there failed the row)."""
+    spec = tiny_experiment(tmp_path, '\n[query]\neach = ["scenario"]\nsnapshot = "split"\n')
+    rows = [{"label": "item only", "spec": spec, "name": "nocond", "seeds": [0], "set": {"pack": {"conditions": False}}}]
+    rep = report_in(tmp_path, [{"name": "ret", "title": "Retrieval", "kind": "retrieval", "rows": rows}])
+    r = run_runner(rep)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 ok, 0 failed" in r.stdout
+    root = tmp_path / "stores" / "tiny-nocond-s0"
+    assert (root / "pretrain" / "manifest.json").is_file() and not (root / "query").exists()
+
+
 def test_docs_results_md_is_the_tools_rendering_of_its_json():
     """docs/results.md is written by `lumctl eval --out docs`: rendering docs/results/results.json
     again gives the page byte for byte (so nobody edited a number by hand)."""

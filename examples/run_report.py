@@ -120,7 +120,7 @@ def run_parallel(jobs: list[tuple[ev.Run, str]], parallel: int, log_dir: Path) -
 
 def link_upstream(run: ev.Run, leader: ev.Run) -> None:
     """Make run's first shared_depth(run, leader) stores (synth, tokenize, ...) links to the leader's;
-    run_all then finds them up to date and trains only the stages after them."""
+    code_for(run, ..., linked=shared_depth(run, leader)) then trains only the stages after them."""
     for stage in STAGES[:shared_depth(run, leader)]:
         src, dst = leader.spec.store(stage), run.spec.store(stage)
         if src.exists() and not dst.exists():
@@ -173,11 +173,11 @@ def main() -> None:
         return
     log_dir = rep.store("logs")
     log_dir.mkdir(parents=True, exist_ok=True)
-    # phase 1: every retrieval run and the first ranking run of each group of ranking runs that share
-    # synth .. pretrain (its leader), trained from scratch; phase 2: the other ranking runs of a group,
-    # linked to the leader's stores as deep as their sections agree (fuse only, or query + fuse);
-    # (the leader of a group is its first run in the whole report; when --only leaves it out and it is
-    # not finished, the group's first selected run trains the upstream stores itself)
+    # phase 1: every retrieval run (up to pretrain) and the leader of each group of ranking runs that
+    # share synth .. pretrain (synth .. query); phase 2: every ranking run's fuse, the others of a group
+    # linked to the leader's stores as deep as their sections agree (fuse only, or query + fuse).
+    # The leader of a group is its first run in the whole report; when --only leaves it out and it is
+    # not finished, the group's first selected run trains the upstream stores itself.
     def key(r: ev.Run) -> str:
         return prefix_key(r, "pretrain")
 
@@ -185,18 +185,16 @@ def main() -> None:
     for r in ev.unique_runs(ev.plan(rep, a.report)):
         if r.stage == "fuse":
             leaders.setdefault(key(r), r)
-    todo_names = {r.experiment for r in todo}
     by_name = {r.experiment: r for r in todo}
     for r in todo:
         lead = leaders[key(r)] if r.stage == "fuse" else None
-        if lead is not None and lead.experiment not in todo_names and ev.status(lead) != "ok":
+        if lead is not None and lead.experiment not in by_name and ev.status(lead) != "ok":
             leaders[key(r)] = r
 
     def leads(r: ev.Run) -> bool:
         return r.stage == "fuse" and leaders[key(r)].experiment == r.experiment
 
-    # leaders train synth .. query in phase 1 and their fuse in phase 2, beside the runs they lead
-    n_up = len(STAGES) - 1
+    n_up = len(STAGES) - 1   # synth .. query
     # (a retrieval row reads a pretrain store: its spec's [query] / [fuse], if any, are not its business)
     first = [(r, code_for(r, a.force, 0, n_up if leads(r) else STAGES.index(r.stage) + 1))
              for r in todo if r.stage == "pretrain" or leads(r)]

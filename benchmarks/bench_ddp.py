@@ -14,7 +14,6 @@ warm-up), summed over ranks, as the pretrain manifest reports it. The result is 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -26,33 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, append_result, machine  # noqa: E402
 
-
-def merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
-
-
-def to_toml(d: dict) -> str:
-    """Top-level scalars, then one [section] per top-level table (deeper tables inline)."""
-    lines = [f"{k} = {toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines += [f"\n[{k}]"] + [f"{kk} = {toml_value(vv)}" for kk, vv in v.items()]
-    return "\n".join(lines) + "\n"
+sys.path.insert(0, str(REPO))
+from lumctl.specs import deep_merge, to_toml
 
 
 def main() -> None:
@@ -90,7 +64,7 @@ def main() -> None:
 
     runs = []
     for w in worlds:
-        spec = merge(base, {"store_root": str(root / f"w{w}"), "inputs_root": str(root), "pretrain": {
+        spec = deep_merge(base, {"store_root": str(root / f"w{w}"), "inputs_root": str(root), "pretrain": {
             "model": {"preset": a.preset}, "device": a.device, "parallel": a.parallel,
             "compile": a.device == "cuda" if a.compile is None else a.compile,
             "optim": {"max_steps": a.steps, "batch_rows": a.rows_per_gpu * w, "grad_accum": 1},

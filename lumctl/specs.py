@@ -589,6 +589,32 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def toml_value(v) -> str:
+    """One value in TOML: scalars, arrays, inline tables."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def to_toml(data: dict) -> str:
+    """A spec dict as TOML (what load_spec reads back): top-level scalars, then one [section] per
+    top-level dict, deeper tables inline."""
+    lines = [f"{json.dumps(k)} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{json.dumps(kk)} = {toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
 STAGES = ("synth", "tokenize", "pack", "pretrain", "query", "fuse")  # the order `lumctl run` follows
 
 

@@ -14,7 +14,7 @@ from conftest import TINY
 from helpers import REPO, invoke, to_toml
 
 from lumctl.errors import InputError
-from lumctl.specs import deep_merge, load_report, parse_report
+from lumctl.specs import deep_merge, load_report, parse_report, toml_value
 from lumctl.stages import eval as ev
 from lumctl.stages import run_all
 
@@ -35,11 +35,10 @@ def report_in(tmp_path, tables: list[dict], **report) -> str:
 
 
 def _report_toml(r: dict) -> str:
-    from helpers import _toml_value
-    lines = ["\n[report]"] + [f"{k} = {_toml_value(v)}" for k, v in r.items() if k != "tables"]
+    lines = ["\n[report]"] + [f"{k} = {toml_value(v)}" for k, v in r.items() if k != "tables"]
     for t in r["tables"]:
         lines.append("\n[[report.tables]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in t.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in t.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -113,11 +113,16 @@ class SplitSpec(Strict):
         "train events at/after T0 (valid/test unchanged), so no LUM ever trained on a fuse sample or a later event"))
     pretrain_quantile: float | None = Field(None, gt=0, lt=1, description=(
         "T0 as this quantile of the train events' timestamps (instead of pretrain_before)"))
+    pretrain_fraction: float | None = Field(None, gt=0, lt=1, description=(
+        "per-user cutoff instead of a global T0: the LUM pretrains on the first pretrain_fraction of each user's "
+        "train events (moved back to a timestamp boundary), the DLRM trains on the rest; every user then has both "
+        "a pretrained prefix and DLRM samples, and no LUM trained on a fuse sample or a later event of its user"))
 
     @model_validator(mode="after")
     def _check(self):
-        if self.pretrain_before is not None and self.pretrain_quantile is not None:
-            raise ValueError("give pretrain_before or pretrain_quantile, not both")
+        given = [k for k in ("pretrain_before", "pretrain_quantile", "pretrain_fraction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of pretrain_before, pretrain_quantile, pretrain_fraction, not {' and '.join(given)}")
         if self.kind == "fraction" and self.train + self.valid >= 1:
             raise ValueError(f"train + valid must be < 1 (got {self.train + self.valid})")
         if self.kind == "time":

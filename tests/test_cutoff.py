@@ -1,4 +1,4 @@
-"""Leak-free LUM: with a cutoff T0 ([tokenize.split] pretrain_before / pretrain_quantile) the packed
+"""Leak-free LUM: with a global cutoff T0 ([tokenize.split] pretrain_before / pretrain_quantile) the packed
 pretrain rows hold only train events before T0, the DLRM trains on the train events at/after T0, and
 nothing at/after T0 (nor any valid/test event) can change what the LUM trains on."""
 
@@ -94,7 +94,38 @@ def test_no_cutoff_keeps_the_old_store_and_samples():
 
 def test_cutoff_spec_errors():
     base = {"experiment": "x", "tokenize": {"format": "movielens-1m", "path": "p"}}
-    with pytest.raises(Exception, match="pretrain_before or pretrain_quantile"):
+    with pytest.raises(Exception, match="give one of .* not pretrain_before and pretrain_quantile"):
         parse_spec({**base, "tokenize": {**base["tokenize"], "split": {"pretrain_before": 5, "pretrain_quantile": 0.5}}})
     with pytest.raises(Exception, match=r"\[tokenize\].split.pretrain_quantile"):
         parse_spec({**base, "tokenize": {**base["tokenize"], "split": {"pretrain_quantile": 1.5}}})
+    with pytest.raises(Exception, match="not pretrain_quantile and pretrain_fraction"):
+        parse_spec({**base, "tokenize": {**base["tokenize"], "split": {"pretrain_quantile": 0.5, "pretrain_fraction": 0.5}}})
+
+
+# ---------------------------------------------------------------------------------------- per-user cutoff
+def test_pretrain_fraction_ends_by_hand():
+    """Two users, train_end 6 and 5, fraction 0.5 -> cuts at 3 and 2; user 0's events 2 and 3 share a
+    timestamp, so its cut moves back to 2 (the LUM never sees a same-second event of a DLRM sample)."""
+    ts = np.array([1, 2, 5, 5, 6, 7, 8, 9,  10, 11, 12, 13, 14, 15])
+    offsets = np.array([0, 8, 14])
+    split = np.array([[6, 7], [5, 6]])
+    np.testing.assert_array_equal(tokenize.pretrain_fraction_ends(offsets, ts, split, 0.5), [2, 2])
+    np.testing.assert_array_equal(tokenize.pretrain_fraction_ends(offsets, ts, split, 0.1), [0, 0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pretrain_fraction_gives_every_user_a_pretrained_prefix_before_its_dlrm_samples(seed):
+    data, counts = tokenize.tokenize_log(tok_spec(pretrain_fraction=0.5), RawLog(raw_log(seed)))
+    assert "pretrain_before" not in counts
+    rows, _ = pack.pack_train(data, PackSpec(seq_len=64, max_items=30))
+    s = fuse.samples(data)
+    assert packed_events(rows) == events_of(data, s["split"] == -1)
+    ts, user = data["events/timestamp"], s["user"]
+    for u in range(len(data["users/offsets"]) - 1):
+        lum, dlrm = ts[(user == u) & (s["split"] == -1)], ts[(user == u) & (s["split"] == 0)]
+        assert len(dlrm) > 0
+        if len(lum):
+            assert lum.max() < dlrm.min()                               # strictly earlier, per user
+    te = data["users/split"][:, 0]
+    assert (data["users/pretrain_end"] <= np.floor(te * 0.5)).all()
+    assert counts["pretrain_events"] == (s["split"] == -1).sum() > 0

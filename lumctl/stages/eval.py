@@ -235,7 +235,8 @@ def read_fuse(run: Run) -> dict:
     if m is None or not (store / "metrics.json").is_file():
         raise NotReady(f"no finished fuse store at {store}")
     cfg = json.loads((store / "final" / "config.json").read_text())
-    _check_sections({"fuse": cfg.get("spec")}, spec, ("fuse",))
+    _check_sections({"fuse": cfg.get("spec"), "tokenize": cfg.get("tokenize")}, spec,
+                    ("fuse", "tokenize") if cfg.get("tokenize") is not None else ("fuse",))
     _check_inputs(m, spec)
     if spec.fuse.lum != "none":
         q = read_manifest(spec.store("query"))

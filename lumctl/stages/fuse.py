@@ -30,7 +30,7 @@ Output (`stores/<experiment>/fuse/`):
                       users); best_epoch}, and mean / std (recall@K too)
   predictions.zarr/   event [S] int64, user [S], split [S] int8 (1 valid, 2 test), label [S] int8,
                       logit [seeds, S] float32 (valid + test samples)
-  final/              the first seed's best-valid model: model.pt + config.json (DLRMConfig, spec, inputs)
+  final/              the first seed's best-valid model: model.pt + config.json (DLRMConfig, [fuse] and [tokenize], inputs)
   seeds/seed-<k>/     the other seeds' models
   manifest.json
 """
@@ -403,7 +403,8 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
                **summarize(runs), "backbone": fs.backbone, "lum": fs.lum,
                "lum_coverage": {name: float(feats.lum_has[s["split"] == k].mean()) if ans is not None else 0.0
                                 for k, name in enumerate(("train", "valid", "test"))}}
-    config_json = {"model": cfg.to_dict(), "spec": fs.model_dump(mode="json"), "inputs": inputs}
+    config_json = {"model": cfg.to_dict(), "spec": fs.model_dump(mode="json"), "inputs": inputs,
+                   "tokenize": spec.tokenize.model_dump(mode="json")}
     with atomic_dir(out) as tmp:
         g = zarrio.create(tmp / "predictions.zarr")
         zarrio.put(g, "event", ev.astype(np.int64))

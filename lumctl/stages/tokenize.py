@@ -9,9 +9,10 @@ Store layout (`stores/<experiment>/tokenize/data.zarr`):
   users/offsets    int64 [U+1]   events of user u are offsets[u]:offsets[u+1]
   users/split      int64 [U, 2]  (train_end, valid_end) within the user's events:
                                  train = [0, train_end), valid = [train_end, valid_end), test = rest
-  users/pretrain_end int64 [U]   (only with a cutoff T0, [tokenize.split] pretrain_before/_quantile)
-                                 the user's train events before T0 = [0, pretrain_end): what the LUM
-                                 pretrains on; [pretrain_end, train_end) are the DLRM's train samples
+  users/pretrain_end int64 [U]   (only with a cutoff: [tokenize.split] pretrain_before/_quantile, a global
+                                 T0, or pretrain_fraction, per user) the user's train events before the
+                                 cutoff = [0, pretrain_end): what the LUM pretrains on; [pretrain_end,
+                                 train_end) are the DLRM's train samples
   users/<attr>     int32 [U]     profile attributes, vocab in vocab/user_<attr>
   items/popularity int32 [I]     2 + log2 bucket of training-event count
   items/genres     uint8 [I, G]  multi-hot (when known); items/category int32 [I] (when known)
@@ -132,6 +133,20 @@ def pretrain_ends(offsets: np.ndarray, ts: np.ndarray, split: np.ndarray, t0: in
     return np.minimum(before, split[:, 0])
 
 
+def pretrain_fraction_ends(offsets: np.ndarray, ts: np.ndarray, split: np.ndarray, frac: float) -> np.ndarray:
+    """[U] per-user cutoff: the first floor(frac * train_end) train events, moved back to the start of
+    their timestamp group, so every pretrain event is strictly earlier than the user's first DLRM sample."""
+    end = np.floor(split[:, 0] * frac).astype(np.int64)
+    cut = offsets[:-1] + end                                          # first DLRM sample of each user
+    ok = (end > 0) & (end < split[:, 0])
+    t_cut = ts[np.where(ok, cut, 0)]
+    # events of the user before the cut with the cut's timestamp belong to the DLRM side
+    user = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    pos = np.arange(len(ts)) - offsets[user]
+    same = (pos < end[user]) & (ts == t_cut[user]) & ok[user]
+    return end - np.bincount(user, weights=same, minlength=len(offsets) - 1).astype(np.int64)
+
+
 def tokenize_log(spec: TokenizeSpec, log: RawLog, where: str = "[tokenize]") -> tuple[dict[str, np.ndarray], dict]:
     """Pure function: raw log -> {array path: array}, counts. Everything the store holds."""
     ev = log.events
@@ -174,6 +189,8 @@ def tokenize_log(spec: TokenizeSpec, log: RawLog, where: str = "[tokenize]") -> 
     }
     if t0 is not None:
         out["users/pretrain_end"] = pretrain_ends(offsets, ts, split, t0)
+    elif spec.split.pretrain_fraction is not None:
+        out["users/pretrain_end"] = pretrain_fraction_ends(offsets, ts, split, spec.split.pretrain_fraction)
     if rating is not None:
         out["events/rating"] = rating
     for name, v in cond_vocabs.items():
@@ -182,7 +199,7 @@ def tokenize_log(spec: TokenizeSpec, log: RawLog, where: str = "[tokenize]") -> 
     # item features: popularity from training events only (no leakage from valid/test); with a
     # cutoff T0 from the LUM's pretrain events only (the LUM reads it)
     pos_in_user = np.arange(len(user)) - offsets[user]
-    train = pos_in_user < (split[user, 0] if t0 is None else out["users/pretrain_end"][user])
+    train = pos_in_user < out.get("users/pretrain_end", split[:, 0])[user]
     counts = np.bincount(item[train], minlength=I)
     out["items/popularity"] = np.where(np.arange(I) >= 2, 2 + np.minimum(spec.popularity_buckets - 1,
                                        np.floor(np.log2(1 + counts)).astype(np.int32)), 0).astype(np.int32)
@@ -234,10 +251,11 @@ def tokenize_log(spec: TokenizeSpec, log: RawLog, where: str = "[tokenize]") -> 
         "train_events": int(split[:, 0].sum()), "valid_events": int((split[:, 1] - split[:, 0]).sum()),
         "test_events": int((n - split[:, 1]).sum()),
     }
-    if t0 is not None:
+    if "users/pretrain_end" in out:
         pe = out["users/pretrain_end"]
-        counts_out.update({"pretrain_before": t0, "pretrain_events": int(pe.sum()),
-                           "fuse_train_events": int((split[:, 0] - pe).sum())})
+        counts_out.update({"pretrain_events": int(pe.sum()), "fuse_train_events": int((split[:, 0] - pe).sum())})
+        if t0 is not None:
+            counts_out["pretrain_before"] = t0
     return out, counts_out
 
 

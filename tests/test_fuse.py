@@ -335,6 +335,26 @@ def test_retrieval_scores_rank_as_the_logits(lum):
             torch.testing.assert_close(logit - scores[:, j], const, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("lum", ["none", "direct+match"])
+def test_in_batch_softmax_scores_pairs_as_retrieval_does(lum):
+    """Every user positive: loss - BCE = cross-entropy of retrieval_scores over the batch's own items."""
+    torch.manual_seed(0)
+    model = DLRM(toy_config("two_tower", lum), *item_tables())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith("lum_"):
+                p.normal_(0, 0.5)
+    model.eval()
+    batch = toy_batch()
+    batch["item"] = torch.arange(2, 9)                                   # 7 distinct items
+    label = torch.ones(7)
+    with torch.no_grad():
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), label)
+        scores = model.retrieval_scores(batch, batch["item"], batch.get("lum_item"))  # (7, 7)
+        want = bce + torch.nn.functional.cross_entropy(scores, torch.arange(7))
+        torch.testing.assert_close(model.loss(batch, label), want, rtol=0, atol=1e-5)
+
+
 def test_retrieval_recall_by_hand():
     data = data_dict()
     fs = FuseSpec(backbone="two_tower", history_len=6, mlp=[8])

@@ -310,10 +310,13 @@ class DLRM(nn.Module):
         is the dot product (sum_n w_n o_qn) . e^i, so the full catalogue is one matrix product."""
         s = self.user_side(batch) @ self.item_side(items, lum_items).T / self.cfg.temperature  # (B, I)
         if self.match:
-            w = self.lum_match.weight[0, :self.cfg.n_queries]               # (N,)
-            q = (batch["lum"] * w[None, :, None]).sum(1)                    # (B, D)
-            s = s + q @ lum_items.T
+            s = s + self.match_query(batch) @ lum_items.T
         return s
+
+    def match_query(self, batch: dict) -> torch.Tensor:
+        """two_tower: (B, D) sum_n w_n o_qn, so the match term of user b and item i is match_query[b] . e^i."""
+        w = self.lum_match.weight[0, :self.cfg.n_queries]                   # (N,)
+        return (batch["lum"] * w[None, :, None]).sum(1)
 
     def run(self, batch: dict) -> dict[str, torch.Tensor]:
         """{"logit": (B,)}, plus "u", "i" (two_tower unit towers, (B, h)) or "states" (dien GRU states, (B, L, d))."""
@@ -339,7 +342,7 @@ class DLRM(nn.Module):
 
     def loss(self, batch: dict, label: torch.Tensor, aux_weight: float = 0.0) -> torch.Tensor:
         """BCE; two_tower adds an in-batch softmax over the positives (each positive user against the
-        batch's positive items); dien adds aux_weight x its auxiliary loss (negatives drawn uniformly
+        batch's positive items, scored as retrieval_scores scores the catalogue); dien adds aux_weight x its auxiliary loss (negatives drawn uniformly
         from the item vocabulary, torch's global generator)."""
         out = self.run(batch)
         loss = F.binary_cross_entropy_with_logits(out["logit"], label)
@@ -352,5 +355,7 @@ class DLRM(nn.Module):
             if pos.sum() > 1:
                 u, i = out["u"][pos], out["i"][pos]
                 sim = u @ i.T / self.cfg.temperature                        # (P, P)
+                if self.match:  # the retrieval score (retrieval_scores) of every pair, match term included
+                    sim = sim + self.match_query(batch)[pos] @ batch["lum_item"][pos].T
                 loss = loss + F.cross_entropy(sim, torch.arange(len(sim), device=sim.device))
         return loss

@@ -379,9 +379,9 @@ class FuseSpec(Strict):
     LUM inputs are joined point in time: a sample at time t reads the latest snapshot with timestamp < t
     (zeros and a "missing" flag when there is none). [query] snapshot = "split" only has snapshots at the
     valid/test boundaries, so train samples get almost no answers (the fusion layer barely trains);
-    snapshot = "every_n_events" gives train samples real point-in-time answers too. With a cutoff T0
-    ([tokenize.split] pretrain_before / pretrain_quantile) the train samples are the train events at/after
-    T0 and the LUM never trained on one of them (leak-free answers).
+    snapshot = "every_n_events" gives train samples real point-in-time answers too. With a cutoff
+    ([tokenize.split] pretrain_fraction per user, or pretrain_before / pretrain_quantile at one timestamp)
+    the train samples are the train events after it and the LUM never trained on one of them (leak-free answers).
     """
 
     backbone: Literal["dnn", "din", "dien", "sim", "two_tower", "hstu"] = Field("din", description=(

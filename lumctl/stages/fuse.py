@@ -15,11 +15,14 @@ exist is the query store's choice:
     fusion layer only sees "missing" in training - use this for serving-like evaluation only.
   - [query] snapshot = "every_n_events" (K): a snapshot after every K events, so train samples get
     answers that are at most K events old; this is what trains the fusion layer.
-Leak-free LUM: with a cutoff T0 in [tokenize.split] (pretrain_before, or pretrain_quantile of the
-train events' timestamps) the LUM pretrains on train events before T0 only, and the DLRM (base and
-+LUM alike) trains on the train events at/after T0; events before T0 are still history (context) of
-later samples and of the query snapshots. Then no LUM answer comes from a model that trained on the
-sample or on any later event of its user (valid/test events are never pretrained on either).
+Leak-free LUM: with a cutoff in [tokenize.split] the LUM pretrains on each user's train events before
+it (users/pretrain_end) and the DLRM (base and +LUM alike) trains on the rest of the train events;
+pretrain events are still history (context) of later samples and of the query snapshots. Then no LUM
+answer comes from a model that trained on the sample or on any later event of its user (valid/test
+events are never pretrained on either). pretrain_fraction cuts each user's train events (every user
+has a pretrained prefix and DLRM samples); pretrain_before / pretrain_quantile cut at one timestamp
+T0 (users active only before T0 then have no DLRM sample and users only after it no pretrained
+prefix, so train and test samples differ in how well the LUM knows their user).
 Without a cutoff, pretrain trains on each user's last max_items train events, so the answers joined
 to those train samples come from a model that saw the samples themselves (in-sample; the fusion layer
 may over-trust them). As for the base DLRM, the per-user split is not a global time cut (other users'

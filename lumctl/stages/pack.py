@@ -5,8 +5,8 @@ Store layout (`stores/<experiment>/pack/rows.zarr`), arrays as in docs/CONTRACTS
   pos int32 [R, S], loss_mask bool [R, S], target int32 [R, S], user int32 [R, S],
   ts int64 [R, S] (the event's timestamp, for models with time features such as HSTU)
 The training part of each user (events before its split's train_end), most recent
-`max_items` kept. With a cutoff T0 ([tokenize.split] pretrain_before / pretrain_quantile) only the
-train events before T0 (users/pretrain_end): the LUM never trains on the DLRM's samples.
+`max_items` kept. With a cutoff ([tokenize.split] pretrain_fraction / pretrain_before / pretrain_quantile)
+only each user's train events before it (users/pretrain_end): the LUM never trains on the DLRM's samples.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def user_windows(offsets: np.ndarray, end: np.ndarray, max_items: int) -> tuple[
 
 def pack_train(data: dict[str, np.ndarray], p: PackSpec) -> tuple[dict[str, np.ndarray], dict]:
     offsets, split = data["users/offsets"], data["users/split"]
-    end = data.get("users/pretrain_end", split[:, 0])                 # cutoff T0, else the train part
+    end = data.get("users/pretrain_end", split[:, 0])                 # the cutoff, else the train part
     first, count = user_windows(offsets, end, p.max_items)
     keep = count > 0
     users = np.flatnonzero(keep)

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The ML-1M CTR table of benchmarks/results/fuse_ml1m_cpu_v2/ (CPU, 3 seeds per variant), leak-free LUM.
+# Recorded with the global cutoff ([tokenize.split] pretrain_quantile = 0.5) that specs/ml-1m-ctr.toml used
+# until session 4; it now cuts per user (pretrain_fraction = 0.5): put the old split back to reproduce it.
 # Run with the project venv active (python = its python). Prerequisite: LUMCTL_DATA=... lumctl run specs/ml-1m-ctr.toml  (tokenize, pack, pretrain, query; ~20 min on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -107,7 +107,8 @@ class SplitSpec(Strict):
     valid: float = Field(0.1, ge=0, lt=1, description="fraction: share in valid (the rest is test)")
     valid_from: int | None = Field(None, description="time: events at or after this timestamp are valid")
     test_from: int | None = Field(None, description="time: events at or after this timestamp are test")
-    # leak-free LUM (Step 1 before Step 3 in time): a global cutoff T0 splits the train events in two
+    # leak-free LUM (Step 1 before Step 3 in time): a cutoff splits the train events in two, at one
+    # timestamp T0 (pretrain_before / pretrain_quantile) or per user (pretrain_fraction)
     pretrain_before: int | None = Field(None, description=(
         "cutoff T0 (a timestamp): pack/pretrain keep only train events before T0; fuse trains the DLRM on the "
         "train events at/after T0 (valid/test unchanged), so no LUM ever trained on a fuse sample or a later event"))

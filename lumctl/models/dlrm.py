@@ -342,8 +342,8 @@ class DLRM(nn.Module):
 
     def loss(self, batch: dict, label: torch.Tensor, aux_weight: float = 0.0) -> torch.Tensor:
         """BCE; two_tower adds an in-batch softmax over the positives (each positive user against the
-        batch's positive items, scored as retrieval_scores scores the catalogue); dien adds aux_weight x its auxiliary loss (negatives drawn uniformly
-        from the item vocabulary, torch's global generator)."""
+        batch's positive items, scored as retrieval_scores scores the catalogue); dien adds aux_weight x
+        its auxiliary loss (negatives drawn uniformly from the item vocabulary, torch's global generator)."""
         out = self.run(batch)
         loss = F.binary_cross_entropy_with_logits(out["logit"], label)
         if self.cfg.backbone == "dien" and aux_weight > 0:

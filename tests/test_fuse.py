@@ -313,15 +313,20 @@ def test_dien_aux_loss_learns_the_next_behaviour():
 
 
 # ------------------------------------------------------------------------------ two-tower retrieval
-@pytest.mark.parametrize("lum", ["none", "direct+match"])
-def test_retrieval_scores_rank_as_the_logits(lum):
+def active_two_tower(lum: str) -> DLRM:
+    """A toy two_tower in eval mode whose zero-initialised LUM layers are made active (random weights)."""
     torch.manual_seed(0)
     model = DLRM(toy_config("two_tower", lum), *item_tables())
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.startswith("lum_"):
-                p.normal_(0, 0.5)                                        # LUM layers active
-    model.eval()
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("lum", ["none", "direct+match"])
+def test_retrieval_scores_rank_as_the_logits(lum):
+    model = active_two_tower(lum)
     batch = toy_batch()
     lum_items = torch.nn.functional.normalize(torch.randn(12, 6), dim=-1)
     items = torch.arange(12)
@@ -338,13 +343,7 @@ def test_retrieval_scores_rank_as_the_logits(lum):
 @pytest.mark.parametrize("lum", ["none", "direct+match"])
 def test_in_batch_softmax_scores_pairs_as_retrieval_does(lum):
     """Every user positive: loss - BCE = cross-entropy of retrieval_scores over the batch's own items."""
-    torch.manual_seed(0)
-    model = DLRM(toy_config("two_tower", lum), *item_tables())
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.startswith("lum_"):
-                p.normal_(0, 0.5)
-    model.eval()
+    model = active_two_tower(lum)
     batch = toy_batch()
     batch["item"] = torch.arange(2, 9)                                   # 7 distinct items
     label = torch.ones(7)

@@ -56,7 +56,6 @@ from lumctl.progress import say
 from lumctl.specs import FuseSpec, Spec
 from lumctl.stages import tokenize
 from lumctl.stages.pretrain import resolve_device
-from lumctl.stages.query import _tie_groups
 from lumctl.store import (
     atomic_dir,
     hash_file,
@@ -84,7 +83,7 @@ def samples(data: dict) -> dict[str, np.ndarray]:
     split = np.where(j < sp[:, 0], 0, np.where(j < sp[:, 1], 1, 2)).astype(np.int8)
     if "users/pretrain_end" in data:  # cutoff T0: train events before it are the LUM's, not samples
         split[j < data["users/pretrain_end"][user]] = -1
-    tie_first, _ = _tie_groups(offsets, ts)
+    tie_first, _ = tokenize.tie_groups(offsets, ts)
     return {"user": user, "label": (data["events/rating"] >= 4).astype(np.float32), "split": split,
             "hist_end": tie_first.astype(np.int64),                    # history = [user start, hist_end)
             "user_start": offsets[user].astype(np.int64), "ts": ts.astype(np.int64)}

@@ -168,28 +168,13 @@ def users_label(users: np.ndarray, n_users: int) -> str:
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in zip(starts, ends))
 
 
-def _tie_groups(offsets: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per event: index of the first and of the last event of the same user with the same timestamp."""
-    E = len(ts)
-    idx = np.arange(E)
-    starts = np.zeros(E, bool)
-    starts[offsets[:-1][offsets[:-1] < E]] = True
-    starts[1:] |= ts[1:] != ts[:-1]
-    ends = np.zeros(E, bool)
-    ends[offsets[1:][offsets[1:] > 0] - 1] = True
-    ends[:-1] |= ts[1:] != ts[:-1]
-    first = np.maximum.accumulate(np.where(starts, idx, 0)) if E else idx
-    last = np.minimum.accumulate(np.where(ends, idx, E)[::-1])[::-1] if E else idx
-    return first, last
-
-
 def snapshots(data: dict, users: np.ndarray, qs: QuerySpec) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(cut [U, T] = events in each snapshot's prefix, valid [U, T], snapshot names [T]).
     The prefix of a snapshot is exactly the user's events with timestamp <= its last event's."""
     offsets, ts = data["users/offsets"], data["events/timestamp"]
     off = offsets[users]
     n = offsets[users + 1] - off
-    tie_first, tie_last = _tie_groups(offsets, ts)
+    tie_first, tie_last = tokenize.tie_groups(offsets, ts)
     if qs.snapshot == "split":
         b = data["users/split"][users].astype(np.int64)                     # (U, 2) first valid / first test event
         g = np.minimum(off[:, None] + b, len(ts) - 1)

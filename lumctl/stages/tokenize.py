@@ -133,18 +133,29 @@ def pretrain_ends(offsets: np.ndarray, ts: np.ndarray, split: np.ndarray, t0: in
     return np.minimum(before, split[:, 0])
 
 
+def tie_groups(offsets: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per event: index of the first and of the last event of the same user with the same timestamp."""
+    E = len(ts)
+    idx = np.arange(E)
+    starts = np.zeros(E, bool)
+    starts[offsets[:-1][offsets[:-1] < E]] = True
+    starts[1:] |= ts[1:] != ts[:-1]
+    ends = np.zeros(E, bool)
+    ends[offsets[1:][offsets[1:] > 0] - 1] = True
+    ends[:-1] |= ts[1:] != ts[:-1]
+    first = np.maximum.accumulate(np.where(starts, idx, 0)) if E else idx
+    last = np.minimum.accumulate(np.where(ends, idx, E)[::-1])[::-1] if E else idx
+    return first, last
+
+
 def pretrain_fraction_ends(offsets: np.ndarray, ts: np.ndarray, split: np.ndarray, frac: float) -> np.ndarray:
     """[U] per-user cutoff: the first floor(frac * train_end) train events, moved back to the start of
     their timestamp group, so every pretrain event is strictly earlier than the user's first DLRM sample."""
     end = np.floor(split[:, 0] * frac).astype(np.int64)
-    cut = offsets[:-1] + end                                          # first DLRM sample of each user
-    ok = (end > 0) & (end < split[:, 0])
-    t_cut = ts[np.where(ok, cut, 0)]
-    # events of the user before the cut with the cut's timestamp belong to the DLRM side
-    user = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    pos = np.arange(len(ts)) - offsets[user]
-    same = (pos < end[user]) & (ts == t_cut[user]) & ok[user]
-    return end - np.bincount(user, weights=same, minlength=len(offsets) - 1).astype(np.int64)
+    first, _ = tie_groups(offsets, ts)
+    ok = end > 0                                                      # (frac < 1: end < train_end)
+    cut = np.where(ok, offsets[:-1] + end, 0)                         # first DLRM sample of each user
+    return np.where(ok, first[cut] - offsets[:-1], 0)
 
 
 def tokenize_log(spec: TokenizeSpec, log: RawLog, where: str = "[tokenize]") -> tuple[dict[str, np.ndarray], dict]:

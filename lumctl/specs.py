@@ -298,13 +298,12 @@ class PretrainSpec(Strict):
     condition_dropout: float | dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(0.1, description=(
         "train probability of replacing a condition field by '<any>' (one number, or field -> probability)"))
 
-    @field_validator("condition_dropout")
-    @classmethod
-    def _dropout(cls, v):
-        if isinstance(v, float) and not 0 <= v <= 1:
-            raise ValueError(f"must be in [0, 1] (got {v})")
-        return v
     seed: int = 0
+    init_from: str | None = Field(None, description=(
+        "a pretrain checkpoint folder (model.pt + config.json, e.g. another experiment's pretrain/final) whose "
+        "weights start this run: continued pretraining, e.g. refreshing a LUM on newer events. Its model "
+        "config and vocabularies must equal this run's; the optimizer and the lr schedule start afresh; "
+        "`${VAR:-default}` is expanded"))
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the model")
@@ -318,6 +317,18 @@ class PretrainSpec(Strict):
     checkpoint_every: int = Field(0, ge=0, description="write step-%08d/ every N steps (0 = once per epoch)")
     keep_checkpoints: int = Field(2, gt=0, description="step checkpoints kept on disk")
     log_every: int = Field(10, gt=0)
+
+    @field_validator("init_from")
+    @classmethod
+    def _expand_init(cls, v: str | None) -> str | None:
+        return expand_vars(v) if v else v
+
+    @field_validator("condition_dropout")
+    @classmethod
+    def _dropout(cls, v):
+        if isinstance(v, float) and not 0 <= v <= 1:
+            raise ValueError(f"must be in [0, 1] (got {v})")
+        return v
 
 
 # --------------------------------------------------------------------------------------- query
@@ -416,7 +427,8 @@ class FuseSpec(Strict):
     seed: int = Field(0, description="first seed")
     init_from: str = Field("", description=(
         "warm start: a fuse checkpoint folder (model.pt + config.json) of the same backbone, e.g. a base "
-        "run's final/; LUM layers absent there start at zero, so step 0 predicts as the base"))
+        "run's final/ (then seed k starts from the base's seed k where the base trained it); LUM layers "
+        "absent there start at zero, so step 0 predicts as the base"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
 
     @field_validator("init_from")

@@ -216,7 +216,9 @@ def test_fuse_stage_end_to_end(tiny_spec, tmp_path):
     g = zarr.open_group(str(out / "predictions.zarr"), mode="r")
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert g["logit"].shape == (1, counts["valid"] + counts["test"]) and set(np.unique(g["split"][...])) == {1, 2}
-    # warm start from the base, LUM direct+match, two seeds
+    # warm start from the base (two seeds), LUM direct+match, two seeds: seed k continues base seed k
+    r = invoke("fuse", path, "--seeds", "2")
+    assert r.exit_code == 0, r.output
     base = tmp_path / "base"
     out.rename(base)
     path.write_text(base_text + QUERY_FUSE.format(lum="direct+match", init=base / "final"))
@@ -224,12 +226,14 @@ def test_fuse_stage_end_to_end(tiny_spec, tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     assert len(m["seeds"]) == 2 and m["test"]["auc"]["std"] >= 0 and m["lum_coverage"]["test"] > 0.9
-    # step 0 of the warm start (logged as epoch 0) scores valid exactly as the trained base did
-    base_valid = json.loads((base / "metrics.json").read_text())["seeds"][0]["valid"]
-    step0 = m["seeds"][0]["epochs"][0]
-    assert step0["epoch"] == 0
-    assert step0["valid"]["auc"] == pytest.approx(base_valid["auc"], abs=1e-12)
-    assert step0["valid"]["logloss"] == pytest.approx(base_valid["logloss"], abs=1e-9)
+    # step 0 of the warm start (logged as epoch 0) scores valid exactly as the trained base seed did
+    base_seeds = json.loads((base / "metrics.json").read_text())["seeds"]
+    assert base_seeds[0]["valid"]["logloss"] != base_seeds[1]["valid"]["logloss"]
+    for k in (0, 1):
+        step0 = m["seeds"][k]["epochs"][0]
+        assert step0["epoch"] == 0
+        assert step0["valid"]["auc"] == pytest.approx(base_seeds[k]["valid"]["auc"], abs=1e-12)
+        assert step0["valid"]["logloss"] == pytest.approx(base_seeds[k]["valid"]["logloss"], abs=1e-9)
     assert (out / "seeds" / "seed-1" / "model.pt").is_file()
     r = invoke("fuse", path, "--seeds", "2")
     assert r.exit_code == 0 and "is up to date" in r.stderr, r.output

@@ -172,3 +172,31 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_spec, tmp_pat
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
     assert json.loads((out / "final" / "metrics.json").read_text()) == full_metrics
+
+
+def test_init_from_starts_from_another_runs_weights(tiny_spec, tmp_path):
+    """Continued pretraining: a run with init_from starts at the other run's weights (a 1e-9 lr keeps
+    them), records the checkpoint as an input, and refuses a checkpoint of another model config."""
+    from lumctl.errors import InputError
+    from lumctl.specs import deep_merge, parse_spec, read_toml
+
+    base = read_toml(tiny_spec(steps=4, every=2))
+    spec_a = parse_spec(base)
+    run_all(spec_a, upto="pretrain")
+    init = spec_a.store("pretrain") / "final"
+    b = deep_merge(base, {"experiment": "tiny-b",
+                          "pretrain": {"init_from": str(init), "optim": {"lr": 1e-9, "max_steps": 1, "warmup_steps": 0}}})
+    spec_b = parse_spec(b)
+    run_all(spec_b, upto="pretrain")
+    wa, wb = _final_weights(spec_a.store("pretrain")), _final_weights(spec_b.store("pretrain"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    manifest = json.loads((spec_b.store("pretrain") / "manifest.json").read_text())
+    assert "init_from" in manifest["inputs"]
+    # a fresh model from the same seed is far from A's trained weights (so the check above can fail)
+    assert any(not torch.allclose(wa[k], v, atol=1e-3) for k, v in pt.build_model("lum", json.loads(
+        (init / "config.json").read_text())["model"]).state_dict().items() if k in wa)
+    c = parse_spec(deep_merge(b, {"experiment": "tiny-c", "pretrain": {"model": {"d_model": 16}}}))
+    run_all(c, upto="pack")
+    with pytest.raises(InputError, match="init_from.*d_model"):
+        pt.run(c)

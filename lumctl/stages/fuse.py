@@ -34,7 +34,8 @@ Output (`stores/<experiment>/fuse/`):
   predictions.zarr/   event [S] int64, user [S], split [S] int8 (1 valid, 2 test), label [S] int8,
                       logit [seeds, S] float32 (valid + test samples)
   final/              the first seed's best-valid model: model.pt + config.json (DLRMConfig, [fuse] and [tokenize], inputs)
-  seeds/seed-<k>/     the other seeds' models
+  seeds/seed-<k>/     the other seeds' models (a warm start from a base store's final/ starts seed k
+                      from the base's seed k where the base trained it)
   manifest.json
 """
 
@@ -215,6 +216,18 @@ def build_model(cfg: DLRMConfig, data: dict) -> DLRM:
     return DLRM(cfg, cat, gen)
 
 
+def warm_checkpoint(path: Path, seed: int) -> Path:
+    """The checkpoint that warm-starts seed `seed`: when `path` is the final/ of a fuse store that also
+    trained this seed (seeds/seed-<seed>), that seed's model, so seed k continues base seed k; else `path`."""
+    if not (path / "model.pt").is_file() or not (path / "config.json").is_file():
+        raise InputError(str(path), "[fuse].init_from: no fuse checkpoint here (model.pt + config.json)")
+    own = path.parent / "seeds" / f"seed-{seed}"
+    if path.name == "final" and json.loads((path / "config.json").read_text()).get("seed") != seed \
+            and (own / "model.pt").is_file():
+        return own
+    return path
+
+
 def warm_start(model: DLRM, path: Path) -> None:
     """Load a (base) fuse checkpoint; only the zero-initialised lum_* layers may be absent from it."""
     path = Path(path)
@@ -370,10 +383,9 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
     if fs.lum != "none":
         inputs["query"] = store_hash(require_store(spec.store("query"), "query"))
     if fs.init_from:
-        p = Path(fs.init_from)
-        if not (p / "model.pt").is_file():
-            raise InputError(str(p), "[fuse].init_from: no fuse checkpoint here (model.pt + config.json)")
-        inputs["init_from"] = hash_file(p / "model.pt")
+        warm = [warm_checkpoint(Path(fs.init_from), fs.seed + k) for k in range(fs.seeds)]
+        hashes = [hash_file(p / "model.pt") for p in warm]
+        inputs["init_from"] = hashes[0] if len(set(warm)) == 1 else hash_obj(hashes)
     spec_hash = hash_obj(fs.model_dump(mode="json"))
     if not force and is_up_to_date(out, spec_hash, inputs):
         say(f"fuse: {out} is up to date")
@@ -393,7 +405,8 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
         torch.manual_seed(seed)
         model = build_model(cfg, data).to(device)
         if fs.init_from:
-            warm_start(model, Path(fs.init_from))
+            warm_start(model, warm[k])
+            say(f"fuse: seed {seed} warm-starts from {warm[k]}")
         model, res = train(model, feats, fs, seed, device)
         runs.append(res)
         models.append({k_: v.cpu() for k_, v in model.state_dict().items()})

@@ -10,6 +10,8 @@ Output (`stores/<experiment>/pretrain/`):
   metrics.jsonl            one JSON object per log/eval step;  loss.png  the loss curve
   manifest.json            written last
 Validation picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
+`init_from` starts from another run's weights (continued pretraining, e.g. a LUM refreshed on newer
+events; the model config and vocabularies must match, config.json records `vocab_hash`).
 
 Under torchrun (lumctl.dist) every rank takes its part of each global micro-batch of
 `batch_rows` rows; the loss is the one of the whole global micro-batch (in-batch negatives
@@ -21,6 +23,7 @@ FSDP), metrics and the store; a checkpoint resumes on any number of ranks.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -43,7 +46,7 @@ from lumctl.progress import progress, say
 from lumctl.specs import PretrainSpec, Spec
 from lumctl.stages import pack as pack_stage
 from lumctl.stages import tokenize
-from lumctl.store import atomic_dir, is_up_to_date, join, require_store, store_hash, write_manifest
+from lumctl.store import atomic_dir, hash_file, is_up_to_date, join, require_store, store_hash, write_manifest
 
 TENSOR_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "segment": torch.int32,
                "pos": torch.int32, "loss_mask": torch.bool, "target": torch.long, "ts": torch.long}
@@ -330,6 +333,40 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn
     return model.to(device), cfg
 
 
+def init_checkpoint(path: Path) -> Path:
+    if not ((path / "model.pt").is_file() and (path / "config.json").is_file()):
+        raise InputError(str(path), "[pretrain].init_from: no pretrain checkpoint here (model.pt + config.json)")
+    return path
+
+
+def vocab_hash(data: dict, cond_names: list[str]) -> str:
+    """Identity of the item and condition vocabularies (id -> value): a checkpoint's embedding rows mean
+    the same items only under the same vocabularies."""
+    h = hashlib.sha256()
+    for k in ["vocab/item"] + [f"vocab/cond_{n}" for n in cond_names]:
+        h.update(k.encode())
+        h.update("\x00".join(map(str, data[k])).encode())
+    return h.hexdigest()
+
+
+def init_weights(model: torch.nn.Module, path: Path, kind: str, cfg: dict, vocab: str, device: torch.device) -> None:
+    """Start from another run's weights (init_from): same model family and config (attention kernel and
+    dropout may differ), same vocabularies."""
+    ck = json.loads((init_checkpoint(path) / "config.json").read_text())
+    same = ("attention", "dropout")
+    diff = sorted(k for k in set(cfg) | set(ck["model"]) if k not in same and cfg.get(k) != ck["model"].get(k))
+    if ck.get("kind", "lum") != kind or diff:
+        raise InputError(str(path), f"[pretrain].init_from: checkpoint is a {ck.get('kind')} model that differs "
+                         f"in {diff or 'kind'}; init_from needs this run's model")
+    if ck.get("vocab_hash", vocab) != vocab:
+        raise InputError(str(path), "[pretrain].init_from: checkpoint was trained on other item or condition "
+                         "vocabularies (another dataset or [tokenize] section)")
+    if "vocab_hash" not in ck:
+        say(f"pretrain: {path} records no vocabularies; init_from trusts they equal this run's")
+    model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
+    say(f"pretrain: weights from {path}")
+
+
 def lr_at(step: int, total: int, o) -> float:
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
@@ -369,6 +406,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     tok_store, pack_store = spec.input_store("tokenize"), spec.input_store("pack")  # paths or URLs
     inputs = {"tokenize": store_hash(require_store(tok_store, "tokenize")),
               "pack": store_hash(require_store(pack_store, "pack"))}
+    if p.init_from:
+        inputs["init_from"] = hash_file(init_checkpoint(Path(p.init_from)) / "model.pt")
     spec_hash = spec.section_hash("pretrain")
     if not force and is_up_to_date(out, spec_hash, inputs):
         say(f"pretrain: {out} is up to date")
@@ -397,6 +436,9 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     data_c["events/cond"] = data["events/cond"] if conditions else data["events/cond"][:, :0]
     cfg = model_config(p, data, cond_names if conditions else [], device)
     model = build_model(p.model.kind, cfg, data).to(device)
+    vocab = vocab_hash(data, cond_names)
+    if p.init_from and resume_from is None:
+        init_weights(model, Path(p.init_from), p.model.kind, cfg, vocab, device)
     wrapped = dist.wrap(model, p.parallel, device)  # world 1: model itself; else DDP or FSDP2 (shards in place)
     if cfg["attention"] == "flex" and device.type == "cpu" and p.model.kind == "lum":
         raise InputError("[pretrain.model].attention", "flex attention has no backward pass on CPU; use 'sdpa' or 'auto'")
@@ -430,7 +472,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     neg_gen = torch.Generator(device=device) if device.type == "cuda" else None
     config_json = {"kind": p.model.kind, "model": cfg, "spec": spec.model_dump(mode="json"), "inputs": inputs,
                    "condition_fields": cond_names if conditions else [], "conditions": conditions,
-                   "max_items": spec.pack.max_items, "seq_len": spec.pack.seq_len, "n_params": n_params}
+                   "max_items": spec.pack.max_items, "seq_len": spec.pack.seq_len, "n_params": n_params,
+                   "vocab_hash": vocab}
 
     step, best, best_step = 0, -float("inf"), -1
     eval_cache: dict = {}

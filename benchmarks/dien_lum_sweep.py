@@ -3,7 +3,8 @@ benchmarks/results/fuse_ml1m_dien/README.md (benchmarks/dien_lum_sweep.sh runs t
 
 It trains in-process (no fuse store is written) so that variants the spec cannot express yet can be
 tried: `drop` puts dropout in front of the LUM input layer, `q1` re-queries the LUM with the 3
-rating-only conditions. Prints valid / test AUC per seed and their mean.
+rating-only conditions, `freeze` trains only the LUM input layer ("base") or it and the ranking MLP
+("backbone") of a warm start. Prints valid / test AUC per seed and their mean.
 
     python benchmarks/dien_lum_sweep.py NAME '{"fuse": {"backbone": "dien", "lum": "direct+match"},
         "warm": "base/dien/final", "drop": 0.5, "q": "q1"}' --lum DIR   # DIR holds pretrain/ and query/
@@ -45,9 +46,12 @@ def answers(data: dict, spec, lum: Path, kind: str, device: torch.device) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("name")
-    ap.add_argument("variant", help="JSON: fuse (FuseSpec overrides), warm (base checkpoint), drop, q (q6 | q1)")
+    ap.add_argument("variant", help="JSON: fuse (FuseSpec overrides), warm (base checkpoint), freeze (base | backbone), "
+                    "drop, q (q6 | q1)")
     ap.add_argument("--lum", required=True, help="folder holding the LUM's pretrain/ and query/ stores")
     ap.add_argument("--spec", default="specs/ml-1m-ctr-gpu.toml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--log", help="also append each seed's line to this file")
     a = ap.parse_args()
     v = json.loads(a.variant)
     torch.set_num_threads(1)
@@ -58,18 +62,26 @@ def main() -> None:
     feats = F.Features(data, fs, answers(data, spec, Path(a.lum), v.get("q", "q6"), dev) if fs.lum != "none" else None)
     cfg = F.model_config(data, fs, feats)
     out = []
-    for seed in (0, 1, 2):
+    for seed in a.seeds:
         torch.manual_seed(seed)
         m = F.build_model(cfg, data)
-        if v.get("warm"):
-            F.warm_start(m, Path(v["warm"]))
+        if v.get("warm"):  # a fuse store's final/ warm-starts seed k from the base's seed k (fuse.warm_checkpoint)
+            F.warm_start(m, F.warm_checkpoint(Path(v["warm"]), seed))
+        if v.get("freeze"):  # base: train only the LUM input layer; backbone: also the ranking MLP
+            keep = ("lum_",) if v["freeze"] == "base" else ("lum_", "fc_in", "act_in", "hidden", "out")
+            for name, q in m.named_parameters():
+                q.requires_grad_(name.startswith(keep))
         if v.get("drop"):
             m.lum_in = nn.Sequential(nn.Dropout(v["drop"]), m.lum_in)
         t = time.time()
         m, res = F.train(m.to(dev), feats, fs, seed, dev)
         out.append((res["valid"]["auc"], res["test"]["auc"]))
-        print(f"{a.name} seed {seed} valid {out[-1][0]:.4f} test {out[-1][1]:.4f} best epoch {res['best_epoch']} "
-              f"({time.time() - t:.0f}s)", flush=True)
+        line = (f"{a.name} seed {seed} valid {out[-1][0]:.4f} test {out[-1][1]:.4f} best epoch {res['best_epoch']} "
+                f"({time.time() - t:.0f}s)")
+        print(line, flush=True)
+        if a.log:
+            with open(a.log, "a") as f:
+                f.write(line + "\n")
     r = np.array(out)
     print(f"## {a.name} valid {r[:, 0].mean():.4f} test {r[:, 1].mean():.4f} ± {r[:, 1].std():.4f} "
           f"{[round(float(x), 4) for x in r[:, 1]]}", flush=True)

@@ -43,6 +43,19 @@ def answers(data: dict, spec, lum: Path, kind: str, device: torch.device) -> dic
             "user_index": users, "item_emb": res["item_emb"]}
 
 
+def train_logged(name: str, m, feats, fs, seed: int, dev: torch.device, log: str | None = None) -> dict:
+    """Train one seed (fuse.train); print its valid / test AUC line and append it to `log`."""
+    t = time.time()
+    m, res = F.train(m.to(dev), feats, fs, seed, dev)
+    line = (f"{name} seed {seed} valid {res['valid']['auc']:.4f} test {res['test']['auc']:.4f} "
+            f"best epoch {res['best_epoch']} ({time.time() - t:.0f}s)")
+    print(line, flush=True)
+    if log:
+        with open(log, "a") as f:
+            f.write(line + "\n")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("name")
@@ -73,15 +86,8 @@ def main() -> None:
                 q.requires_grad_(name.startswith(keep))
         if v.get("drop"):
             m.lum_in = nn.Sequential(nn.Dropout(v["drop"]), m.lum_in)
-        t = time.time()
-        m, res = F.train(m.to(dev), feats, fs, seed, dev)
+        res = train_logged(a.name, m, feats, fs, seed, dev, a.log)
         out.append((res["valid"]["auc"], res["test"]["auc"]))
-        line = (f"{a.name} seed {seed} valid {out[-1][0]:.4f} test {out[-1][1]:.4f} best epoch {res['best_epoch']} "
-                f"({time.time() - t:.0f}s)")
-        print(line, flush=True)
-        if a.log:
-            with open(a.log, "a") as f:
-                f.write(line + "\n")
     r = np.array(out)
     print(f"## {a.name} valid {r[:, 0].mean():.4f} test {r[:, 1].mean():.4f} ± {r[:, 1].std():.4f} "
           f"{[round(float(x), 4) for x in r[:, 1]]}", flush=True)

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.dien_lum_sweep import train_logged  # noqa: E402
 from lumctl.specs import load_spec  # noqa: E402
 from lumctl.stages import fuse as F  # noqa: E402
 from lumctl.stages import query as Q  # noqa: E402
@@ -122,14 +123,7 @@ def fuse_one(a) -> None:
     m = F.build_model(cfg, data)
     if v.get("warm"):
         F.warm_start(m, Path(v["warm"]))
-    t = time.time()
-    m, res = F.train(m.to(dev), feats, fs, a.seed, dev)
-    line = (f"{a.name} seed {a.seed} valid {res['valid']['auc']:.4f} test {res['test']['auc']:.4f} "
-            f"best epoch {res['best_epoch']} ({time.time() - t:.0f}s)")
-    print(line, flush=True)
-    if a.log:
-        with open(a.log, "a") as f:
-            f.write(line + "\n")
+    res = train_logged(a.name, m, feats, fs, a.seed, dev, a.log)
     if a.pred:  # valid/test logits for paired comparisons
         s = feats.s
         np.savez(a.pred, valid=np.flatnonzero(s["split"] == 1), test=np.flatnonzero(s["split"] == 2),

@@ -56,6 +56,7 @@ def answers(a) -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cut, te = refresh_cuts(data, spec.query)
     users = np.arange(len(cut))
+    # query.compute takes its snapshots from query.snapshots: point it at these cuts for this process
     Q.snapshots = lambda data_, users_, qs_: (cut[users_], cut[users_] > 0, [f"s{t}" for t in range(cut.shape[1])])
     out = {}
     for name, path in (("base", a.base), ("refresh", a.refresh)):

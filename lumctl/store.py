@@ -90,6 +90,13 @@ def require_store(store: Path, stage: str) -> dict:
     return m
 
 
+def require_checkpoint(path: Path, why: str) -> Path:
+    """A checkpoint folder (model.pt + config.json), or a one-line error on the folder saying `why`."""
+    if not ((path / "model.pt").is_file() and (path / "config.json").is_file()):
+        raise InputError(str(path), why)
+    return path
+
+
 def store_hash(manifest: dict) -> str:
     """Identity of a store: the hash of its manifest without the wall-clock fields."""
     return hash_obj({k: v for k, v in manifest.items() if k not in ("created", "seconds")})

@@ -62,6 +62,7 @@ from lumctl.store import (
     hash_file,
     hash_obj,
     is_up_to_date,
+    require_checkpoint,
     require_store,
     store_hash,
     write_manifest,
@@ -216,11 +217,13 @@ def build_model(cfg: DLRMConfig, data: dict) -> DLRM:
     return DLRM(cfg, cat, gen)
 
 
+NO_WARM = "[fuse].init_from: no fuse checkpoint here (model.pt + config.json)"
+
+
 def warm_checkpoint(path: Path, seed: int) -> Path:
     """The checkpoint that warm-starts seed `seed`: when `path` is the final/ of a fuse store that also
     trained this seed (seeds/seed-<seed>), that seed's model, so seed k continues base seed k; else `path`."""
-    if not (path / "model.pt").is_file() or not (path / "config.json").is_file():
-        raise InputError(str(path), "[fuse].init_from: no fuse checkpoint here (model.pt + config.json)")
+    require_checkpoint(path, NO_WARM)
     own = path.parent / "seeds" / f"seed-{seed}"
     if path.name == "final" and json.loads((path / "config.json").read_text()).get("seed") != seed \
             and (own / "model.pt").is_file():
@@ -230,9 +233,7 @@ def warm_checkpoint(path: Path, seed: int) -> Path:
 
 def warm_start(model: DLRM, path: Path) -> None:
     """Load a (base) fuse checkpoint; only the zero-initialised lum_* layers may be absent from it."""
-    path = Path(path)
-    if not (path / "model.pt").is_file() or not (path / "config.json").is_file():
-        raise InputError(str(path), "[fuse].init_from: no fuse checkpoint here (model.pt + config.json)")
+    path = require_checkpoint(Path(path), NO_WARM)
     base = json.loads((path / "config.json").read_text())["model"]
     mine = model.cfg.to_dict()
     diff = [k for k in mine if k not in ("lum", "n_queries", "d_lum") and base.get(k) != mine[k]]

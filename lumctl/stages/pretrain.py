@@ -46,7 +46,16 @@ from lumctl.progress import progress, say
 from lumctl.specs import PretrainSpec, Spec
 from lumctl.stages import pack as pack_stage
 from lumctl.stages import tokenize
-from lumctl.store import atomic_dir, hash_file, is_up_to_date, join, require_store, store_hash, write_manifest
+from lumctl.store import (
+    atomic_dir,
+    hash_file,
+    is_up_to_date,
+    join,
+    require_checkpoint,
+    require_store,
+    store_hash,
+    write_manifest,
+)
 
 TENSOR_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "segment": torch.int32,
                "pos": torch.int32, "loss_mask": torch.bool, "target": torch.long, "ts": torch.long}
@@ -333,10 +342,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn
     return model.to(device), cfg
 
 
-def init_checkpoint(path: Path) -> Path:
-    if not ((path / "model.pt").is_file() and (path / "config.json").is_file()):
-        raise InputError(str(path), "[pretrain].init_from: no pretrain checkpoint here (model.pt + config.json)")
-    return path
+NO_INIT = "[pretrain].init_from: no pretrain checkpoint here (model.pt + config.json)"
 
 
 def vocab_hash(data: dict, cond_names: list[str]) -> str:
@@ -352,7 +358,7 @@ def vocab_hash(data: dict, cond_names: list[str]) -> str:
 def init_weights(model: torch.nn.Module, path: Path, kind: str, cfg: dict, vocab: str, device: torch.device) -> None:
     """Start from another run's weights (init_from): same model family and config (attention kernel and
     dropout may differ), same vocabularies."""
-    ck = json.loads((init_checkpoint(path) / "config.json").read_text())
+    ck = json.loads((require_checkpoint(path, NO_INIT) / "config.json").read_text())
     same = ("attention", "dropout")
     diff = sorted(k for k in set(cfg) | set(ck["model"]) if k not in same and cfg.get(k) != ck["model"].get(k))
     if ck.get("kind", "lum") != kind or diff:
@@ -407,7 +413,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     inputs = {"tokenize": store_hash(require_store(tok_store, "tokenize")),
               "pack": store_hash(require_store(pack_store, "pack"))}
     if p.init_from:
-        inputs["init_from"] = hash_file(init_checkpoint(Path(p.init_from)) / "model.pt")
+        inputs["init_from"] = hash_file(require_checkpoint(Path(p.init_from), NO_INIT) / "model.pt")
     spec_hash = spec.section_hash("pretrain")
     if not force and is_up_to_date(out, spec_hash, inputs):
         say(f"pretrain: {out} is up to date")

@@ -62,7 +62,16 @@ from lumctl.progress import progress, say
 from lumctl.specs import QuerySpec, Spec
 from lumctl.stages import tokenize
 from lumctl.stages.pretrain import load_model, resolve_device
-from lumctl.store import atomic_dir, fresh_dir_beside, hash_file, hash_obj, is_up_to_date, replace_dir, require_store
+from lumctl.store import (
+    atomic_dir,
+    fresh_dir_beside,
+    hash_file,
+    hash_obj,
+    is_up_to_date,
+    replace_dir,
+    require_checkpoint,
+    require_store,
+)
 from lumctl.store import store_hash, write_manifest
 
 BATCH_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "pos": torch.int32}
@@ -288,10 +297,8 @@ def compute(model, data: dict, qs: QuerySpec, cond_names: list[str], users: np.n
 def checkpoint_dir(spec: Spec) -> Path:
     p = Path(spec.query.checkpoint)
     path = p if p.is_absolute() else spec.store("pretrain") / p
-    if not (path / "config.json").is_file() or not (path / "model.pt").is_file():
-        raise InputError(str(path), "no checkpoint here (config.json + model.pt); run `lumctl pretrain` first "
-                         "or set [query].checkpoint")
-    return path
+    return require_checkpoint(path, "no checkpoint here (config.json + model.pt); run `lumctl pretrain` first "
+                              "or set [query].checkpoint")
 
 
 def _str(a: np.ndarray) -> np.ndarray:

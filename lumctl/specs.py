@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -137,6 +137,8 @@ class SplitSpec(Strict):
 class TokenizeSpec(Strict):
     """Raw behaviour log -> vocabularies, feature tables, per-user sequences, splits."""
 
+    RESOURCES: ClassVar[tuple[str, ...]] = ("memory_gb", "threads", "batch_events")  # not part of the store's hash
+
     format: Format = Field(description="raw log format")
     path: str = Field("", description="file or folder of the raw log; `${VAR:-default}` is expanded")
     items_path: str = Field("", description="table format: optional item attribute table (CSV/parquet)")
@@ -150,7 +152,18 @@ class TokenizeSpec(Strict):
     min_user_events: int = Field(3, ge=1, description="drop users with fewer events (leave-one-out needs 3)")
     min_item_events: int = Field(1, ge=1, description="drop items with fewer events (one pass)")
     popularity_buckets: int = Field(16, gt=0, description="log2 buckets of item popularity (training events)")
-    strict: bool = Field(False, description="stop at the first malformed row (with its line number) instead of skipping")
+    strict: bool = Field(False, description=(
+        "stop at the first malformed row (with its line number) instead of skipping and counting it; "
+        "also drop events outside `time_range` instead of only counting them"))
+    duplicates: Literal["drop", "keep"] = Field("drop", description=(
+        "events with the same (user, item, timestamp): drop keeps the first in file order (the count is in the "
+        "manifest), keep keeps them all"))
+    time_range: tuple[int, int] | None = Field(None, description=(
+        "[first, last] plausible timestamps: events outside are counted (and dropped with strict = true)"))
+    memory_gb: float = Field(4.0, gt=0, description=(
+        "memory of the relational engine (DuckDB); past it, it spills to disk in the store's temporary folder"))
+    threads: int | None = Field(None, ge=1, description="engine threads (default: the CPUs this process may use)")
+    batch_events: int = Field(1 << 22, ge=1024, description="events per streamed batch (memory: ~40 bytes each)")
 
     @field_validator("path", "items_path")
     @classmethod
@@ -165,6 +178,8 @@ class TokenizeSpec(Strict):
             missing = {"user", "item", "timestamp"} - set(self.columns)
             if missing:
                 raise ValueError(f"columns must map {sorted(missing)} for format 'table'")
+        if self.time_range is not None and self.time_range[0] > self.time_range[1]:
+            raise ValueError(f"time_range must be [first, last] with first <= last (got {list(self.time_range)})")
         names = [c.name for c in self.conditions]
         if len(set(names)) != len(names):
             raise ValueError(f"condition names must be unique (got {names})")
@@ -478,7 +493,9 @@ class Spec(Strict):
         return join(self.inputs_root, self.experiment, stage)
 
     def section_hash(self, *sections: str) -> str:
-        d = {s: getattr(self, s).model_dump(mode="json") if getattr(self, s) is not None else None for s in sections}
+        def content(sec):  # settings that change how, not what, a stage computes are left out
+            return sec.model_dump(mode="json", exclude=set(getattr(type(sec), "RESOURCES", ()))) if sec is not None else None
+        d = {s: content(getattr(self, s)) for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

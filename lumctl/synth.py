@@ -116,7 +116,7 @@ HOUR_WEIGHTS = np.array([      # local hour 0..23: quiet at night, busy in the e
     3.0, 1.6, 0.9, 0.6, 0.5, 0.6, 1.1, 2.2, 3.3, 4.0, 4.4, 4.5,
     4.6, 4.4, 4.5, 4.6, 4.5, 4.4, 4.6, 5.4, 6.3, 6.8, 6.3, 4.8])
 OUTLIER_SHARE = 1e-5           # rows with a timestamp days to years outside the 9 days
-OUTLIER_SECONDS = (86_400, 15 * 365 * 86_400)
+OUTLIER_SECONDS = (86_400, 15 * 365 * 86_400)  # 1 day to 15 years away (still < 2^31)
 BLOCK_USERS = 256              # users per random stream; fixed, so the log does not depend on chunk_rows
 
 
@@ -167,8 +167,9 @@ def taobao_catalogue(s: SynthSpec) -> Catalogue:
     id_space = int(n_items * 1.03) + 1
     item_id = rng.choice(id_space, n_items, replace=False) + 1
     cat_id = rng.choice(id_space, n_cats, replace=False) + 1
-    size = rng.lognormal(0.0, CATEGORY_SIGMA, n_cats)  # heavy-tailed category sizes; each has >= 1 item
-    item_cat = np.sort(np.concatenate([np.arange(n_cats), np.searchsorted(_cum(size), rng.random(n_items - n_cats), side="right")]))
+    size = rng.lognormal(0.0, CATEGORY_SIGMA, n_cats)  # heavy-tailed category sizes
+    rest = np.searchsorted(_cum(size), rng.random(n_items - n_cats), side="right")
+    item_cat = np.sort(np.concatenate([np.arange(n_cats), rest]))  # [items] every category has >= 1 item
     pop = np.cumsum(rng.lognormal(0.0, ITEM_SIGMA, n_items))  # heavy-tailed item popularity
     cat_first = np.searchsorted(item_cat, np.arange(n_cats))
     cat_last = np.searchsorted(item_cat, np.arange(n_cats), side="right") - 1

@@ -117,7 +117,7 @@ HOUR_WEIGHTS = np.array([      # local hour 0..23: quiet at night, busy in the e
     4.6, 4.4, 4.5, 4.6, 4.5, 4.4, 4.6, 5.4, 6.3, 6.8, 6.3, 4.8])
 OUTLIER_SHARE = 1e-5           # rows with a timestamp days to years outside the 9 days
 OUTLIER_SECONDS = (86_400, 15 * 365 * 86_400)  # 1 day to 15 years away (still < 2^31)
-BLOCK_USERS = 256              # users per random stream; fixed, so the log does not depend on chunk_rows
+BLOCK_USERS = 2048             # users per random stream (~200k rows); fixed, so the log does not depend on chunk_rows
 
 
 def _cum(w: np.ndarray) -> np.ndarray:
@@ -192,7 +192,10 @@ def taobao_block(s: SynthSpec, cat: Catalogue, b: int) -> tuple[pa.Table, np.nda
     c = tastes[user, np.searchsorted(_cum(TASTE_WEIGHTS), rng.random(n_rows), side="right")]       # [T]
     lo = np.where(focused, cat.pop_lo[c], 0.0)
     hi = np.where(focused, cat.pop_hi[c], cat.pop[-1])
-    item = np.searchsorted(cat.pop, lo + rng.random(n_rows) * (hi - lo), side="right")
+    x = lo + rng.random(n_rows) * (hi - lo)                      # [T] a point on the popularity axis
+    order = np.argsort(x)  # looked up in order, the catalogue stays in cache: ~7x faster at 5M items
+    item = np.empty(n_rows, np.int64)
+    item[order] = np.searchsorted(cat.pop, x[order], side="right")
     item = np.clip(item, np.where(focused, cat.cat_first[c], 0), np.where(focused, cat.cat_last[c], len(cat.pop) - 1))
 
     # behaviour: cart/fav/buy NONPV_LIFT times as likely on focused rows, the overall shares kept

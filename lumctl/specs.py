@@ -58,7 +58,7 @@ class SynthSpec(Strict):
     @model_validator(mode="after")
     def _check(self):
         if self.kind == "scenarios":
-            only_taobao = sorted({"rows", "chunk_rows"} & self.model_fields_set)
+            only_taobao = self._changed("rows", "chunk_rows")
             if only_taobao:
                 raise ValueError(f"{only_taobao[0]} only applies to kind = 'taobao'")
             self.users = 2000 if self.users is None else self.users
@@ -68,7 +68,7 @@ class SynthSpec(Strict):
             if not 3 <= lo <= hi:
                 raise ValueError(f"events_per_user must be [min, max] with 3 <= min <= max (got {[lo, hi]})")
         else:
-            only_scen = sorted({"scenarios", "events_per_user", "tastes", "focus", "zipf"} & self.model_fields_set)
+            only_scen = self._changed("scenarios", "events_per_user", "tastes", "focus", "zipf")
             if only_scen:
                 raise ValueError(f"{only_scen[0]} only applies to kind = 'scenarios'")
             if self.rows is None:
@@ -85,6 +85,10 @@ class SynthSpec(Strict):
         if self.categories > self.items:
             raise ValueError(f"categories must be <= items (got {self.categories} > {self.items})")
         return self
+
+    def _changed(self, *names: str) -> list[str]:
+        """Fields given a value other than their default (a resolved dump, all defaults, reads back)."""
+        return [n for n in names if n in self.model_fields_set and getattr(self, n) != type(self).model_fields[n].default]
 
 
 # ------------------------------------------------------------------------------------ tokenize

@@ -206,6 +206,15 @@ def test_bad_synth_sections_are_one_line(synth, msg):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("kw", [{}, {"users": 30}, {"kind": "taobao", "rows": 5000}, {"kind": "taobao", "rows": 5000, "items": 900}])
+def test_a_resolved_synth_section_reads_back(kw):
+    """Stores record the resolved spec (every field); reading it back gives the same section."""
+    s = SynthSpec(**kw)
+    assert SynthSpec.model_validate(s.model_dump(mode="json")) == s
+    assert parse_spec({"experiment": "x", "synth": s.model_dump(mode="json"),
+                       "tokenize": {"format": "taobao", "path": "x.csv"}}).synth == s
+
+
 def test_format_synth_does_not_read_a_taobao_log():
     with pytest.raises(InputError, match="read it with tokenize.format = 'taobao'"):
         parse_spec({"experiment": "x", "synth": {"kind": "taobao", "rows": 10}, "tokenize": {"format": "synth"}})

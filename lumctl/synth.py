@@ -43,6 +43,8 @@ which `tokenize` reads with `format = "taobao"`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,10 +262,19 @@ def write_taobao(s: SynthSpec, path: Path) -> dict[str, int]:
             "categories": len(np.unique(cat.item_cat[seen])), "bytes": path.stat().st_size}
 
 
+def synth_hash(s: SynthSpec) -> str:
+    """Hash of what the log depends on: each kind's own fields (chunk_rows does not change the log);
+    for kind = "scenarios" the same as Spec.section_hash("synth") over those fields."""
+    own = {"scenarios", "events_per_user", "tastes", "focus", "zipf"} if s.kind == "scenarios" else {"kind", "rows"}
+    other = {"kind", "rows", "chunk_rows", "scenarios", "events_per_user", "tastes", "focus", "zipf"} - own
+    d = {"synth": s.model_dump(mode="json", exclude=other)}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
 def run(spec: Spec, force: bool = False) -> Path:
     out = spec.store("synth")
     started = time.time()
-    spec_hash = spec.section_hash("synth")
+    spec_hash = synth_hash(spec.synth)
     if not force and is_up_to_date(out, spec_hash, {}):
         say(f"synth: {out} is up to date")
         return out

@@ -15,7 +15,7 @@ import pytest
 from helpers import invoke, spec_in
 from lumctl.errors import InputError
 from lumctl.specs import SynthSpec, parse_spec
-from lumctl.synth import END, START, generate, write_taobao
+from lumctl.synth import END, START, generate, synth_hash, write_taobao
 
 COLUMNS = ["user_id", "item_id", "category_id", "behavior_type", "timestamp"]
 
@@ -180,6 +180,21 @@ def test_scenarios_generator_unchanged():
     assert (d.users, d.items, d.categories) == (2000, 1000, 20)
 
 
+def test_scenarios_stores_keep_their_hash():
+    """The scenarios kind hashes as Spec.section_hash("synth") did before kinds, so its stores stay up to date."""
+    assert synth_hash(SynthSpec()) == "414943c6791a22e91f38e75feea70f3c564b2c4cb8e4c0ce7e90436612413eeb"
+    assert synth_hash(SynthSpec(users=30, seed=2, tastes=3)) == (
+        "811be37ea4d860c0dedd9ec480e3512fe659679199eb3fae119347666bf71c30")
+
+
+def test_taobao_hash_ignores_chunk_rows_only():
+    h = synth_hash(SynthSpec(kind="taobao", rows=1000))
+    assert h == synth_hash(SynthSpec(kind="taobao", rows=1000, chunk_rows=50_000))
+    assert h != synth_hash(SynthSpec(kind="taobao", rows=1001))
+    assert h != synth_hash(SynthSpec(kind="taobao", rows=1000, seed=1))
+    assert h != synth_hash(SynthSpec(kind="taobao", rows=1000, users=3))
+
+
 # ------------------------------------------------------------------------------ spec
 def test_taobao_defaults_follow_rows():
     s = SynthSpec(kind="taobao", rows=100_000_000)
@@ -244,5 +259,7 @@ def test_synth_then_tokenize_through_the_cli(tmp_path):
     assert tok["users"] == kept.sum()
     assert tok["events"] + tok["dropped_events"] == 20_000
     assert tok["malformed_rows"] == 0
+    spec.write_text(spec.read_text().replace('"chunk_rows" = 10000', '"chunk_rows" = 20000'))
+    assert '"chunk_rows" = 20000' in spec.read_text()
     r = invoke("synth", spec)
-    assert r.exit_code == 0 and "up to date" in r.output
+    assert r.exit_code == 0 and "up to date" in r.output  # chunk_rows does not change the log

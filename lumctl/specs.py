@@ -32,26 +32,63 @@ class Strict(BaseModel):
 
 # --------------------------------------------------------------------------------------- synth
 class SynthSpec(Strict):
-    """A synthetic behaviour log with known structure (see lumctl/synth.py)."""
+    """A synthetic behaviour log with known structure (see lumctl/synth.py).
 
-    users: int = Field(2000, gt=0, description="number of users")
-    items: int = Field(1000, gt=1, description="number of items")
-    categories: int = Field(20, gt=0, description="item categories (an item attribute)")
-    scenarios: int = Field(3, gt=0, description="scenarios; a user's taste depends on the scenario")
-    events_per_user: tuple[int, int] = Field((20, 120), description="[min, max] events per user")
-    tastes: int = Field(2, gt=0, description="preferred categories per user and scenario")
-    focus: float = Field(0.8, ge=0, le=1, description="share of events drawn from the user's preferred categories")
-    zipf: float = Field(1.1, ge=0, description="popularity skew of items within a category")
+    kind = "scenarios" (default): a small log with scenario-dependent tastes, read by tokenize
+    with format = "synth". kind = "taobao": a Taobao UserBehavior-shaped CSV of `rows` events,
+    written in chunks, read by tokenize with format = "taobao" and path = <synth store>/UserBehavior.csv.
+    users / items / categories default by kind: 2000 / 1000 / 20 for scenarios; for taobao
+    they follow `rows` as in the real 100M-row log: rows / 101.4 users, a catalogue of 0.05 * rows
+    items (about 0.0415 * rows of them occur), 9.4k * sqrt(rows / 100M) categories (at least 20)."""
+
+    kind: Literal["scenarios", "taobao"] = Field("scenarios", description="shape of the log (see above)")
+    users: int | None = Field(None, gt=0, description="number of users (default by kind)")
+    items: int | None = Field(None, gt=1, description="number of items; taobao: the catalogue, not all occur (default by kind)")
+    categories: int | None = Field(None, gt=0, description="item categories, an item attribute (default by kind)")
+    scenarios: int = Field(3, gt=0, description="scenarios: a user's taste depends on the scenario")
+    events_per_user: tuple[int, int] = Field((20, 120), description="scenarios: [min, max] events per user")
+    tastes: int = Field(2, gt=0, description="scenarios: preferred categories per user and scenario")
+    focus: float = Field(0.8, ge=0, le=1, description="scenarios: share of events drawn from the user's preferred categories")
+    zipf: float = Field(1.1, ge=0, description="scenarios: popularity skew of items within a category")
+    rows: int | None = Field(None, gt=0, description="taobao: total events in the log (required)")
+    chunk_rows: int = Field(4_000_000, ge=10_000, description=(
+        "taobao: events generated and written per chunk; bounds memory (~100 bytes per row), not the output"))
     seed: int = Field(0, description="random seed; the log is a pure function of the spec")
 
     @model_validator(mode="after")
     def _check(self):
-        lo, hi = self.events_per_user
-        if not 3 <= lo <= hi:
-            raise ValueError(f"events_per_user must be [min, max] with 3 <= min <= max (got {[lo, hi]})")
+        if self.kind == "scenarios":
+            only_taobao = self._changed("rows", "chunk_rows")
+            if only_taobao:
+                raise ValueError(f"{only_taobao[0]} only applies to kind = 'taobao'")
+            self.users = 2000 if self.users is None else self.users
+            self.items = 1000 if self.items is None else self.items
+            self.categories = 20 if self.categories is None else self.categories
+            lo, hi = self.events_per_user
+            if not 3 <= lo <= hi:
+                raise ValueError(f"events_per_user must be [min, max] with 3 <= min <= max (got {[lo, hi]})")
+        else:
+            only_scen = self._changed("scenarios", "events_per_user", "tastes", "focus", "zipf")
+            if only_scen:
+                raise ValueError(f"{only_scen[0]} only applies to kind = 'scenarios'")
+            if self.rows is None:
+                raise ValueError("rows is required for kind = 'taobao'")
+            if self.seed < 0:
+                raise ValueError(f"seed must be >= 0 for kind = 'taobao' (got {self.seed})")
+            n = self.rows
+            self.users = max(1, round(n / 101.4)) if self.users is None else self.users
+            self.items = max(2, round(0.05 * n)) if self.items is None else self.items
+            if self.categories is None:
+                self.categories = min(self.items, max(20, round(9439 * (n / 1e8) ** 0.5)))
+            if self.users > n:
+                raise ValueError(f"users must be <= rows: every user has an event (got {self.users} > {n})")
         if self.categories > self.items:
             raise ValueError(f"categories must be <= items (got {self.categories} > {self.items})")
         return self
+
+    def _changed(self, *names: str) -> list[str]:
+        """Fields given a value other than their default (a resolved dump, all defaults, reads back)."""
+        return [n for n in names if n in self.model_fields_set and getattr(self, n) != type(self).model_fields[n].default]
 
 
 # ------------------------------------------------------------------------------------ tokenize
@@ -478,6 +515,9 @@ class Spec(Strict):
     def _check(self):
         if self.tokenize.format == "synth" and self.synth is None:
             raise ValueError("tokenize.format = 'synth' needs a [synth] section")
+        if self.tokenize.format == "synth" and self.synth.kind == "taobao":
+            raise ValueError("[synth] kind = 'taobao' writes UserBehavior.csv: read it with tokenize.format = 'taobao' "
+                             f"and path = '{self.store('synth') / 'UserBehavior.csv'}'")
         if self.fuse is not None and self.fuse.lum != "none" and self.query is None:
             raise ValueError(f"[fuse] lum = '{self.fuse.lum}' reads the query store and needs a [query] section")
         return self

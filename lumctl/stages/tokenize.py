@@ -389,17 +389,16 @@ def build(spec: Spec, tmp: Path, where: str = "[tokenize]") -> tuple[dict, list[
         counts["out_of_range_events"] = int(eventdb.scalar(con, f"SELECT count(*) FROM raw WHERE {outside}"))
         if t.strict:
             in_range = f"NOT ({outside})"
-    if t.duplicates == "drop":
-        other = sorted(cols - {"user", "item", "timestamp"})
-        firsts = "".join(f', arg_min("{c}", rowid) AS "{c}"' for c in other)
-        con.execute(f"""CREATE TABLE ev AS SELECT min(rowid) AS ord, user, item, timestamp{firsts}
-                        FROM raw WHERE {in_range} GROUP BY user, item, timestamp""")
-        in_rows = eventdb.scalar(con, f"SELECT count(*) FROM raw WHERE {in_range}")
-        counts["duplicate_events"] = int(in_rows - eventdb.scalar(con, "SELECT count(*) FROM ev"))
-    else:
-        con.execute(f"CREATE TABLE ev AS SELECT rowid AS ord, * FROM raw WHERE {in_range}")
-        counts["duplicate_events"] = 0
-    con.execute("DROP TABLE raw")
+    counts["duplicate_events"] = 0
+    dropped = ""
+    if t.duplicates == "drop":  # a small table of the copies' rowids; `ev` is `raw` without them
+        con.execute(f"""CREATE TABLE copies AS SELECT r.rowid AS id FROM raw r JOIN
+                          (SELECT user, item, timestamp, min(rowid) AS first FROM raw WHERE {in_range}
+                           GROUP BY user, item, timestamp HAVING count(*) > 1) d USING (user, item, timestamp)
+                        WHERE r.rowid <> d.first""")
+        counts["duplicate_events"] = int(eventdb.scalar(con, "SELECT count(*) FROM copies"))
+        dropped = "ANTI JOIN copies ON raw.rowid = copies.id" if counts["duplicate_events"] else ""
+    con.execute(f"CREATE VIEW ev AS SELECT raw.rowid AS ord, raw.* FROM raw {dropped} WHERE {in_range}")
 
     # condition codes (vocabularies over every event, as the reference): one SQL expression per field
     cond_sql, joins, cond_vocabs = [], [], {}

@@ -27,8 +27,9 @@ INT_RE = r"\s*[-+]?[0-9]+\s*"
 
 
 def connect(folder: Path, memory_gb: float, threads: int | None = None) -> duckdb.DuckDBPyConnection:
-    """A database file in `folder` (removed with it), spilling to `folder/spill`."""
-    con = duckdb.connect(str(folder / "events.duckdb"))
+    """An in-memory database that spills to `folder/spill` past `memory_gb` (no checkpoints, so a table's
+    rowids never move: `raw`'s rowid stays the file order after rows are deleted)."""
+    con = duckdb.connect(":memory:")
     threads = threads or len(os.sched_getaffinity(0))
     con.execute(f"SET memory_limit = '{memory_gb:g}GB'")
     con.execute(f"SET threads = {int(threads)}")

@@ -381,25 +381,27 @@ def build(spec: Spec, tmp: Path, where: str = "[tokenize]") -> tuple[dict, list[
     counts: dict = {"malformed_rows": int(malformed)}
     cols = set(eventdb.numpy_column(con, "SELECT column_name FROM information_schema.columns WHERE table_name = 'raw'"))
 
-    # hygiene: events outside time_range (counted; dropped with strict), duplicates (the first in file order stays)
-    in_range = "true"
-    counts["out_of_range_events"] = 0
+    # hygiene: events outside time_range (counted; dropped with strict), duplicates (the first in file order
+    # stays). Deleting rows keeps the others' rowid, so `ord` below is still the file order.
+    counts["out_of_range_events"] = counts["duplicate_events"] = 0
+    loaded = int(eventdb.scalar(con, "SELECT count(*) FROM raw"))
+    deleted = 0
     if t.time_range is not None:
         outside = f"timestamp NOT BETWEEN {int(t.time_range[0])} AND {int(t.time_range[1])}"
         counts["out_of_range_events"] = int(eventdb.scalar(con, f"SELECT count(*) FROM raw WHERE {outside}"))
-        if t.strict:
-            in_range = f"NOT ({outside})"
+        if t.strict and counts["out_of_range_events"]:
+            con.execute(f"DELETE FROM raw WHERE {outside}")
+            deleted += counts["out_of_range_events"]
     if t.duplicates == "drop":
-        other = sorted(cols - {"user", "item", "timestamp"})
-        firsts = "".join(f', arg_min("{c}", rowid) AS "{c}"' for c in other)
-        con.execute(f"""CREATE TABLE ev AS SELECT min(rowid) AS ord, user, item, timestamp{firsts}
-                        FROM raw WHERE {in_range} GROUP BY user, item, timestamp""")
-        in_rows = eventdb.scalar(con, f"SELECT count(*) FROM raw WHERE {in_range}")
-        counts["duplicate_events"] = int(in_rows - eventdb.scalar(con, "SELECT count(*) FROM ev"))
-    else:
-        con.execute(f"CREATE TABLE ev AS SELECT rowid AS ord, * FROM raw WHERE {in_range}")
-        counts["duplicate_events"] = 0
-    con.execute("DROP TABLE raw")
+        con.execute("""CREATE TABLE copies AS SELECT r.rowid AS id FROM raw r JOIN
+                         (SELECT user, item, timestamp, min(rowid) AS first FROM raw
+                          GROUP BY user, item, timestamp HAVING count(*) > 1) d USING (user, item, timestamp)
+                       WHERE r.rowid <> d.first""")
+        counts["duplicate_events"] = int(eventdb.scalar(con, "SELECT count(*) FROM copies"))
+        if counts["duplicate_events"]:
+            con.execute("DELETE FROM raw WHERE rowid IN (SELECT id FROM copies)")
+            deleted += counts["duplicate_events"]
+    con.execute("CREATE VIEW ev AS SELECT rowid AS ord, * FROM raw")
 
     # condition codes (vocabularies over every event, as the reference): one SQL expression per field
     cond_sql, joins, cond_vocabs = [], [], {}
@@ -446,17 +448,17 @@ def build(spec: Spec, tmp: Path, where: str = "[tokenize]") -> tuple[dict, list[
     U = eventdb.make_vocab(con, "users", "user_n", "user", 0)
     if U == 0:
         raise InputError(where, f"no user has >= min_user_events = {t.min_user_events} events")
-    I = eventdb.make_vocab(con, "items", f"(SELECT DISTINCT item FROM ev {item_ok} SEMI JOIN user_n USING (user))",
-                           "item", 2) + 2
+    taobao_cat = (log is None or log.items is None) and "category" in cols   # Taobao: category is an event column
+    # the kept events' distinct items (with their categories): one pass gives both vocabularies
+    con.execute(f"""CREATE TABLE kept_items AS SELECT DISTINCT item{', category' if taobao_cat else ''}
+                    FROM ev {item_ok} SEMI JOIN user_n USING (user)""")
+    I = eventdb.make_vocab(con, "items", "kept_items", "item", 2) + 2
+    if taobao_cat:
+        eventdb.make_vocab(con, "categories", "kept_items", "category", 2)
     n = eventdb.numpy_column(con, "SELECT n FROM user_n JOIN users ON user = value ORDER BY code").astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
     E = int(offsets[-1])
-    counts.update({"users": U, "items": I - 2, "events": E,
-                   "dropped_events": int(eventdb.scalar(con, "SELECT count(*) FROM ev")) - E})
-    taobao_cat = (log is None or log.items is None) and "category" in cols
-    if taobao_cat:  # Taobao: the category is an event column; its vocabulary over the kept events
-        eventdb.make_vocab(con, "categories", "(SELECT category FROM ev SEMI JOIN users ON user = users.value "
-                           "SEMI JOIN items ON item = items.value)", "category", 2)
+    counts.update({"users": U, "items": I - 2, "events": E, "dropped_events": int(loaded - deleted - E)})
     t0 = None
     if t.split.pretrain_before is not None:
         t0 = int(t.split.pretrain_before)

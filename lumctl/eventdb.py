@@ -27,9 +27,8 @@ INT_RE = r"\s*[-+]?[0-9]+\s*"
 
 
 def connect(folder: Path, memory_gb: float, threads: int | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory database that spills to `folder/spill` past `memory_gb` (no checkpoints, so a table's
-    rowids never move: `raw`'s rowid stays the file order after rows are deleted)."""
-    con = duckdb.connect(":memory:")
+    """A database file in `folder` (removed with it), spilling to `folder/spill` past `memory_gb`."""
+    con = duckdb.connect(str(folder / "events.duckdb"))
     threads = threads or len(os.sched_getaffinity(0))
     con.execute(f"SET memory_limit = '{memory_gb:g}GB'")
     con.execute(f"SET threads = {int(threads)}")
@@ -106,6 +105,18 @@ def _sql_str(v) -> str:
 
 
 # ------------------------------------------------------------------------------------ SQL pieces
+def copies(con: duckdb.DuckDBPyConnection, table: str, where: str = "true") -> None:
+    """CREATE TABLE copies(id): rowids of the rows of `table` whose (user, item, timestamp) an earlier row
+    (in rowid order) has too. Grouping by one 64-bit hash of the triple keeps the aggregate small; every
+    candidate is then checked against its group's first row, so a hash collision never drops an event."""
+    con.execute(f"""CREATE TEMP TABLE dup_groups AS SELECT hash(user, item, timestamp) AS h, min(rowid) AS first
+                    FROM {table} WHERE {where} GROUP BY 1 HAVING count(*) > 1""")
+    con.execute(f"""CREATE TABLE copies AS SELECT r.rowid AS id FROM {table} r
+                    JOIN dup_groups g ON hash(r.user, r.item, r.timestamp) = g.h
+                    JOIN {table} f ON f.rowid = g.first
+                    WHERE r.rowid <> g.first AND r.user = f.user AND r.item = f.item AND r.timestamp = f.timestamp""")
+    # (a copy has its first row's timestamp, so it passes `where` whenever that row does)
+
 def is_integer_type(con: duckdb.DuckDBPyConnection, table: str, col: str) -> bool:
     typ = con.execute(f"SELECT data_type FROM information_schema.columns WHERE table_name = '{table}' "
                       f"AND column_name = '{col}'").fetchall()[0][0]

@@ -182,7 +182,7 @@ def test_killed_tokenize_leaves_no_store_and_reruns(tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     store = tmp_path / "stores" / "k" / "tokenize"
     deadline = time.time() + 60
-    while time.time() < deadline and not any((tmp_path / "stores" / "k").glob(".tokenize.tmp-*/work")):
+    while time.time() < deadline and not any((tmp_path / "stores" / "k").glob(".tokenize.tmp-*/work/events.duckdb")):
         time.sleep(0.05)
     time.sleep(0.5)
     p.send_signal(signal.SIGKILL)

@@ -382,26 +382,23 @@ def build(spec: Spec, tmp: Path, where: str = "[tokenize]") -> tuple[dict, list[
     cols = set(eventdb.numpy_column(con, "SELECT column_name FROM information_schema.columns WHERE table_name = 'raw'"))
 
     # hygiene: events outside time_range (counted; dropped with strict), duplicates (the first in file order
-    # stays). Deleting rows keeps the others' rowid, so `ord` below is still the file order.
-    counts["out_of_range_events"] = counts["duplicate_events"] = 0
+    # stays); `ev` is what remains, with its file order `ord`
     loaded = int(eventdb.scalar(con, "SELECT count(*) FROM raw"))
-    deleted = 0
+    counts["out_of_range_events"] = counts["duplicate_events"] = 0
+    keep = "true"
     if t.time_range is not None:
         outside = f"timestamp NOT BETWEEN {int(t.time_range[0])} AND {int(t.time_range[1])}"
         counts["out_of_range_events"] = int(eventdb.scalar(con, f"SELECT count(*) FROM raw WHERE {outside}"))
-        if t.strict and counts["out_of_range_events"]:
-            con.execute(f"DELETE FROM raw WHERE {outside}")
-            deleted += counts["out_of_range_events"]
+        if t.strict:
+            keep = f"NOT ({outside})"
+    dropped = ""
     if t.duplicates == "drop":
-        con.execute("""CREATE TABLE copies AS SELECT r.rowid AS id FROM raw r JOIN
-                         (SELECT user, item, timestamp, min(rowid) AS first FROM raw
-                          GROUP BY user, item, timestamp HAVING count(*) > 1) d USING (user, item, timestamp)
-                       WHERE r.rowid <> d.first""")
+        eventdb.copies(con, "raw", keep)
         counts["duplicate_events"] = int(eventdb.scalar(con, "SELECT count(*) FROM copies"))
-        if counts["duplicate_events"]:
-            con.execute("DELETE FROM raw WHERE rowid IN (SELECT id FROM copies)")
-            deleted += counts["duplicate_events"]
-    con.execute("CREATE VIEW ev AS SELECT rowid AS ord, * FROM raw")
+        dropped = "ANTI JOIN copies ON raw.rowid = copies.id" if counts["duplicate_events"] else ""
+    con.execute(f"CREATE TABLE ev AS SELECT raw.rowid AS ord, raw.* FROM raw {dropped} WHERE {keep}")
+    con.execute("DROP TABLE raw")
+    deleted = counts["duplicate_events"] + (counts["out_of_range_events"] if keep != "true" else 0)
 
     # condition codes (vocabularies over every event, as the reference): one SQL expression per field
     cond_sql, joins, cond_vocabs = [], [], {}

@@ -181,7 +181,7 @@ def test_scenarios_generator_unchanged():
 
 
 def test_scenarios_stores_keep_their_hash():
-    """The scenarios kind hashes as Spec.section_hash("synth") did before kinds, so its stores stay up to date."""
+    """The scenarios kind hashes only its own fields (pinned values), so its stores stay up to date."""
     assert synth_hash(SynthSpec()) == "414943c6791a22e91f38e75feea70f3c564b2c4cb8e4c0ce7e90436612413eeb"
     assert synth_hash(SynthSpec(users=30, seed=2, tastes=3)) == (
         "811be37ea4d860c0dedd9ec480e3512fe659679199eb3fae119347666bf71c30")

@@ -33,7 +33,8 @@ def connect(folder: Path, memory_gb: float, threads: int | None = None) -> duckd
     con.execute(f"SET memory_limit = '{memory_gb:g}GB'")
     con.execute(f"SET threads = {int(threads)}")
     con.execute(f"SET temp_directory = '{folder / 'spill'}'")
-    con.execute("SET preserve_insertion_order = true")  # `raw`'s rowid is the file order
+    con.execute("SET preserve_insertion_order = true")  # `raw`'s rowid is the file order ...
+    con.execute("SET checkpoint_threshold = '1000TB'")     # ... and no checkpoint compacts deleted rows away
     con.execute("SET enable_progress_bar = false")
     return con
 
@@ -105,17 +106,16 @@ def _sql_str(v) -> str:
 
 
 # ------------------------------------------------------------------------------------ SQL pieces
-def copies(con: duckdb.DuckDBPyConnection, table: str, where: str = "true") -> None:
+def copies(con: duckdb.DuckDBPyConnection, table: str) -> None:
     """CREATE TABLE copies(id): rowids of the rows of `table` whose (user, item, timestamp) an earlier row
     (in rowid order) has too. Grouping by one 64-bit hash of the triple keeps the aggregate small; every
     candidate is then checked against its group's first row, so a hash collision never drops an event."""
     con.execute(f"""CREATE TEMP TABLE dup_groups AS SELECT hash(user, item, timestamp) AS h, min(rowid) AS first
-                    FROM {table} WHERE {where} GROUP BY 1 HAVING count(*) > 1""")
+                    FROM {table} GROUP BY 1 HAVING count(*) > 1""")
     con.execute(f"""CREATE TABLE copies AS SELECT r.rowid AS id FROM {table} r
                     JOIN dup_groups g ON hash(r.user, r.item, r.timestamp) = g.h
                     JOIN {table} f ON f.rowid = g.first
                     WHERE r.rowid <> g.first AND r.user = f.user AND r.item = f.item AND r.timestamp = f.timestamp""")
-    # (a copy has its first row's timestamp, so it passes `where` whenever that row does)
 
 def is_integer_type(con: duckdb.DuckDBPyConnection, table: str, col: str) -> bool:
     typ = con.execute(f"SELECT data_type FROM information_schema.columns WHERE table_name = '{table}' "

@@ -391,13 +391,13 @@ def build(spec: Spec, tmp: Path, where: str = "[tokenize]") -> tuple[dict, list[
         counts["out_of_range_events"] = int(eventdb.scalar(con, f"SELECT count(*) FROM raw WHERE {outside}"))
         if t.strict:
             keep = f"NOT ({outside})"
-    dropped = ""
+    if keep != "true":
+        con.execute(f"DELETE FROM raw WHERE NOT ({keep})")
     if t.duplicates == "drop":
-        eventdb.copies(con, "raw", keep)
+        eventdb.copies(con, "raw")
         counts["duplicate_events"] = int(eventdb.scalar(con, "SELECT count(*) FROM copies"))
-        dropped = "ANTI JOIN copies ON raw.rowid = copies.id" if counts["duplicate_events"] else ""
-    con.execute(f"CREATE TABLE ev AS SELECT raw.rowid AS ord, raw.* FROM raw {dropped} WHERE {keep}")
-    con.execute("DROP TABLE raw")
+        con.execute("DELETE FROM raw WHERE rowid IN (SELECT id FROM copies)")
+    con.execute("CREATE VIEW ev AS SELECT rowid AS ord, * FROM raw")   # deleting rows moves no rowid
     deleted = counts["duplicate_events"] + (counts["out_of_range_events"] if keep != "true" else 0)
 
     # condition codes (vocabularies over every event, as the reference): one SQL expression per field

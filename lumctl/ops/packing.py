@@ -178,15 +178,47 @@ def pack_sequences(items: np.ndarray, conds: np.ndarray, first: np.ndarray, coun
     docs/CONTRACTS.md, plus `row` and `start` per user ([U]).
     """
     count = np.asarray(count, np.int64)
-    lengths = count * (2 if conditions else 1)
+    row, start, n_rows = assign_rows(count * (2 if conditions else 1), seq_len, strategy)
+    out = fill_rows(items, conds, first, count, row, start, n_rows, seq_len, conditions, times)
+    return {**out, "row": row, "start": start}
+
+
+def fill_rows(items: np.ndarray, conds: np.ndarray, first: np.ndarray, count: np.ndarray, row: np.ndarray,
+              start: np.ndarray, n_rows: int, seq_len: int, conditions: bool = True,
+              times: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The rows of users already placed by `assign_rows` (row [U], start [U], n_rows): arrays
+    [n_rows, S] (cond [n_rows, S, F]) as in docs/CONTRACTS.md; `user` holds indices into first/count."""
     conds = np.ascontiguousarray(conds, np.int32).reshape(len(items), -1)
-    row, start, n_rows = assign_rows(lengths, seq_len, strategy)
     times = np.zeros(len(items), np.int64) if times is None else np.asarray(times, np.int64)
     typ, item, cond, seg, pos, loss, target, user, ts = _fill(
-        np.asarray(items, np.int32), conds, times, np.asarray(first, np.int64), count, row, start, n_rows, seq_len,
-        conditions)
+        np.asarray(items, np.int32), conds, times, np.asarray(first, np.int64), np.asarray(count, np.int64),
+        row, start, n_rows, seq_len, conditions)
     return {"type": typ, "item": item, "cond": cond, "segment": seg, "pos": pos, "loss_mask": loss,
-            "target": target, "user": user, "ts": ts, "row": row, "start": start}
+            "target": target, "user": user, "ts": ts}
+
+
+def plan_blocks(first: np.ndarray, count: np.ndarray, tokens_per_event: int, max_tokens: int,
+                max_events: int) -> np.ndarray:
+    """Cut users 0..U-1 (in order; user u packs events first[u] : first[u]+count[u], windows in
+    increasing order) into contiguous blocks -> bounds [B+1] (block b = users bounds[b]:bounds[b+1]).
+
+    A block grows while its tokens stay <= max_tokens and the events it spans (first event of its
+    first user to the last event of its last user, what one slice read returns) stay <= max_events;
+    every block holds at least one user, so a block over either limit is a single user."""
+    first, count = np.asarray(first, np.int64), np.asarray(count, np.int64)
+    if len(count) == 0:
+        return np.zeros(1, np.int64)
+    tok_end = np.cumsum(count * tokens_per_event)       # tokens of users 0..u
+    ev_end = first + count                              # non-decreasing
+    bounds = [0]
+    a = 0
+    while a < len(count):
+        before = tok_end[a - 1] if a else 0
+        b = min(np.searchsorted(tok_end, before + max_tokens, side="right"),
+                np.searchsorted(ev_end, first[a] + max_events, side="right"))
+        a = max(a + 1, int(b))
+        bounds.append(a)
+    return np.asarray(bounds, np.int64)
 
 
 def pack_sequences_ref(items, conds, first, count, seq_len, conditions=True, strategy="best_fit", times=None):

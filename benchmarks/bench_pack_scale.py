@@ -8,7 +8,8 @@ lumctl/stages/tokenize.py, with Taobao-like shapes): ~101 events per user with a
 (behaviour: pv / cart / fav / buy = 89.5 / 5.5 / 2.9 / 2.0 %; category up to 9.4k), 9 days of
 timestamps sorted per user, a time split leaving ~78 % of each user's events for training. Then
 `python -m lumctl pack --force` runs under `/usr/bin/time -v`: wall seconds and peak RSS are
-read from its report, the packing counts from the store's manifest.
+read from its report (and CPU seconds, user + system: on a shared machine wall time also
+measures the others' load, reported as the 1-minute load average before the run), the packing counts from the store's manifest.
 
 Stores are kept in `--workdir` (reused when present; delete it to rebuild). Prints one JSON
 object and appends it, with a description of the machine, to benchmarks/results/pack_scale.json.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -89,7 +91,8 @@ def run_pack(spec_path: Path) -> dict:
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", p.stderr).group(1)
     secs = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.split(":"))))
-    return {"wall_s": round(secs, 2), "peak_rss_gib": round(rss_kb / 2 ** 20, 3)}
+    cpu = {k: float(re.search(rf"{k.capitalize()} time \(seconds\): ([\d.]+)", p.stderr).group(1)) for k in ("user", "system")}
+    return {"wall_s": round(secs, 2), "cpu_s": round(cpu["user"] + cpu["system"], 2), "peak_rss_gib": round(rss_kb / 2 ** 20, 3)}
 
 
 def main(argv=None) -> dict:
@@ -115,9 +118,10 @@ def main(argv=None) -> dict:
         spec.write_text(f'experiment = "bench"\nstore_root = "{root}"\n'
                         f'[tokenize]\nformat = "taobao"\npath = "unused.csv"\n'
                         f'[pack]\nseq_len = {args.seq_len}\nmax_items = {args.max_items}\n{args.pack}\n')
+        load = os.getloadavg()[0]                  # the machine may be shared: wall time counts others' load
         res = run_pack(spec)
         counts = json.loads((root / "bench" / "pack" / "manifest.json").read_text())["counts"]
-        runs.append({"events": n, **res, "counts": counts})
+        runs.append({"events": n, **res, "load_avg_1min_before": round(load, 2), "counts": counts})
         print(json.dumps(runs[-1]), file=sys.stderr)
     result = {"benchmark": "pack_scale", "seq_len": args.seq_len, "max_items": args.max_items,
               "pack_extra": args.pack, "runs": runs, "machine": machine()}

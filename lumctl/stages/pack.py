@@ -27,19 +27,19 @@ one block the store equals packing every user at once (`pack_train`, the in-memo
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from zarr.codecs import ZstdCodec
 
 from lumctl import zarrio
-from lumctl.ops.packing import assign_rows, fill_rows, pack_sequences, plan_blocks
+from lumctl.ops.packing import assign_rows, empty_rows, fill_rows, pack_sequences, plan_blocks
 from lumctl.progress import progress, say
 from lumctl.specs import PackSpec, Spec
 from lumctl.store import atomic_dir, is_up_to_date, join, require_store, store_hash, write_manifest
 
 ROW_KEYS = ("type", "item", "cond", "segment", "pos", "loss_mask", "target", "user", "ts")
-ROW_DTYPES = {"type": np.int8, "item": np.int32, "cond": np.int32, "segment": np.int32, "pos": np.int32,
-              "loss_mask": np.bool_, "target": np.int32, "user": np.int32, "ts": np.int64}
 EVENT_KEYS = ("events/item", "events/cond", "events/timestamp")
 
 
@@ -136,26 +136,39 @@ def run(spec: Spec, force: bool = False) -> Path:
 
     with atomic_dir(out) as tmp:
         g = zarrio.create(tmp / "rows.zarr")
-        tail = {"cond": (F,)}
-        arrs = {k: g.create_array(k, shape=(R, S) + tail.get(k, ()), dtype=ROW_DTYPES[k],
-                                  chunks=(cr, S) + (max(1, F),) * (k == "cond"), overwrite=True) for k in ROW_KEYS}
-        done, carry = 0, None                                            # rows written; rows of a partial chunk
-        with progress() as bar:
+        # two sets of row buffers, reused block after block (one filled while the other is written)
+        cap = int(np.diff(row0).max(initial=0)) + cr
+        bufs = [empty_rows(cap, S, F) for _ in range(2 if len(bounds) > 2 else 1)]
+        arrs = {k: g.create_array(k, shape=(R,) + bufs[0][k].shape[1:], dtype=bufs[0][k].dtype,
+                                  chunks=(cr, S) + (max(1, F),) * (k == "cond"), compressors=[ZstdCodec(level=1)],
+                                  overwrite=True) for k in ROW_KEYS}
+        done, head = 0, None                          # rows handed to the writer; rows of a partial chunk
+
+        def write(rows: dict, at: int, n: int) -> None:
+            for k in ROW_KEYS:
+                arrs[k][at:at + n] = rows[k][:n]
+
+        # one writer thread: block i is compressed and written while block i+1 is read and filled
+        with ThreadPoolExecutor(1) as pool, progress() as bar:
             task = bar.add_task("pack", total=len(bounds) - 1, info="")
+            pending = None
             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
                 e0, e1 = int(first[a]), int(first[b - 1] + count[b - 1])  # one slice covers the block's windows
                 items, conds, ts = (ev[k][e0:e1] for k in EVENT_KEYS)  # [n], [n, F], [n]
                 rows = fill_rows(items, conds, first[a:b] - e0, count[a:b], row[a:b], start[a:b],
-                                 int(row0[i + 1] - row0[i]), S, p.conditions, ts)
-                rows["user"] = np.where(rows["user"] >= 0, kept[a:b][np.maximum(rows["user"], 0)], -1).astype(np.int32)
-                if carry is not None:
-                    rows = {k: np.concatenate([carry[k], rows[k]]) for k in ROW_KEYS}
+                                 int(row0[i + 1] - row0[i]), S, p.conditions, ts, uid=kept[a:b], head=head,
+                                 out=bufs[i % len(bufs)])
+                del items, conds, ts
                 n = len(rows["type"]) if b == bounds[-1] else len(rows["type"]) // cr * cr
-                for k in ROW_KEYS:
-                    arrs[k][done:done + n] = rows[k][:n]
-                carry = {k: rows[k][n:].copy() for k in ROW_KEYS}
+                head = {k: rows[k][n:].copy() for k in ROW_KEYS}
+                if pending is not None:
+                    pending.result()                   # at most one block in flight
+                pending = pool.submit(write, rows, done, n)
+                del rows
                 done += n
                 bar.update(task, advance=1, info=f"{done:,}/{R:,} rows")
+            if pending is not None:
+                pending.result()
         assert done == R, (done, R)
         g.attrs.update({"seq_len": S, "conditions": p.conditions, "max_items": p.max_items})
         write_manifest(tmp, stage="pack", spec_hash=spec_hash, inputs=inputs, counts=counts, started=started)

@@ -195,7 +195,8 @@ def fill_rows(items: np.ndarray, conds: np.ndarray, first: np.ndarray, count: np
     [n_rows, S] (cond [n_rows, S, F]) as in docs/CONTRACTS.md. `user` holds uid[u] (default u, the
     index into first/count). `head` (arrays [H, S, ...]) is copied above the new rows: [H + n_rows, S].
     `out` (arrays of at least H + n_rows rows, as `empty_rows`) is reused instead of new arrays."""
-    conds = np.ascontiguousarray(conds, np.int32).reshape(len(items), -1)
+    conds = np.ascontiguousarray(conds, np.int32)
+    conds = conds if conds.ndim == 2 else conds.reshape(len(items), -1)   # [E, F]
     times = np.zeros(len(items), np.int64) if times is None else np.asarray(times, np.int64)
     uid = np.arange(len(count), dtype=np.int32) if uid is None else np.asarray(uid, np.int32)
     h = 0 if head is None else len(head["type"])

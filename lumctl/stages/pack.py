@@ -89,7 +89,7 @@ def pack_train(data: dict[str, np.ndarray], p: PackSpec) -> tuple[dict[str, np.n
     """In-memory reference of `run`: every event in memory, each block packed by `pack_sequences`,
     rows concatenated block by block. (rows {key: [R, S, ...]}, manifest counts)."""
     kept, first, count = train_windows(data, p)
-    cond = np.asarray(data["events/cond"]).reshape(len(data["events/item"]), -1)
+    cond = np.asarray(data["events/cond"])                                 # [E, F]
     bounds = blocks(first, count, p, cond.shape[1])
     parts = []
     for a, b in zip(bounds[:-1], bounds[1:]):

@@ -15,13 +15,19 @@ Out of core, in two passes over contiguous blocks of users:
      Every user's row and start, and the store's row count, are known before any event is read.
   2. fill: per block, one slice read of events/item, events/cond, events/timestamp covering its
      users (users are contiguous in the event arrays, so a block is one sequential read, never a
-     scattered gather), the rows filled (`fill_rows`) and appended to the Zarr arrays in whole
-     chunks of `chunk_rows` rows (the few rows of a partial chunk wait for the next block).
-Contiguous blocks rather than a global placement: a block is one sequential read, and the
-price is only the part-filled rows at the end of each block (best fit leaves a handful;
-on a 10M-event Taobao-shaped log with seq_len 4096, blocks of 256 MiB give 0.9999 against
-0.9999 for one block, see benchmarks/bench_pack_scale.py). Rows are ordered block by block; with
-one block the store equals packing every user at once (`pack_train`, the in-memory reference).
+     scattered gather), the rows filled (`fill_rows`, into two reused buffers) and appended to the
+     Zarr arrays in whole chunks of `chunk_rows` rows (the rows of a partial chunk wait for the next
+     block), by one writer thread while the next block is read and filled.
+Memory: two blocks of rows and one block of events (about 3x block_mib), the per-user arrays
+(a few int64 a user) and the libraries, whatever the number of events.
+Contiguous blocks rather than one global placement: a block is one sequential read. The price is
+the part-filled last rows of each block, under one row a block: on a 10M-event Taobao-shaped log
+(99k users, seq_len 4096, max_items 500) one block packs 3,593 rows (efficiency 0.99992), blocks of
+256 MiB 3,594 rows in 3 blocks (0.99964), of 64 MiB 3,600 rows in 9 blocks (0.99798)
+(benchmarks/bench_pack_scale.py). Rows are ordered block by block; with one block the store equals
+packing every user at once. `pack_train` is the in-memory reference of the whole stage.
+Rows are compressed with zstd level 1: the same ratio as zarr's default level on packed rows
+at about half its CPU time, which dominates the stage.
 """
 
 from __future__ import annotations

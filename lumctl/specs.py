@@ -232,6 +232,10 @@ class PackSpec(Strict):
     conditions: bool = Field(True, description="write condition tokens (false = item-only ablation)")
     strategy: Literal["best_fit", "first_fit"] = Field("best_fit", description="bin packing, longest users first")
     chunk_rows: int = Field(64, gt=0, description="rows per Zarr chunk")
+    block_mib: float = Field(256, gt=0, description=(
+        "memory bound of one block of users packed at a time (MiB): its rows (30 + 4F bytes a token) and its "
+        "events read from the tokenize store (12 + 4F bytes an event) each stay within it; peak memory is about "
+        "3x this plus the per-user arrays, whatever the log size. Smaller blocks cost a little packing efficiency"))
 
     @model_validator(mode="after")
     def _check(self):

@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lumctl.specs import load_report  # noqa: E402
+from lumctl.report_specs import load_report  # noqa: E402
 from lumctl.stages import eval as ev  # noqa: E402
 from lumctl.stages import fuse, pack, tokenize  # noqa: E402
 

@@ -32,7 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lumctl.specs import STAGES, load_report
+from lumctl.report_specs import load_report
+from lumctl.specs import STAGES
 from lumctl.stages import eval as ev
 from lumctl.store import hash_obj
 

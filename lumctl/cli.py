@@ -14,11 +14,13 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="lumctl: pretrain a Large User Model, query it, fuse its answers into DLRMs, evaluate.")
-spec_app = typer.Typer(no_args_is_help=True, help="Validate specs and print their schema.")
+spec_app = typer.Typer(no_args_is_help=True, help="Validate specs, print them resolved, print their schema.")
 app.add_typer(spec_app, name="spec")
 
 SpecArg = typer.Argument(..., help="TOML spec of the experiment", show_default=False)
 ForceOpt = typer.Option(False, "--force", help="rebuild even when the store is up to date")
+SetOpt = typer.Option([], "--set", metavar="SECTION.KEY=VALUE", show_default=False, help=(
+    "override one spec key, the value read as TOML (e.g. --set pack.seq_len=1024); repeatable"))
 
 
 def _guard(fn: Callable[[], object]) -> None:
@@ -45,18 +47,18 @@ def _guard(fn: Callable[[], object]) -> None:
 NOTHING_TO = {"synth": "generate", "query": "query", "fuse": "fuse"}
 
 
-def _run_stage(stage: str, spec_path: Path, force: bool, **kwargs) -> None:
-    """Load the spec, check the stage's optional section is there, run the stage."""
+def _run_stage(stage: str, spec_path: Path, force: bool, sets: list[str], **kwargs) -> None:
+    """Load the spec (with its --set overrides), check the stage's optional section is there, run the stage."""
     from lumctl.errors import InputError
     from lumctl.specs import load_spec
 
     def go():
         if stage == "eval":  # the report spec lists the experiments it reads
-            from lumctl.specs import load_report
-            spec = load_report(spec_path)
+            from lumctl.report_specs import load_report
+            spec = load_report(spec_path, sets)
             kwargs["path"] = str(spec_path)
         else:
-            spec = load_spec(spec_path)
+            spec = load_spec(spec_path, sets)
         _refuse_torchrun(stage)
         if stage in NOTHING_TO and getattr(spec, stage) is None:
             raise InputError(str(spec_path), f"[{stage}]: section missing; nothing to {NOTHING_TO[stage]}")
@@ -76,78 +78,78 @@ def _refuse_torchrun(stage: str) -> None:
 
 
 @app.command()
-def synth(spec: Path = SpecArg, force: bool = ForceOpt):
+def synth(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt):
     """Generate the synthetic behaviour log described by the spec's synth section."""
-    _run_stage("synth", spec, force)
+    _run_stage("synth", spec, force, sets)
 
 
 @app.command()
-def tokenize(spec: Path = SpecArg, force: bool = ForceOpt):
+def tokenize(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt):
     """Raw log -> vocabularies, feature tables, per-user sequences and splits (Zarr)."""
-    _run_stage("tokenize", spec, force)
+    _run_stage("tokenize", spec, force, sets)
 
 
 @app.command()
-def pack(spec: Path = SpecArg, force: bool = ForceOpt):
+def pack(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt):
     """Per-user sequences -> packed rows with segment ids, positions, loss mask (Numba)."""
-    _run_stage("pack", spec, force)
+    _run_stage("pack", spec, force, sets)
 
 
 @app.command()
-def pretrain(spec: Path = SpecArg, force: bool = ForceOpt,
+def pretrain(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt,
              resume: bool = typer.Option(False, "--resume", help="continue from the newest step checkpoint"),
              until_step: int = typer.Option(None, "--until-step", help="stop after this step (resume later)")):
     """Train the LUM user encoder on packed rows (next-condition-item InfoNCE)."""
-    _run_stage("pretrain", spec, force, resume=resume, until_step=until_step)
+    _run_stage("pretrain", spec, force, sets, resume=resume, until_step=until_step)
 
 
 @app.command()
-def query(spec: Path = SpecArg, force: bool = ForceOpt,
+def query(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt,
           users: str = typer.Option(None, "--users", help="limit the run to some users: tokenize-store user "
                                     "indices such as 0-99 or 1,5,7")):
     """Grouped conditional queries of the pretrained LUM at point-in-time snapshots -> feature store."""
-    _run_stage("query", spec, force, users=users)
+    _run_stage("query", spec, force, sets, users=users)
 
 
 @app.command()
-def fuse(spec: Path = SpecArg, force: bool = ForceOpt,
+def fuse(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt,
          seeds: int = typer.Option(None, "--seeds", min=1, help="independent runs (overrides the spec's fuse seeds)")):
     """Train a DLRM backbone on the CTR protocol, with the LUM answers of the query store fused in."""
-    _run_stage("fuse", spec, force, seeds=seeds)
+    _run_stage("fuse", spec, force, sets, seeds=seeds)
 
 
 @app.command("eval")
 def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [report] section)", show_default=False),
-          force: bool = ForceOpt,
+          force: bool = ForceOpt, sets: list[str] = SetOpt,
           out: Path = typer.Option(None, "--out", help="also write OUT/results.md and OUT/results/ (plots, JSON), "
                                    "e.g. --out docs"),
           allow_missing: bool = typer.Option(False, "--allow-missing", help="show rows whose stores are missing or "
                                              "stale as 'not run' instead of failing")):
     """Results report from finished stores (never trains): tables, significance tests, scaling fits, plots."""
-    _run_stage("eval", spec, force, out=out, allow_missing=allow_missing)
+    _run_stage("eval", spec, force, sets, out=out, allow_missing=allow_missing)
 
 
 @app.command()
-def run(spec: Path = SpecArg, force: bool = ForceOpt):
+def run(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt):
     """Every implemented stage in order, skipping those already up to date."""
     from lumctl.specs import load_spec
 
     def go():
         _refuse_torchrun("run")
         from lumctl.stages import run_all
-        run_all(load_spec(spec), force=force)
+        run_all(load_spec(spec, sets), force=force)
     _guard(go)
 
 
 @spec_app.command("validate")
-def spec_validate(specs: list[Path] = typer.Argument(..., help="spec files")):
+def spec_validate(specs: list[Path] = typer.Argument(..., help="spec files"), sets: list[str] = SetOpt):
     """Validate spec files; print one line per file."""
     from lumctl.errors import InputError
-    from lumctl.specs import ReportFile, load_any
+    from lumctl.report_specs import ReportFile, load_any
     bad = 0
     for p in specs:
         try:
-            s = load_any(p)
+            s = load_any(p, sets)
             what = "report" if isinstance(s, ReportFile) else "experiment"
             typer.echo(f"{p}: ok ({what} '{s.experiment}')")
         except InputError as e:
@@ -156,10 +158,24 @@ def spec_validate(specs: list[Path] = typer.Argument(..., help="spec files")):
     raise typer.Exit(2 if bad else 0)
 
 
+@spec_app.command("resolve")
+def spec_resolve(spec: Path = typer.Argument(..., help="experiment or report spec", show_default=False),
+                 sets: list[str] = SetOpt):
+    """Print the spec as TOML with its `extends` recipes and --set overrides merged in (validated)."""
+    def go():
+        from lumctl.report_specs import load_any
+        from lumctl.spec_io import dump_toml, load_toml
+        load_any(spec, sets)  # validate first: a resolved spec that would not run is an error
+        typer.echo(f"# {spec} resolved" + "".join(f" --set {s}" for s in sets), nl=True)
+        typer.echo(dump_toml(load_toml(spec, sets)), nl=False)
+    _guard(go)
+
+
 @spec_app.command("schema")
 def spec_schema(report: bool = typer.Option(False, "--report", help="the schema of report specs (lumctl eval)")):
     """Print the JSON schema of the specs."""
-    from lumctl.specs import ReportFile, Spec
+    from lumctl.report_specs import ReportFile
+    from lumctl.specs import Spec
     typer.echo(json.dumps((ReportFile if report else Spec).model_json_schema(), indent=2))
 
 

@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 from conftest import TINY
-from helpers import REPO, invoke, to_toml
+from helpers import REPO, invoke
 
 from lumctl.errors import InputError
-from lumctl.specs import deep_merge, load_report, parse_report, toml_value
+from lumctl.report_specs import load_report, parse_report
+from lumctl.spec_io import deep_merge, dump_toml
 from lumctl.stages import eval as ev
 from lumctl.stages import run_all
 
@@ -30,16 +31,8 @@ def report_in(tmp_path, tables: list[dict], **report) -> str:
     data = {"experiment": "rep", "store_root": str(tmp_path / "stores"),
             "report": {"title": "tiny report", "bootstrap": 200, **report, "tables": tables}}
     p = tmp_path / "report.toml"
-    p.write_text(to_toml({k: v for k, v in data.items() if k != "report"}) + _report_toml(data["report"]))
+    p.write_text(dump_toml(data))
     return str(p)
-
-
-def _report_toml(r: dict) -> str:
-    lines = ["\n[report]"] + [f"{k} = {toml_value(v)}" for k, v in r.items() if k != "tables"]
-    for t in r["tables"]:
-        lines.append("\n[[report.tables]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in t.items()]
-    return "\n".join(lines) + "\n"
 
 
 def run_runner(report: str, *args: str) -> subprocess.CompletedProcess:

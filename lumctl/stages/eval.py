@@ -1,7 +1,7 @@
 """Stage `eval`: the results report. Reads finished stores (never trains), writes tables, tests and plots.
 
-A report spec (`[report]`, see `ReportSpec` in lumctl/specs.py and specs/report-*.toml) lists tables;
-each row names an experiment spec plus overrides, which resolve to one or more *runs*:
+A report spec (`[report]`, see `ReportSpec` in lumctl/report_specs.py and specs/report-*.toml) lists tables;
+each row names an experiment spec plus recipes and overrides, which resolve to one or more *runs*:
   retrieval / scaling row  -> one pretrain store per seed: <store_root>/<exp>[-<name>]-s<seed>/pretrain
                               (no `seeds`: the spec's own seed, <store_root>/<exp>[-<name>]/pretrain)
   ranking row              -> one fuse store (all its seeds):  <store_root>/<exp>[-<name>]/fuse
@@ -41,16 +41,9 @@ import numpy as np
 from lumctl import __version__, stats, zarrio
 from lumctl.errors import InputError
 from lumctl.progress import say
-from lumctl.specs import (
-    ReportFile,
-    RowSpec,
-    Spec,
-    TableSpec,
-    read_toml,
-    deep_merge,
-    is_report,
-    parse_spec,
-)
+from lumctl.report_specs import ReportFile, RowSpec, TableSpec
+from lumctl.spec_io import deep_merge, is_report, read_toml
+from lumctl.specs import Spec, parse_spec
 from lumctl.store import (
     atomic_dir,
     hash_obj,
@@ -101,7 +94,13 @@ def resolve_row(rep: ReportFile, table: TableSpec, row: RowSpec, where: str) -> 
         raise InputError(where, f"spec = {row.spec!r}: {e.what}") from None
     if is_report(base):
         raise InputError(where, f"spec = {row.spec!r} is a report spec, not an experiment spec")
-    d = deep_merge(base, _subst(row.set, rep.store_root))
+    d = base
+    for recipe in row.extends:
+        try:
+            d = deep_merge(d, read_toml(recipe))
+        except InputError as e:
+            raise InputError(where, f"extends {recipe!r}: {e.what}") from None
+    d = deep_merge(d, _subst(row.set, rep.store_root))
     d["store_root"] = rep.store_root
     exp = str(base.get("experiment", "")) + (f"-{row.name}" if row.name else "")
     label = f"{table.name}/{row.label}"

@@ -12,10 +12,42 @@ from typing import Callable
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _Group(typer.core.TyperGroup):
+    """Flags (--force, --help, ...) show no type label in --help (typer labels each one `<bool>`)."""
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        for p in getattr(cmd, "params", []):
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        if cmd is not None and (h := cmd.get_help_option(ctx)) is not None:
+            h.metavar = ""
+        return cmd
+
+    def get_help_option(self, ctx):
+        h = super().get_help_option(ctx)
+        if h is not None:
+            h.metavar = ""
+        return h
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="lumctl: pretrain a Large User Model, query it, fuse its answers into DLRMs, evaluate.")
-spec_app = typer.Typer(no_args_is_help=True, help="Validate specs, print them resolved, print their schema.")
+spec_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Validate specs, print them resolved, print their schema.")
 app.add_typer(spec_app, name="spec")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lumctl import __version__
+        typer.echo(f"lumctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    """lumctl: pretrain a Large User Model, query it, fuse its answers into DLRMs, evaluate."""
 
 SpecArg = typer.Argument(..., help="TOML spec of the experiment", show_default=False)
 ForceOpt = typer.Option(False, "--force", help="rebuild even when the store is up to date")
@@ -131,7 +163,8 @@ def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [repor
 
 @app.command()
 def run(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt):
-    """Every implemented stage in order, skipping those already up to date."""
+    """synth -> tokenize -> pack -> pretrain -> query -> fuse in order (synth, query and fuse when the spec
+    has those sections), skipping stages already up to date. Reports run apart: `lumctl eval`."""
     from lumctl.specs import load_spec
 
     def go():

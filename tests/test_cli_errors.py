@@ -170,3 +170,22 @@ def test_exit_code_of_the_real_process(tmp_path):
     assert r.returncode == 2
     assert r.stderr == f"error: {p}: [oops]: unknown key\n"
     assert r.stdout == ""
+
+
+# ------------------------------------------------------------------------------ what a new user sees
+def test_version():
+    from lumctl import __version__
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.stdout == f"lumctl {__version__}\n"
+
+
+@pytest.mark.parametrize("verb", [(), ("run",), ("pretrain",), ("eval",), ("spec",), ("spec", "validate")])
+def test_help_labels_no_flag_bool(verb):
+    r = invoke(*verb, "--help")
+    assert r.exit_code == 0, r.output
+    assert "<bool>" not in r.stdout and "--help" in r.stdout
+
+
+def test_run_help_names_its_stages():
+    r = invoke("run", "--help")
+    assert "synth -> tokenize -> pack -> pretrain -> query -> fuse" in " ".join(r.stdout.split())

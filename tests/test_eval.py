@@ -282,3 +282,26 @@ def test_docs_results_md_is_the_tools_rendering_of_its_json():
         f"`lumctl eval {res['report_path']} --out docs`")
     for t in res["tables"]:
         assert (REPO / "docs" / "results" / f"{t['name']}.png").is_file()
+
+
+# ------------------------------------------------------------------------------ one seed
+def _comparison(n: int) -> dict:
+    sd = {"seeds": list(range(n)), "n": n, "mean": 0.08, "std": 0.01 if n > 1 else None, "better": n,
+          "t": 13.9 if n > 1 else None, "p": 0.005 if n > 1 else None}
+    return {"row": "A", "vs": "B", "delta": 0.08, "seeds": sd, "bootstrap_note": "",
+            "bootstrap": {"delta": 0.08, "lo": 0.06, "hi": 0.09, "p": 0.0, "reps": 200}}
+
+
+def test_one_seed_comparisons_print_no_spread_or_test():
+    line = ev._compare_line(_comparison(1))
+    assert line == "| A | B | +0.0800 | +0.0800; n/a (1 seed) | +0.0800 [+0.0600, +0.0900], p n/a (1 seed) |"
+    line = ev._compare_line(_comparison(3))
+    assert line == ("| A | B | +0.0800 | +0.0800 ± 0.0100; 3/3 seeds better; t-test p = 0.005 | "
+                    "+0.0800 [+0.0600, +0.0900], p < 0.005 * |")
+
+
+def test_cells_and_plot_labels_of_one_and_several_seeds():
+    one = ev._mean_std([0.25])
+    three = ev._mean_std([0.2, 0.3, 0.4])
+    assert ev._cell(one) == "0.2500" and ev._value_label(one) == "0.2500 (1 seed)"
+    assert ev._cell(three) == "0.3000 ± 0.1000" and ev._value_label(three) == "0.3000 ± 0.1000"

@@ -392,10 +392,11 @@ def plot_table(table: dict, png: Path) -> None:
     if table["kind"] == "scaling":
         for r in ok:
             if r.get("x"):
-                vals = r["values"][metric]["values"]
-                ax.scatter([r["x"]] * len(vals), vals, color="C0", s=18, alpha=0.6)
-                ax.annotate(r["label"], (r["x"], r["values"][metric]["mean"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)
+                v = r["values"][metric]
+                ax.scatter([r["x"]] * len(v["values"]), v["values"], color="C0", s=18, alpha=0.6)
+                ax.errorbar([r["x"]], [v["mean"]], yerr=[v["std"] or 0.0], fmt="none", color="C1", capsize=4)
+                ax.annotate(f"{r['label']}: {_value_label(v)}", (r["x"], v["mean"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
         f = table.get("fit")
         if f:
             xs = np.array([r["x"] for r in ok if r.get("x")], np.float64)
@@ -405,11 +406,13 @@ def plot_table(table: dict, png: Path) -> None:
             ax.legend(fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("non-embedding parameters" if table["x"] == "params" else "max items per user (events)")
-    else:  # mean ± std per row, every seed a dot (no bars: a cut y axis would exaggerate gaps)
+    else:  # mean with a ± std error bar across seeds per row, every seed a dot, the value written beside it
         for i, r in enumerate(ok):
             v = r["values"][metric]
             ax.scatter([i] * len(v["values"]), v["values"], color="C0", s=14, alpha=0.5)
             ax.errorbar([i], [v["mean"]], yerr=[v["std"] or 0.0], fmt="o", color="C1", capsize=4, markersize=6)
+            ax.annotate(_value_label(v), (i, v["mean"]), textcoords="offset points", xytext=(8, 0), va="center",
+                        fontsize=7)
         ax.set_xticks(range(len(ok)), [r["label"] for r in ok], rotation=30, ha="right", fontsize=8)
         ax.set_xlim(-0.5, len(ok) - 0.5)
         ax.grid(axis="y", alpha=0.3)
@@ -431,6 +434,11 @@ def _cell(v: dict) -> str:
     return _num(v["mean"]) + (f" ± {v['std']:.4f}" if v["std"] is not None else "")
 
 
+def _value_label(v: dict) -> str:
+    """A plot's label of one row: mean ± std, or the single value and '1 seed'."""
+    return f"{v['mean']:.4f}" + (f" ± {v['std']:.4f}" if v["std"] is not None else f" ({v['n']} seed)")
+
+
 def _signed(v, digits: int = 4) -> str:
     return "—" if v is None else f"{v:+.{digits}f}"
 
@@ -445,13 +453,20 @@ def _compare_line(c: dict) -> str:
     if c.get("status") == "not run":
         return f"| {c['row']} | {c['vs']} | not run | | |"
     sd = c["seeds"]
-    seeds = "—" if sd is None else (f"{_signed(sd['mean'])}" + (f" ± {sd['std']:.4f}" if sd["std"] is not None else "")
-                                    + f"; {sd['better']}/{sd['n']} seeds better"
-                                    + ("" if sd["p"] is None else "; t-test p < 0.001" if sd["p"] < 0.001
-                                       else f"; t-test p = {sd['p']:.3f}"))
+    one = sd is not None and sd["n"] < 2       # one shared seed: no spread, no test (seed noise unmeasured)
+    if sd is None:
+        seeds = "—"
+    elif one:
+        seeds = f"{_signed(sd['mean'])}; n/a (1 seed)"
+    else:
+        seeds = (f"{_signed(sd['mean'])}" + (f" ± {sd['std']:.4f}" if sd["std"] is not None else "")
+                 + f"; {sd['better']}/{sd['n']} seeds better"
+                 + ("" if sd["p"] is None else "; t-test p < 0.001" if sd["p"] < 0.001 else f"; t-test p = {sd['p']:.3f}"))
     b = c["bootstrap"]
     if b is None:
         boot = c["bootstrap_note"] or "—"
+    elif one:   # the interval covers resampled users only; a p-value would claim more than one seed shows
+        boot = f"{b['delta']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}], p n/a (1 seed)"
     else:
         star = " *" if b["lo"] > 0 or b["hi"] < 0 else ""
         p = f"p < {1 / b['reps']:.3f}" if b["p"] == 0 else f"p = {b['p']:.3f}"

@@ -85,12 +85,7 @@ def _run_stage(stage: str, spec_path: Path, force: bool, sets: list[str], **kwar
     from lumctl.specs import load_spec
 
     def go():
-        if stage == "eval":  # the report spec lists the experiments it reads
-            from lumctl.report_specs import load_report
-            spec = load_report(spec_path, sets)
-            kwargs["path"] = str(spec_path)
-        else:
-            spec = load_spec(spec_path, sets)
+        spec = load_spec(spec_path, sets)
         _refuse_torchrun(stage)
         if stage in NOTHING_TO and getattr(spec, stage) is None:
             raise InputError(str(spec_path), f"[{stage}]: section missing; nothing to {NOTHING_TO[stage]}")
@@ -152,13 +147,47 @@ def fuse(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt,
 
 @app.command("eval")
 def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [report] section)", show_default=False),
-          force: bool = ForceOpt, sets: list[str] = SetOpt,
+          force: bool = typer.Option(False, "--force", help="rebuild the report (with --train: retrain every "
+                                     "selected run) even when up to date"),
+          sets: list[str] = SetOpt,
           out: Path = typer.Option(None, "--out", help="also write OUT/results.md and OUT/results/ (plots, JSON), "
                                    "e.g. --out docs"),
           allow_missing: bool = typer.Option(False, "--allow-missing", help="show rows whose stores are missing or "
-                                             "stale as 'not run' instead of failing")):
-    """Results report from finished stores (never trains): tables, significance tests, scaling fits, plots."""
-    _run_stage("eval", spec, force, sets, out=out, allow_missing=allow_missing)
+                                             "stale as 'not run' instead of failing"),
+          train: bool = typer.Option(False, "--train", help="first train the runs whose stores are missing or "
+                                     "stale (upstream stores shared where specs agree; logs in "
+                                     "<store_root>/<report>/logs/)"),
+          only: str = typer.Option("", "--only", help="with --train: only these runs (comma-separated experiment "
+                                   "names or globs)"),
+          parallel: int = typer.Option(1, "--parallel", min=1, help="with --train: runs trained at a time"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="list the report's runs and their status; train "
+                                       "and evaluate nothing"),
+          export: Path = typer.Option(None, "--export", help="copy what eval reads of every run (no model weights) "
+                                      "to this folder, e.g. to evaluate a GPU machine's runs elsewhere")):
+    """Results report from finished stores: tables, significance tests, scaling fits, plots. Trains
+    nothing unless --train."""
+    from lumctl.errors import InputError
+
+    def go():
+        from lumctl import runs
+        from lumctl.report_specs import load_report
+        from lumctl.stages import eval as ev
+        rep = load_report(spec, sets)
+        _refuse_torchrun("eval")
+        bad = []
+        if train or dry_run:
+            done = runs.train(rep, str(spec), only=only, parallel=parallel, force=force and train, dry_run=dry_run)
+            bad = [d for d in done if d["returncode"] != 0 or d["status"] != "ok"]
+        elif only or parallel != 1:
+            raise InputError("--only/--parallel", "select and schedule runs to train; add --train")
+        if export is not None:
+            runs.export(runs.select(rep, str(spec), only), Path(rep.store_root), export)
+        if dry_run:
+            return
+        ev.run(rep, force=force, out=out, allow_missing=allow_missing or bool(bad), path=str(spec))
+        if bad:
+            raise InputError(str(spec), f"{len(bad)} runs failed to train: " + ", ".join(d["experiment"] for d in bad))
+    _guard(go)
 
 
 @app.command()

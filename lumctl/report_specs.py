@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lumctl.errors import InputError
-from lumctl.spec_io import expand_vars, is_report, load_toml, validate
+from lumctl.spec_io import deep_merge, expand_vars, is_report, load_toml, validate
 from lumctl.specs import Spec, Strict, parse_spec
 
 RETRIEVAL_METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")
@@ -46,6 +46,33 @@ class RowSpec(Strict):
     optional: bool = Field(False, description="a missing or stale store shows the row as 'not run' instead of failing")
 
 
+class SweepSpec(Strict):
+    """Rows made from one spec by sweeping one key: `sweep = { spec = "specs/x.toml", key =
+    "pretrain.model.d_model", values = [16, 32, 64] }` adds the rows `d_model = 16`, ... whose runs are
+    `<spec experiment>-d_model-16`, ... (the rows' `name`), each with `key = value` merged over `set`."""
+
+    spec: str = Field(min_length=1, description="experiment spec (TOML) of every row, relative to the working directory")
+    key: str = Field(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+$", description=(
+        "the swept key, section.key (nested: pretrain.model.d_model)"))
+    values: list[int | float | bool | str] = Field(min_length=1, description="one row per value, in order")
+    name: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", description="prefix of the rows' names (default: the key's last part)")
+    extends: list[str] = Field(default_factory=list, description="recipes of every row (as a row's `extends`)")
+    set: dict = Field(default_factory=dict, description="overrides of every row, under the swept key")
+    seeds: list[int] = Field(default_factory=list, description="seeds of every row (as a row's `seeds`)")
+
+    def rows(self) -> list[dict]:
+        leaf = self.key.split(".")[-1]
+        out = []
+        for v in self.values:
+            over: object = v
+            for k in reversed(self.key.split(".")):
+                over = {k: over}
+            text = str(v).lower() if isinstance(v, bool) else str(v)
+            out.append({"label": f"{leaf} = {text}", "spec": self.spec, "name": f"{self.name or leaf}-{text}",
+                        "extends": list(self.extends), "set": deep_merge(self.set, over), "seeds": list(self.seeds)})
+        return out
+
+
 class TableSpec(Strict):
     """One table of the report (and its plot)."""
 
@@ -62,7 +89,18 @@ class TableSpec(Strict):
     x: Literal["params", "max_items"] = Field("params", description=(
         "scaling: x of the fit: non-embedding parameters of the model, or [pack] max_items (events per user)"))
     note: str = Field("", description="a line printed under the table")
-    rows: list[RowSpec] = Field(min_length=1, description="the rows, in table order")
+    rows: list[RowSpec] = Field(min_length=1, description="the rows, in table order (a sweep's rows follow)")
+    sweep: SweepSpec | None = Field(None, description="rows made by sweeping one key of one spec")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sweep_rows(cls, data):
+        """The rows of `sweep` join the table's rows before validation (so their names are checked too)."""
+        if isinstance(data, dict) and isinstance(data.get("sweep"), dict):
+            sweep = SweepSpec.model_validate(data["sweep"])
+            made = [r["label"] for r in data.get("rows", [])]
+            data = {**data, "rows": list(data.get("rows", [])) + [r for r in sweep.rows() if r["label"] not in made]}
+        return data
 
     @model_validator(mode="after")
     def _check(self):

@@ -7,8 +7,8 @@ each row names an experiment spec plus recipes and overrides, which resolve to o
   ranking row              -> one fuse store (all its seeds):  <store_root>/<exp>[-<name>]/fuse
 A run whose store is missing, incomplete or made from other spec sections (stale) stops the report
 with one line naming the row, the store and the command that makes it (`optional = true` rows and
-`--allow-missing` show it as "not run", or "partial" with the seeds that exist). `examples/run_report.py`
-trains the runs.
+`--allow-missing` show it as "not run", or "partial" with the seeds that exist). `lumctl eval REPORT
+--train` trains the missing and stale runs first (lumctl/runs.py).
 
 Per row: mean ± std (n - 1) over seeds of each metric. A row with `vs = ["<label>", ...]` is compared
 with those rows on the table's compare metric: per-seed paired differences (mean, std, t-test, seeds
@@ -53,7 +53,7 @@ from lumctl.store import (
     write_manifest,
 )
 
-RUNNER = "python examples/run_report.py"   # the command that trains a report's runs
+TRAIN = "lumctl eval {path} --train"   # the command that trains a report's missing or stale runs
 RETRIEVAL_SECTIONS = ("synth", "tokenize", "pack", "pretrain")  # what a pretrain store depends on
 MACHINE_KEYS = {"tokenize": ("path", "items_path")}                # differ between machines, not results
 
@@ -65,7 +65,7 @@ class Run:
 
     experiment: str
     stage: str                    # "pretrain" (retrieval, scaling) or "fuse" (ranking)
-    data: dict                    # the resolved spec as a dict: what examples/run_report.py trains
+    data: dict                    # the resolved spec as a dict: what `lumctl eval --train` trains
     spec: Spec
     row: str = ""                 # "<table>/<label>", for messages
 
@@ -339,7 +339,8 @@ def evaluate_table(t: TableSpec, rows: list[RowPlan], read: dict[str, dict | str
     for rp in rows:
         res = [read[run.experiment] for run in rp.runs]
         missing = [(run, r) for run, r in zip(rp.runs, res) if isinstance(r, str)]
-        rec = {"label": rp.row.label, "spec": rp.row.spec, "set": rp.row.set, "vs": list(rp.row.vs),
+        rec = {"label": rp.row.label, "spec": rp.row.spec, "extends": list(rp.row.extends), "set": rp.row.set,
+               "vs": list(rp.row.vs),
                "runs": [{"experiment": run.experiment, "stage": run.stage,
                          **({"status": r} if isinstance(r, str) else
                             {"status": "ok", **{k: r[k] for k in ("spec_hash", "store_hash", "seconds", "created")},
@@ -534,8 +535,8 @@ def markdown(res: dict, img_dir: str) -> str:
     if rp["note"]:
         lines += [rp["note"], ""]
     lines += ["Regenerate every number below (train the runs, then rebuild this page):", "", "```bash",
-              f"{RUNNER} {path}            # trains the runs whose stores are missing or stale",
-              f"lumctl eval {path} --out docs", "```", "",
+              f"{TRAIN.format(path=path)} --out docs   # trains the runs whose stores are missing or stale, "
+              "then writes this page", "```", "",
               "Every table cell is a test metric, mean ± std (n − 1) over seeds. Retrieval holds out one item "
               "per user, so HR@K is also Recall@K. The runs, their spec hashes (manifest `spec_hash` of the "
               "stage) and the command that retrains each are listed at the end.", ""]
@@ -550,7 +551,8 @@ def markdown(res: dict, img_dir: str) -> str:
                 if x["experiment"] in done:
                     continue
                 done.add(x["experiment"])
-                over = f" + `{json.dumps(r['set'], separators=(',', ':'))}`" if r["set"] else ""
+                over = "".join(f" + `{e}`" for e in r.get("extends", []))
+                over += f" + `{json.dumps(r['set'], separators=(',', ':'))}`" if r["set"] else ""
                 seeds = x.get("seeds") or ([x["seed"]] if x.get("seed") is not None else [])
                 secs = x.get("seconds")
                 lines.append(f"| `{x['experiment']}` ({x['stage']}) | {t['name']} / {r['label']} | `{r['spec']}`{over} | "
@@ -558,7 +560,7 @@ def markdown(res: dict, img_dir: str) -> str:
                              f"{x['spec_hash'][:12] if x['status'] == 'ok' else x['status']} | "
                              f"{x['store_hash'][:12] if x['status'] == 'ok' else '—'} | "
                              f"{'—' if secs is None else f'{secs:.0f} s'} | "
-                             f"`{RUNNER} {path} --only {x['experiment']}` |")
+                             f"`{TRAIN.format(path=path)} --only {x['experiment']}` |")
     lines.append("")
     return "\n".join(lines)
 
@@ -591,7 +593,7 @@ def run(rep: ReportFile, force: bool = False, out: str | Path | None = None, all
         for r in rp.runs:
             if isinstance(read[r.experiment], str) and not (rp.row.optional or allow_missing):
                 raise InputError(f"{path}: table '{rp.table.name}' row '{rp.row.label}' ({rp.row.spec})",
-                                 f"{read[r.experiment]}; make it with `{RUNNER} {path} --only {r.experiment}`")
+                                 f"{read[r.experiment]}; make it with `{TRAIN.format(path=path)} --only {r.experiment}`")
     inputs = {e: (g["store_hash"] if isinstance(g, dict) else g) for e, g in read.items()}
     spec_hash = hash_obj({"report": rep.report.model_dump(mode="json"), "runs": [hash_obj(r.data) for r in unique_runs(rows)]})
     dest = rep.store("eval")

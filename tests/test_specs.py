@@ -324,14 +324,19 @@ TOML_SCALARS = (st.integers(-2**63, 2**63 - 1) | st.booleans()
 TOML_VALUES = TOML_SCALARS | st.lists(st.integers(-1000, 1000), max_size=4) | st.dictionaries(IDENT, st.integers(), max_size=3)
 
 
+def toml_text(v) -> str:
+    """A value as inline TOML (what a user types after `=`)."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_text(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_text(x) for x in v) + "]"
+    return dump_toml({"v": v}).split("=", 1)[1].strip()
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(IDENT, min_size=1, max_size=3), TOML_VALUES)
 def test_set_reads_a_toml_value(keys, value):
-    text = dump_toml({"v": value}).strip()
-    if text.startswith("[v]"):      # a table is written as a section; --set takes it inline
-        text = "v = { " + ", ".join(f"{k} = {x}" for k, x in value.items()) + " }"
-    text = " ".join(text.split())   # arrays one one line
-    got = parse_set(".".join(keys) + "=" + text.split("=", 1)[1].strip())
+    got = parse_set(".".join(keys) + "=" + toml_text(value))
     for k in keys:
         assert list(got) == [k]
         got = got[k]

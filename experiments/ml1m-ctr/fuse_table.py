@@ -2,9 +2,9 @@
 metrics JSON per variant.
 
     lumctl run specs/ml-1m-ctr.toml                      # tokenize, pack, pretrain, query, fuse
-    OMP_NUM_THREADS=1 python benchmarks/fuse_table.py specs/ml-1m-ctr.toml \\
+    OMP_NUM_THREADS=1 python experiments/ml1m-ctr/fuse_table.py specs/ml-1m-ctr.toml \\
         --out benchmarks/results/fuse_ml1m_cpu_v2 --seeds 3 [--only din-none,din-direct+match]
-    python benchmarks/fuse_table.py --table benchmarks/results/fuse_ml1m_cpu_v2   # Markdown table
+    python experiments/ml1m-ctr/fuse_table.py --table benchmarks/results/fuse_ml1m_cpu_v2   # Markdown table
 
 `--set key=value` overrides a [fuse] field for every variant run (value parsed as JSON, else a
 string) and `--tag` names such a run (files `<variant>@<tag>.json`), for tuning on valid AUC.
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine

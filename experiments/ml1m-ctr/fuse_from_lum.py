@@ -1,12 +1,12 @@
 """Train fuse rows of a report spec here, reading a LUM (pretrain + query stores) trained elsewhere.
 
-A report's ranking rows normally pretrain their LUM themselves (examples/run_report.py). When the LUM
+A report's ranking rows normally pretrain their LUM themselves (`lumctl eval REPORT --train`). When the LUM
 was trained on another machine (the GPU) and only its stores came back, this builds each row's
 tokenize (and pack) store here, copies the given pretrain/ and query/ stores in, and trains the fuse
 stage, so `lumctl eval` reads the row like any other. The copied stores must come from the row's
 [tokenize]/[pack]/[pretrain]/[query] sections (eval checks the sections it can).
 
-    python benchmarks/fuse_from_lum.py specs/report.toml --lum stores-in/ml-1m-ctr-gpu-din \\
+    python experiments/ml1m-ctr/fuse_from_lum.py specs/report.toml --lum stores-in/ml-1m-ctr-gpu-din \\
         ml-1m-ctr-gpu-dien ml-1m-ctr-gpu-dien-lum
 """
 
@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from lumctl.report_specs import load_report  # noqa: E402

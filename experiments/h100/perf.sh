@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call (issue 9, points 3 and 5): packing vs per-user padding (training pass, 19m LUM,
+# On a GPU machine: packing vs per-user padding (training pass, 19m LUM,
 # ML-1M users 1-2999), and serving latency, LUM Step 3 vs end-to-end HSTU, on the GPU and on the
 # host's CPU. Expected wall time ~3-4 min (each step has its own timeout). Run from the repo root:
-#   bash benchmarks/gpu_perf.sh        (with $OUT set by the device runner)
-. benchmarks/gpu_setup.sh
+#   OUT=<results folder> bash experiments/h100/perf.sh
+. experiments/h100/setup.sh
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 t0=$SECONDS
 timeout 150 python3 benchmarks/bench_packing.py --device cuda --preset 19m \

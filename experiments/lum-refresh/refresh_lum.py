@@ -7,10 +7,10 @@ holds exactly its train events (and any later event stamped at the same second a
 snapshot is answered by the refreshed LUM when its prefix holds all of the user's train events (the
 refreshed LUM trained on nothing later), else by the base LUM; the target's e^i comes from the LUM
 that answered the sample's snapshot. Fuse rows train in-process (no store), one seed per call, so the
-rows of a comparison run side by side on one GPU (benchmarks/refresh_lum.sh).
+rows of a comparison run side by side on one GPU (experiments/lum-refresh/run.sh).
 
-    python benchmarks/refresh_lum.py answers --base A/final --refresh B/final --out answers.npz
-    python benchmarks/refresh_lum.py fuse NAME '{"fuse": {"backbone": "dien"}, "src": "refresh",
+    python experiments/lum-refresh/refresh_lum.py answers --base A/final --refresh B/final --out answers.npz
+    python experiments/lum-refresh/refresh_lum.py fuse NAME '{"fuse": {"backbone": "dien"}, "src": "refresh",
         "warm": "base/dien/final"}' --answers answers.npz --seed 0 --log results.log
 src: refresh (as above) | aligned (refresh, its answers and e^i rotated into the base LUM's coordinates by
 orthogonal Procrustes on the item tables) | base (every snapshot, the refresh one too, from the base
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.dien_lum_sweep import train_logged  # noqa: E402
 from lumctl.specs import load_spec  # noqa: E402

@@ -2,7 +2,7 @@
 lag of each sample behind its LUM snapshot (events between the snapshot's last event and the sample).
 Reads the fuse predictions (all seeds, AUC averaged over seeds) and the +LUM row's query store.
 
-    python benchmarks/lum_gain_by_lag.py stores/ml-1m-ctr-gpu-dien stores/ml-1m-ctr-gpu-dien-lum \\
+    python experiments/ml1m-ctr/lum_gain_by_lag.py stores/ml-1m-ctr-gpu-dien stores/ml-1m-ctr-gpu-dien-lum \\
         [--query stores/ml-1m-ctr-gpu-dien-lum/query]
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lumctl import zarrio  # noqa: E402
 from lumctl.metrics import auc  # noqa: E402

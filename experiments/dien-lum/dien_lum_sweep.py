@@ -1,12 +1,12 @@
 """One fuse variant on ML-1M, 3 seeds, from a LUM trained elsewhere: the DIEN + LUM sweep of
-benchmarks/results/fuse_ml1m_dien/README.md (benchmarks/dien_lum_sweep.sh runs them side by side on one GPU).
+benchmarks/results/fuse_ml1m_dien/README.md (experiments/dien-lum/run.sh runs them side by side on one GPU).
 
 It trains in-process (no fuse store is written) so that variants the spec cannot express yet can be
 tried: `drop` puts dropout in front of the LUM input layer, `q1` re-queries the LUM with the 3
 rating-only conditions, `freeze` trains only the LUM input layer ("base") or it and the ranking MLP
 ("backbone") of a warm start. Prints valid / test AUC per seed and their mean.
 
-    python benchmarks/dien_lum_sweep.py NAME '{"fuse": {"backbone": "dien", "lum": "direct+match"},
+    python experiments/dien-lum/dien_lum_sweep.py NAME '{"fuse": {"backbone": "dien", "lum": "direct+match"},
         "warm": "base/dien/final", "drop": 0.5, "q": "q1"}' --lum DIR   # DIR holds pretrain/ and query/
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lumctl.specs import load_spec  # noqa: E402
 from lumctl.stages import fuse as F  # noqa: E402

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lumctl.errors import InputError
 from lumctl.spec_io import deep_merge, expand_vars, is_report, load_toml, validate
@@ -97,7 +97,13 @@ class TableSpec(Strict):
     def _sweep_rows(cls, data):
         """The rows of `sweep` join the table's rows before validation (so their names are checked too)."""
         if isinstance(data, dict) and isinstance(data.get("sweep"), dict):
-            sweep = SweepSpec.model_validate(data["sweep"])
+            try:
+                sweep = SweepSpec.model_validate(data["sweep"])
+            except ValidationError as e:
+                err = e.errors()[0]
+                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"][0].lower() + err["msg"][1:]
+                got = f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and "input" in err else ""
+                raise ValueError(f"sweep.{'.'.join(map(str, err['loc']))}: {msg}{got}") from None
             made = [r["label"] for r in data.get("rows", [])]
             data = {**data, "rows": list(data.get("rows", [])) + [r for r in sweep.rows() if r["label"] not in made]}
         return data

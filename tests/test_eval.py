@@ -137,7 +137,7 @@ def test_missing_store_fails_with_one_line_naming_row_store_and_command(tmp_path
 
 # ------------------------------------------------------------------------------ end to end
 def test_size_report_end_to_end(tmp_path):
-    """A tiny size sweep (width 8 and 32, two seeds each) on the synthetic spec, trained by `--train`;
+    """A tiny size sweep (width 8 and 32, two seeds each) on the synthetic spec, trained in-process;
     `lumctl eval` writes the tables, the paired comparison, the fit and the plots; a changed spec
     makes the report refuse."""
     spec = tiny_experiment(tmp_path)
@@ -150,11 +150,11 @@ def test_size_report_end_to_end(tmp_path):
         {"name": "size", "title": "Sizes", "kind": "scaling", "x": "params", "rows": [d8, d32]}])
     r = invoke("eval", rep, "--dry-run")
     assert r.exit_code == 0 and r.stderr.count("no finished pretrain store") == 4, r.output
+    for run in ev.unique_runs(ev.plan(load_report(rep), rep)):   # what --train does, in-process
+        run_all(run.spec)
     out = tmp_path / "docs"
-    r = invoke("eval", rep, "--train", "--parallel", "2", "--out", out)
+    r = invoke("eval", rep, "--out", out)
     assert r.exit_code == 0, r.output
-    assert "training 4 of 4 runs (4 from scratch, 0 sharing upstream stores)" in r.stderr
-    assert "4 ok, 0 failed" in r.stderr and (tmp_path / "stores" / "rep" / "logs" / "tiny-d8-s1.log").is_file()
     res = json.loads((tmp_path / "stores" / "rep" / "eval" / "results.json").read_text())
     cmp, size = res["tables"]
     # row values are the means of the runs' own metrics.json
@@ -326,3 +326,20 @@ def test_only_and_parallel_need_train(tmp_path):
     assert r.exit_code == 2 and "add --train" in r.stderr
     r = invoke("eval", rep, "--train", "--only", "nothing*")
     assert r.exit_code == 2 and r.stderr == f"error: {rep}: --only 'nothing*' matches no run of the report\n"
+
+
+def test_train_trains_the_missing_runs_then_evaluates(tmp_path):
+    """`lumctl eval --train`: the missing run trains in its own process (log under the report's store),
+    the report follows; a second --train has nothing to do."""
+    spec = tiny_experiment(tmp_path)
+    rep = report_in(tmp_path, [{"name": "r", "title": "R", "kind": "retrieval", "rows": [
+        {"label": "LUM", "spec": spec}, {"label": "nocond", "spec": spec, "name": "nocond",
+                                          "set": {"pack": {"conditions": False}}, "optional": True}]}])
+    r = invoke("eval", rep, "--train", "--only", "tiny")
+    assert r.exit_code == 0, r.output
+    assert "training 1 of 1 runs (1 from scratch, 0 sharing upstream stores)" in r.stderr and "1 ok, 0 failed" in r.stderr
+    assert "pretrain:" in (tmp_path / "stores" / "rep" / "logs" / "tiny.log").read_text()
+    res = json.loads((tmp_path / "stores" / "rep" / "eval" / "results.json").read_text())
+    assert [row["status"] for row in res["tables"][0]["rows"]] == ["ok", "not run"]
+    r = invoke("eval", rep, "--train", "--only", "tiny")
+    assert r.exit_code == 0 and "training" not in r.stderr and "is up to date" in r.stderr, r.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lumctl.specs import to_toml
+from lumctl.spec_io import dump_toml
 
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repository with `shared/` beside it
@@ -15,7 +15,7 @@ DATA = REPO.parent / "shared" / "data"
 def write_toml(path: Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_toml(data), encoding="utf-8")
+    path.write_text(dump_toml(data), encoding="utf-8")
     return path
 
 

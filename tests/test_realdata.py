@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import DATA, REPO
+from lumctl.spec_io import read_toml
 from lumctl.specs import parse_spec
 from lumctl.stages import pack, tokenize
 from lumctl.store import read_manifest
@@ -37,7 +38,7 @@ EXPECTED = {
 
 def shipped_spec(name: str, tmp_path, monkeypatch, **pack_over):
     monkeypatch.setenv("LUMCTL_DATA", str(DATA))
-    data = tomllib.loads((REPO / "specs" / f"{name}.toml").read_text(encoding="utf-8"))
+    data = read_toml(REPO / "specs" / f"{name}.toml")      # extends resolved
     data["store_root"] = str(tmp_path / "stores")
     if pack_over:
         data["pack"] = {**data.get("pack", {}), **pack_over}

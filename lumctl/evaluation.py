@@ -34,6 +34,22 @@ ROW_KEYS = ("type", "item", "cond", "segment", "pos", "loss_mask", "target", "us
 
 
 # ------------------------------------------------------------------------------------ users
+def open_store(store) -> dict:
+    """A tokenize store's arrays keyed by path (the layout of lumctl.stages.tokenize): `events/*`
+    stay on disk as zarr arrays, read in slices by the evaluation; the rest is loaded as numpy."""
+    from lumctl import zarrio
+    from lumctl.store import join, require_store
+    require_store(store, "tokenize")
+    g = zarrio.open_read(join(store, "data.zarr"))  # a path or an fsspec URL
+    out = {}
+    for group in ("events", "users", "items", "vocab"):
+        if group in g:
+            for name in g[group].array_keys():
+                key = f"{group}/{name}"
+                out[key] = g[key] if group == "events" else zarrio.get(g, key)
+    return out
+
+
 def held_out_users(data: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(users [U] that have a held-out event in `split` and at least one event before it,
     end [U]: the held-out event's index within each user's events)."""
@@ -102,7 +118,7 @@ def read_held_out(data: dict, split: str, max_items: int, n_users: int = 0, seed
     count = np.minimum(end, max_items - 1) + 1                                        # prefix + held-out
     first = base + end + 1 - count
     items = read_ranges(data["events/item"], first, count)
-    conds = read_ranges(data["events/cond"], first, count)
+    conds = read_ranges(data["events/cond"], first, count) if "events/cond" in data else np.zeros((len(items), 0), np.int32)
     ts = read_ranges(data["events/timestamp"], first, count)
     seen = read_ranges(data["events/item"], base, end)
     return HeldOut(users, count, items, conds, ts, items[np.cumsum(count) - 1] if len(users) else items[:0],
@@ -245,7 +261,7 @@ def rank_in_blocks(score, target: np.ndarray, seen_off: np.ndarray, seen: np.nda
             s[h_row[h], h_item[h] - i0] = float("-inf")                               # filter the history ...
             in_b = torch.nonzero((t >= i0) & (t < i1))[:, 0]
             s[in_b, t[in_b] - i0] = float("-inf")                                     # ... the target is `pos`
-            count += (s > pos[:, None]).sum(1)
+            count += (s > pos[:, None]).float().sum(1).long()  # exact: a block has < 2^24 items; faster than a long sum
         ranks[u0:u1] = count.cpu().numpy()
     return ranks
 
@@ -260,6 +276,19 @@ def rank_full_ref(scores: torch.Tensor, target: np.ndarray, seen: list[np.ndarra
         scores[u, torch.as_tensor(items, dtype=torch.long)] = float("-inf")
     scores.scatter_(1, t[:, None], pos)
     return (scores > pos).sum(1).numpy()
+
+
+@torch.no_grad()
+def item_keys(model, item_block: int, device, autocast) -> torch.Tensor:
+    """The normalised item table (I, D) float32, built `item_block` items at a time (no transient
+    copies of the whole table)."""
+    n_items = model.config.n_items
+    keys = torch.empty(n_items, model.config.d_model, device=device)
+    with autocast():
+        for i0 in range(0, n_items, item_block):
+            ids = torch.arange(i0, min(n_items, i0 + item_block), device=device)
+            keys[i0:i0 + len(ids)] = F.normalize(model.item_table(ids).float(), dim=-1)
+    return keys
 
 
 def dot_scores(q: torch.Tensor, keys: torch.Tensor):
@@ -310,8 +339,7 @@ def evaluate(model, data: dict, split: str, p, pack_spec, device, query_cond, au
     plan = plan_rows(ev, seq_len, conditions)
 
     model.eval()
-    with autocast():
-        keys = F.normalize(model.item_table(None).float(), dim=-1)                   # (I, D)
+    keys = item_keys(model, e.item_block, device, autocast)                           # (I, D)
     n_items = keys.shape[0]
     mixture = e.mixture if (query_cond is not None and cond_names) else None
     if mixture:

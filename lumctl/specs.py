@@ -286,7 +286,7 @@ class EvalSpec(Strict):
         "score a fixed random sample of this many users (seeded by [pretrain] seed, the same sample at "
         "every evaluation of a run; metrics say users_sampled = 'N of M'); 0 = every user"))
     user_batch: int = Field(512, gt=0, description="users scored at once")
-    item_block: int = Field(262144, gt=0, description=(
+    item_block: int = Field(262144, gt=0, le=1 << 24, description=(
         "items scored at once: scores take user_batch x item_block floats, never users x items"))
 
     @field_validator("select")

@@ -40,12 +40,11 @@ from lumctl import dist, models
 from lumctl.attention import make_mask
 from lumctl.batch import TENSOR_KEYS, to_batch  # noqa: F401  (TENSOR_KEYS: read by benchmarks from here)
 from lumctl.errors import InputError
-from lumctl.evaluation import eval_rows, evaluate  # noqa: F401  (eval_rows: read by tests from here)
+from lumctl.evaluation import eval_rows, evaluate, open_store  # noqa: F401  (eval_rows: read by tests from here)
 from lumctl.loss import info_nce, sampling_logq
 from lumctl.progress import progress, say
 from lumctl.specs import PretrainSpec, Spec
 from lumctl.stages import pack as pack_stage
-from lumctl.stages import tokenize
 from lumctl.store import (
     atomic_dir,
     hash_file,
@@ -299,15 +298,14 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(p.seed)
-    data = tokenize.load(tok_store)
+    data = open_store(tok_store)  # events stay on disk: the evaluation reads its users' slices
     cond_names = [c["name"] for c in _cond_fields(tok_store)]
     # rows_from = "store": only the small columns in memory; each rank reads the rest of its own rows per batch
     rows = pack_stage.load(pack_store, lazy=("item", "cond", "pos", "ts", "user") if p.rows_from == "store" else ())
     conditions = bool(rows["type"].max() == 2 and (rows["type"] == 1).any())
     if not conditions:
         rows["cond"] = rows["cond"][..., :0]
-    data_c = dict(data)
-    data_c["events/cond"] = data["events/cond"] if conditions else data["events/cond"][:, :0]
+    data_c = data if conditions else {k: v for k, v in data.items() if k != "events/cond"}  # no condition fields
     cfg = model_config(p, data, cond_names if conditions else [], device)
     model = build_model(p.model.kind, cfg, data).to(device)
     vocab = vocab_hash(data, cond_names)

@@ -118,7 +118,8 @@ def read_held_out(data: dict, split: str, max_items: int, n_users: int = 0, seed
     count = np.minimum(end, max_items - 1) + 1                                        # prefix + held-out
     first = base + end + 1 - count
     items = read_ranges(data["events/item"], first, count)
-    conds = read_ranges(data["events/cond"], first, count) if "events/cond" in data else np.zeros((len(items), 0), np.int32)
+    conds = (read_ranges(data["events/cond"], first, count) if "events/cond" in data   # absent: no condition fields
+             else np.zeros((len(items), 0), np.int32))
     ts = read_ranges(data["events/timestamp"], first, count)
     seen = read_ranges(data["events/item"], base, end)
     return HeldOut(users, count, items, conds, ts, items[np.cumsum(count) - 1] if len(users) else items[:0],
@@ -225,8 +226,8 @@ def rank_in_blocks(score, target: np.ndarray, seen_off: np.ndarray, seen: np.nda
                    item_block: int, user_batch: int, device) -> np.ndarray:
     """0-based rank of each user's target among the candidate items, scored in blocks.
 
-    score(users, i0, i1) -> a new (n, i1 - i0) tensor (it is modified): scores of items i0..i1 for `users` (a slice or a long
-    tensor of user indices). target [U] item ids; seen_off [U + 1] / seen [H] each user's history
+    score(users, i0, i1) -> a new (n, i1 - i0) tensor (modified here): scores of items i0..i1 for
+    `users` (a slice or a long tensor of user indices). target [U] item ids; seen_off [U + 1] / seen [H] each user's history
     items (not candidates; the target itself stays one). Memory: user_batch x item_block scores.
     The target's score comes from the product of its own block, so with item_block >= n_items it
     is exactly the single full-matrix computation."""

@@ -6,14 +6,17 @@ own. The held-out item's rank is the number of candidate items scored strictly h
 counts for the held-out item); candidates are all items from id 2 except those already in the
 user's history (the held-out item itself always stays a candidate).
 
-Memory is bounded by settings, not by the log or the catalogue:
+Memory grows with the evaluated users (a `users` sample bounds it) and with settings, never with
+users x items:
   - eval rows are planned for all evaluated users at once (one int per user) and filled and run
     `batch_rows` rows at a time, reading only those users' events;
-  - the user vectors (U, D) and the normalised item table (I, D), both fp32, are held;
+  - the evaluated users' packed events and history items are read once and kept between the
+    evaluations of a run; the user vectors (U, D) and the normalised item table (I, D), fp32;
   - scores are computed `user_batch` users x `item_block` items at a time, the rank counted
     block by block. With item_block >= I this is the single (user_batch, I) product.
-`[pretrain.eval] users = N` scores a fixed random sample of N users (seeded, the same every
-evaluation of a run); the metrics then say `users_sampled: "N of M"`.
+`[pretrain.eval] users = N` scores a fixed random sample of N users (seeded by `sample_seed`: the
+same users at every evaluation and in every run on the same data); the metrics then say
+`users_sampled: "N of M"`.
 """
 
 from __future__ import annotations
@@ -330,10 +333,10 @@ def evaluate(model, data: dict, split: str, p, pack_spec, device, query_cond, au
     conditions, as in LUM step 2) and items are scored by log sum_v p(v | history) p(item | user, v),
     p(item | user, v) the model's softmax over all items at temperature tau."""
     e = p.eval
-    key = (split, e.users, p.seed, pack_spec.max_items)
+    key = (split, e.users, e.sample_seed, pack_spec.max_items)
     ev = cache.get(key) if cache is not None else None
     if ev is None:
-        ev = read_held_out(data, split, pack_spec.max_items, e.users, p.seed)
+        ev = read_held_out(data, split, pack_spec.max_items, e.users, e.sample_seed)
         if cache is not None:
             cache[key] = ev
     conditions, seq_len = pack_spec.conditions, pack_spec.seq_len

@@ -283,8 +283,10 @@ class EvalSpec(Strict):
     mixture_smoothing: float = Field(1.0, gt=0, description="additive smoothing of p(v | user history)")
     batch_rows: int = Field(16, gt=0, description="packed rows per evaluation batch")
     users: int = Field(0, ge=0, description=(
-        "score a fixed random sample of this many users (seeded by [pretrain] seed, the same sample at "
-        "every evaluation of a run; metrics say users_sampled = 'N of M'); 0 = every user"))
+        "score a fixed random sample of this many users (the same sample at every evaluation, and in every "
+        "run on the same data with the same `sample_seed`, so runs compare user by user; metrics say "
+        "users_sampled = 'N of M'); 0 = every user"))
+    sample_seed: int = Field(0, description="seed of the `users` sample")
     user_batch: int = Field(512, gt=0, description="users scored at once")
     item_block: int = Field(262144, gt=0, le=1 << 24, description=(
         "items scored at once: scores take user_batch x item_block floats, never users x items"))

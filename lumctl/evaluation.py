@@ -140,9 +140,8 @@ def history_weights(data: dict, split: str, field: int, n_values: int, alpha: fl
         all_users = users
     base = np.asarray(data["users/offsets"])[all_users]
     vals = read_ranges(data["events/cond"], base, end)[:, field]
-    who = np.repeat(np.arange(len(all_users)), end)
-    w = np.zeros((len(all_users), n_values), np.int64)
-    np.add.at(w, (who, vals), 1)
+    who = np.repeat(np.arange(len(all_users), dtype=np.int64), end)
+    w = np.bincount(who * n_values + vals, minlength=len(all_users) * n_values).reshape(-1, n_values)
     w = w[:, FIRST_ITEM:n_values] + alpha
     return (w / w.sum(1, keepdims=True)).astype(np.float32)                          # (U, V - 2)
 

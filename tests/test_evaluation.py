@@ -158,6 +158,17 @@ def test_streamed_rows_equal_the_rows_packed_at_once(conditions):
     assert [some.seen[a:b].tolist() for a, b in zip(some.seen_off[:-1], some.seen_off[1:])] == [seen[i].tolist() for i in k]
 
 
+def test_history_weights_equal_a_per_user_count():
+    data = _log(np.random.default_rng(4))
+    off, cond = data["users/offsets"], data["events/cond"]
+    for split in ("valid", "test"):
+        users, end = ev.held_out_users(data, split)
+        ref = np.stack([np.bincount(cond[off[u]:off[u] + e, 1], minlength=6)[2:6] for u, e in zip(users, end)]) + 0.5
+        ref = (ref / ref.sum(1, keepdims=True)).astype(np.float32)
+        assert np.array_equal(ev.history_weights(data, split, 1, 6, 0.5), ref)
+        assert np.array_equal(ev.history_weights(data, split, 1, 6, 0.5, users[::3]), ref[::3])
+
+
 # ------------------------------------------------------------------------------------ evaluate
 def _tiny_model(n_items, n_cond=(6, 6), d=16):
     from lumctl.models import build

@@ -9,7 +9,7 @@ Output (`stores/<experiment>/pretrain/`):
                            rank of the held-out item, and the item; for paired tests in `lumctl eval`)
   metrics.jsonl            one JSON object per log/eval step;  loss.png  the loss curve
   manifest.json            written last
-Validation picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
+Validation (lumctl.evaluation) picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
 `init_from` starts from another run's weights (continued pretraining, e.g. a LUM refreshed on newer
 events; the model config and vocabularies must match, config.json records `vocab_hash`).
 

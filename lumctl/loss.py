@@ -6,13 +6,17 @@ with s the cosine similarity, o_l the output at a trained (condition) position a
 token encoder's embedding. Negatives: the other items of the batch (`in_batch`; each distinct
 item counted once, so a negative equal to the positive — an accidental hit — cannot occur),
 `sampled` items (`num_sampled` per position, log-Q corrected, accidental hits masked), or the
-`full` catalogue.
+`full` catalogue. The full softmax over a catalogue larger than `item_block` items is computed a
+block at a time: log sum_k exp(.) is accumulated over blocks, and each block's logits are
+recomputed in the backward pass (activation checkpointing), so memory is positions x item_block,
+not positions x items.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 FIRST_ITEM = 2  # ids 0 and 1 are padding and unknown
 
@@ -20,15 +24,19 @@ FIRST_ITEM = 2  # ids 0 and 1 are padding and unknown
 def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: str, tau: torch.Tensor | float,
              num_sampled: int = 128, sample_logq: torch.Tensor | None = None,
              generator: torch.Generator | None = None, logq_correction: bool = True,
-             candidates: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+             candidates: torch.Tensor | None = None, reduction: str = "mean",
+             n_items: int | None = None, item_block: int = 262144) -> torch.Tensor:
     """o (N, D) outputs at trained positions, target (N,) item ids; `item_table(ids) -> (M, D)`.
     `sample_logq` (I,) log sampling probability of each item (sampled negatives); negatives are
     drawn on the generator's device. `logq_correction = False` is the plain (1 + K)-way softmax of
     generative-recommenders' SampledSoftmaxLoss.
     `candidates` (M,) in_batch: the batch's distinct item ids, sorted, when `target` is only part
     of the batch (the targets of all ranks under torchrun); default the distinct `target`s.
-    reduction: 'mean' or 'sum' over N."""
+    reduction: 'mean' or 'sum' over N.
+    full: `n_items` (the catalogue size) above `item_block` scores the catalogue in blocks."""
     o = F.normalize(o.float(), dim=-1)
+    if negatives == "full" and n_items is not None and n_items > item_block:
+        return _full_in_blocks(o, target, item_table, tau, n_items, item_block, reduction)
     if negatives == "full":
         keys = F.normalize(item_table(None).float(), dim=-1)                  # (I, D)
         logits = o @ keys.T / tau                                             # (N, I)
@@ -56,6 +64,24 @@ def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: st
     neg_logits = neg_logits.masked_fill(neg == target[:, None], float("-inf"))  # accidental hits
     logits = torch.cat([pos, neg_logits], 1)
     return F.cross_entropy(logits, torch.zeros_like(target), reduction=reduction)
+
+
+def _block_lse(o: torch.Tensor, ids: torch.Tensor, tau, item_table) -> torch.Tensor:
+    """log sum_k exp(s(o, e_k) / tau) over the items `ids` -> (N,)."""
+    keys = F.normalize(item_table(ids).float(), dim=-1)                       # (B, D)
+    return torch.logsumexp((o @ keys.T).float() / tau, -1)                    # (N,)
+
+
+def _full_in_blocks(o, target, item_table, tau, n_items: int, item_block: int, reduction: str) -> torch.Tensor:
+    """The `full` loss with the catalogue in blocks of `item_block` items (ids from FIRST_ITEM)."""
+    lse = []
+    for i0 in range(FIRST_ITEM, n_items, item_block):
+        ids = torch.arange(i0, min(n_items, i0 + item_block), device=o.device)
+        lse.append(checkpoint(_block_lse, o, ids, tau, item_table, use_reentrant=False))  # (N,)
+    pos_keys = F.normalize(item_table(target).float(), dim=-1)                # (N, D)
+    pos = torch.bmm(o[:, None, :], pos_keys[:, :, None])[:, 0, 0].float() / tau  # (N,) at the blocks' precision
+    loss = torch.logsumexp(torch.stack(lse, 1), 1) - pos
+    return loss.mean() if reduction == "mean" else loss.sum()
 
 
 def sampling_logq(popularity_counts: torch.Tensor, sampler: str) -> torch.Tensor:

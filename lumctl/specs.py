@@ -287,7 +287,10 @@ class LossSpec(Strict):
 
     negatives: Literal["in_batch", "sampled", "full"] = Field("in_batch", description=(
         "in_batch: the other items of the batch; sampled: `num_sampled` drawn items with log-Q correction; "
-        "full: the whole catalogue"))
+        "full: the whole catalogue (a softmax over every item, computed `item_block` items at a time)"))
+    item_block: int = Field(262144, gt=0, description=(
+        "full: items scored at once; the loss's memory is trained positions x item_block logits (their "
+        "backward recomputes each block). A catalogue of at most item_block items is one product"))
     num_sampled: int = Field(128, gt=0, description="sampled: negatives drawn for each trained position")
     sampler: Literal["uniform", "popularity"] = Field("uniform", description="sampled: item distribution")
     logq_correction: bool = Field(True, description=(
@@ -329,6 +332,14 @@ class EvalSpec(Strict):
         "p(item | user, v) (history-only weights, no held-out information)"))
     mixture_smoothing: float = Field(1.0, gt=0, description="additive smoothing of p(v | user history)")
     batch_rows: int = Field(16, gt=0, description="packed rows per evaluation batch")
+    users: int = Field(0, ge=0, description=(
+        "score a fixed random sample of this many users (the same sample at every evaluation, and in every "
+        "run on the same data with the same `sample_seed`, so runs compare user by user; metrics say "
+        "users_sampled = 'N of M'); 0 = every user"))
+    sample_seed: int = Field(0, description="seed of the `users` sample")
+    user_batch: int = Field(512, gt=0, description="users scored at once")
+    item_block: int = Field(262144, gt=0, le=1 << 24, description=(
+        "items scored at once: scores take user_batch x item_block floats, never users x items"))
 
     @field_validator("select")
     @classmethod

@@ -9,7 +9,7 @@ Output (`stores/<experiment>/pretrain/`):
                            rank of the held-out item, and the item; for paired tests in `lumctl eval`)
   metrics.jsonl            one JSON object per log/eval step;  loss.png  the loss curve
   manifest.json            written last
-Validation picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
+Validation (lumctl.evaluation) picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
 `init_from` starts from another run's weights (continued pretraining, e.g. a LUM refreshed on newer
 events; the model config and vocabularies must match, config.json records `vocab_hash`).
 
@@ -38,14 +38,13 @@ import torch
 
 from lumctl import dist, models
 from lumctl.attention import make_mask
+from lumctl.batch import TENSOR_KEYS, to_batch  # noqa: F401  (TENSOR_KEYS: read by benchmarks from here)
 from lumctl.errors import InputError
+from lumctl.evaluation import eval_rows, evaluate, open_store  # noqa: F401  (eval_rows: read by tests from here)
 from lumctl.loss import info_nce, sampling_logq
-from lumctl.metrics import retrieval_metrics
-from lumctl.ops.packing import document_causal_mask, pack_sequences
 from lumctl.progress import progress, say
 from lumctl.specs import PretrainSpec, Spec
 from lumctl.stages import pack as pack_stage
-from lumctl.stages import tokenize
 from lumctl.store import (
     atomic_dir,
     hash_file,
@@ -56,9 +55,6 @@ from lumctl.store import (
     store_hash,
     write_manifest,
 )
-
-TENSOR_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "segment": torch.int32,
-               "pos": torch.int32, "loss_mask": torch.bool, "target": torch.long, "ts": torch.long}
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -99,15 +95,6 @@ def build_model(kind: str, config: dict, data: dict | None = None) -> torch.nn.M
 
 
 # ------------------------------------------------------------------------------------ data
-def to_batch(rows: dict[str, np.ndarray], idx: np.ndarray, device: torch.device, dense_mask: bool) -> dict:
-    """Select rows `idx` and move them to `device` as tensors (with the Numba dense mask for sdpa)."""
-    b = {k: torch.from_numpy(np.ascontiguousarray(rows[k][idx])).to(TENSOR_KEYS[k]) for k in TENSOR_KEYS}
-    if dense_mask:
-        b["mask"] = torch.from_numpy(document_causal_mask(rows["segment"][idx]))
-    pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in b.items()}
-
-
 class Batches:
     """Deterministic stream of row batches: epoch e visits rows in permutation(seed, e).
     Batch number `step` is a pure function of (seed, step), so resuming needs no loader state.
@@ -178,126 +165,6 @@ def drop_conditions(cond: torch.Tensor, typ: torch.Tensor, p: torch.Tensor, gen:
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def eval_rows(data: dict, split: str, max_items: int, seq_len: int, conditions: bool,
-              query_cond: np.ndarray | None) -> tuple[dict, np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Pack each user's prefix plus the held-out event (the first valid or the first test event).
-    The held-out event's condition is replaced by `query_cond` (never its own, unless oracle
-    passes None). Returns (rows, position of the output that scores the held-out item per user,
-    target item per user, seen items per user)."""
-    offsets, split_at = data["users/offsets"], data["users/split"]
-    n = np.diff(offsets)
-    end = split_at[:, 0] if split == "valid" else split_at[:, 1]
-    users = np.flatnonzero((end >= 1) & (end < n))
-    count = np.minimum(end[users], max_items - 1) + 1            # prefix + held-out
-    first = offsets[users] + end[users] + 1 - count
-    idx = np.concatenate([np.arange(f, f + c) for f, c in zip(first, count)]) if len(users) else np.zeros(0, np.int64)
-    items = data["events/item"][idx]
-    conds = data["events/cond"][idx].copy()
-    last = np.cumsum(count) - 1
-    if query_cond is not None and conds.shape[1]:
-        conds[last] = query_cond
-    local_first = np.concatenate([[0], np.cumsum(count)[:-1]])
-    rows = pack_sequences(items, conds, local_first, count, seq_len, conditions, "best_fit", data["events/timestamp"][idx])
-    out_pos = rows["start"] + (2 * (count - 1) if conditions else count - 2)
-    target = items[last]
-    seen = [data["events/item"][offsets[u]:offsets[u] + end[u]] for u in users]
-    return rows, np.stack([rows["row"], out_pos], 1), target, seen
-
-
-@torch.no_grad()
-def query_outputs(model, rows: dict, where: np.ndarray, batch_rows: int, device, autocast) -> torch.Tensor:
-    """Outputs at the positions `where` [(row, position)] of packed eval rows -> (U, D) float32."""
-    backend = model.config.attention
-    q = torch.empty(len(where), model.config.d_model, device=device)
-    R = len(rows["type"])
-    with autocast():
-        for r0 in range(0, R, batch_rows):
-            idx = np.arange(r0, min(R, r0 + batch_rows))
-            if backend == "flex" and R >= batch_rows:  # one shape for the compiled kernels: pad with copies
-                idx = np.concatenate([idx, np.full(batch_rows - len(idx), idx[-1])])
-            b = to_batch(rows, idx, device, backend == "sdpa")
-            out = model(b, make_mask(b, backend))                                     # (B, S, D)
-            sel = np.flatnonzero((where[:, 0] >= r0) & (where[:, 0] < r0 + len(idx)))
-            q[torch.as_tensor(sel, device=device)] = out[torch.as_tensor(where[sel, 0] - r0),
-                                                         torch.as_tensor(where[sel, 1])].float()
-    return q
-
-
-def history_weights(data: dict, split: str, field: int, n_values: int, alpha: float) -> np.ndarray:
-    """p(value | user) of one condition field from the user's events before the held-out one
-    (the same users, in the same order, as `eval_rows`), smoothed: (count + alpha) / (n + alpha V)."""
-    offsets, split_at = data["users/offsets"], data["users/split"]
-    n = np.diff(offsets)
-    end = split_at[:, 0] if split == "valid" else split_at[:, 1]
-    users = np.flatnonzero((end >= 1) & (end < n))
-    vals = data["events/cond"][:, field]
-    w = np.stack([np.bincount(vals[offsets[u]:offsets[u] + end[u]], minlength=n_values)[2:n_values] for u in users])
-    w = w + alpha
-    return (w / w.sum(1, keepdims=True)).astype(np.float32)                          # (U, V - 2)
-
-
-@torch.no_grad()
-def evaluate(model, data: dict, split: str, p: PretrainSpec, pack_spec, device, query_cond, autocast,
-             cache: dict | None = None, tau: float = 1.0, cond_names: list[str] | None = None,
-             ranks_out: list | None = None) -> dict:
-    """Full-ranking next-item retrieval; items already in the user's history are filtered.
-    `ranks_out`, when given, receives (ranks, targets): per-user 0-based rank of the held-out item and
-    its item id, both [U] (users in `eval_rows` order).
-
-    With [pretrain.eval].mixture = F, every value v of condition field F is queried (grouped
-    conditions, as in LUM step 2) and items are scored by log sum_v p(v | history) p(item | user, v),
-    p(item | user, v) the model's softmax over all items at temperature tau."""
-    def rows_for(qc):
-        key = (split, None if qc is None else tuple(int(x) for x in qc))
-        if cache is not None and key in cache:
-            return cache[key]
-        r = eval_rows(data, split, pack_spec.max_items, pack_spec.seq_len, pack_spec.conditions, qc)
-        if cache is not None:
-            cache[key] = r
-        return r
-
-    model.eval()
-    with autocast():
-        keys = torch.nn.functional.normalize(model.item_table(None).float(), dim=-1)  # (I, D)
-    mixture = p.eval.mixture if (query_cond is not None and cond_names) else None
-    if mixture:
-        f = cond_names.index(mixture)
-        n_values = int(model.config.cond_vocab[f])
-        qs = []
-        for v in range(2, n_values):
-            qc = np.array(query_cond, np.int32).copy()
-            qc[f] = v
-            rows, where, target, seen = rows_for(qc)
-            qs.append(torch.nn.functional.normalize(query_outputs(model, rows, where, p.eval.batch_rows, device, autocast), dim=-1))
-        logw = torch.as_tensor(np.log(history_weights(data, split, f, n_values, p.eval.mixture_smoothing)), device=device)
-    else:
-        rows, where, target, seen = rows_for(query_cond)
-        q = torch.nn.functional.normalize(query_outputs(model, rows, where, p.eval.batch_rows, device, autocast), dim=-1)
-    ranks = np.empty(len(target), np.int64)
-    for u0 in range(0, len(target), 512):
-        u1 = min(len(target), u0 + 512)
-        if mixture:
-            lp = torch.stack([torch.log_softmax((qv[u0:u1] @ keys[2:].T) / tau, -1) for qv in qs], 1)  # (n, V, I-2)
-            scores = torch.full((u1 - u0, keys.shape[0]), float("-inf"), device=device)
-            scores[:, 2:] = torch.logsumexp(lp + logw[u0:u1, :, None], 1)
-        else:
-            scores = q[u0:u1] @ keys.T                                                # (n, I)
-            scores[:, :2] = float("-inf")
-        t = torch.as_tensor(target[u0:u1], device=device, dtype=torch.long)
-        pos = scores.gather(1, t[:, None])
-        lens = [len(seen[u]) for u in range(u0, u1)]
-        r_idx = torch.as_tensor(np.repeat(np.arange(u1 - u0), lens), device=device)
-        c_idx = torch.as_tensor(np.concatenate([seen[u] for u in range(u0, u1)]) if sum(lens) else np.zeros(0, np.int64),
-                                device=device, dtype=torch.long)
-        scores[r_idx, c_idx] = float("-inf")                                          # filter the history ...
-        scores.scatter_(1, t[:, None], pos)                                           # ... but never the target
-        ranks[u0:u1] = (scores > pos).sum(1).cpu().numpy()
-    model.train()
-    if ranks_out is not None:
-        ranks_out.append((ranks, target))
-    return retrieval_metrics(ranks, p.eval.ks)
-
-
 def query_condition(p: PretrainSpec, data: dict, cond_names: list[str]) -> np.ndarray:
     """Condition ids for the held-out position from [pretrain.eval].condition; unnamed -> '<any>'."""
     out = np.ones(len(cond_names), np.int32)
@@ -431,15 +298,14 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(p.seed)
-    data = tokenize.load(tok_store)
+    data = open_store(tok_store)  # events stay on disk: the evaluation reads its users' slices
     cond_names = [c["name"] for c in _cond_fields(tok_store)]
     # rows_from = "store": only the small columns in memory; each rank reads the rest of its own rows per batch
     rows = pack_stage.load(pack_store, lazy=("item", "cond", "pos", "ts", "user") if p.rows_from == "store" else ())
     conditions = bool(rows["type"].max() == 2 and (rows["type"] == 1).any())
     if not conditions:
         rows["cond"] = rows["cond"][..., :0]
-    data_c = dict(data)
-    data_c["events/cond"] = data["events/cond"] if conditions else data["events/cond"][:, :0]
+    data_c = data if conditions else {k: v for k, v in data.items() if k != "events/cond"}  # no condition fields
     cfg = model_config(p, data, cond_names if conditions else [], device)
     model = build_model(p.model.kind, cfg, data).to(device)
     vocab = vocab_hash(data, cond_names)
@@ -522,7 +388,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                         loss = info_nce(o[b["loss_mask"]], b["target"][b["loss_mask"]], model.item_table,
                                         negatives=p.loss.negatives, tau=log_tau.exp(), num_sampled=p.loss.num_sampled,
                                         sample_logq=logq, generator=neg_gen or gen,
-                                        logq_correction=p.loss.logq_correction, **spread)
+                                        logq_correction=p.loss.logq_correction, n_items=cfg["n_items"],
+                                        item_block=p.loss.item_block, **spread)
                     if world > 1:  # this rank's share of the global micro-batch's mean loss
                         loss = loss / positions
                     # DDP / FSDP average gradients over ranks; x world makes that the global mean's gradient
@@ -558,7 +425,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 if score > best:
                     best, best_step = score, step
                     save_checkpoint(ckpt_dir / "best", model, config={**config_json, "tau": float(log_tau.exp())})
-                say(f"pretrain: step {step} valid " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if k != "n")
+                say(f"pretrain: step {step} valid " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
                     + (" (best)" if best_step == step else ""))
                 t_last = time.time()
             if step % ckpt_every == 0 or step == stop:

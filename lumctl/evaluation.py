@@ -1,0 +1,369 @@
+"""Next-item retrieval evaluation: full ranking over the item catalogue, the user's history filtered.
+
+Each evaluated user's held-out event (the first valid or the first test event) is predicted from
+the most recent `max_items - 1` events before it; its condition is the query condition, never its
+own. The held-out item's rank is the number of candidate items scored strictly higher (a tie
+counts for the held-out item); candidates are all items from id 2 except those already in the
+user's history (the held-out item itself always stays a candidate).
+
+Memory grows with the evaluated users (a `users` sample bounds it) and with settings, never with
+users x items:
+  - eval rows are planned for all evaluated users at once (one int per user) and filled and run
+    `batch_rows` rows at a time, reading only those users' events;
+  - the evaluated users' packed events and history items are read once and kept between the
+    evaluations of a run; the user vectors (U, D) and the normalised item table (I, D), fp32;
+  - scores are computed `user_batch` users x `item_block` items at a time, the rank counted
+    block by block. With item_block >= I this is the single (user_batch, I) product.
+`[pretrain.eval] users = N` scores a fixed random sample of N users (seeded by `sample_seed`: the
+same users at every evaluation and in every run on the same data); the metrics then say
+`users_sampled: "N of M"`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lumctl.attention import make_mask
+from lumctl.batch import to_batch
+from lumctl.metrics import retrieval_metrics
+from lumctl.ops.packing import _fill, assign_rows, pack_sequences
+
+FIRST_ITEM = 2  # ids 0 and 1 are padding and unknown: never candidates
+ROW_KEYS = ("type", "item", "cond", "segment", "pos", "loss_mask", "target", "user", "ts")
+
+
+# ------------------------------------------------------------------------------------ users
+def open_store(store) -> dict:
+    """A tokenize store's arrays keyed by path (the layout of lumctl.stages.tokenize): `events/*`
+    stay on disk as zarr arrays, read in slices by the evaluation; the rest is loaded as numpy."""
+    from lumctl import zarrio
+    from lumctl.store import join, require_store
+    require_store(store, "tokenize")
+    g = zarrio.open_read(join(store, "data.zarr"))  # a path or an fsspec URL
+    out = {}
+    for group in ("events", "users", "items", "vocab"):
+        if group in g:
+            for name in g[group].array_keys():
+                key = f"{group}/{name}"
+                out[key] = g[key] if group == "events" else zarrio.get(g, key)
+    return out
+
+
+def held_out_users(data: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(users [U] that have a held-out event in `split` and at least one event before it,
+    end [U]: the held-out event's index within each user's events)."""
+    offsets, split_at = np.asarray(data["users/offsets"]), np.asarray(data["users/split"])
+    n = np.diff(offsets)
+    end = split_at[:, 0] if split == "valid" else split_at[:, 1]
+    users = np.flatnonzero((end >= 1) & (end < n))
+    return users, end[users]
+
+
+def sample_users(users: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A fixed random sample of n of `users` (sorted), the same for every call with the same
+    arguments; all of them when n is 0 or not smaller than their number."""
+    if n <= 0 or n >= len(users):
+        return users
+    return np.sort(np.random.default_rng([seed, 0x5E7]).choice(users, n, replace=False))
+
+
+def _ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Flat indices of the ranges start[k] : start[k] + count[k], one after the other."""
+    count = np.asarray(count, np.int64)
+    if not len(count):
+        return np.zeros(0, np.int64)
+    return np.repeat(np.asarray(start, np.int64) - np.cumsum(count) + count, count) + np.arange(int(count.sum()))
+
+
+def read_ranges(arr, start: np.ndarray, count: np.ndarray, window: int = 1 << 22) -> np.ndarray:
+    """arr[start[k] : start[k] + count[k]] for every k, concatenated; ranges in increasing order.
+    `arr` is a numpy array or a zarr array: it is read in spans of about `window` elements (one
+    slice per run of ranges that starts within one window), never whole."""
+    start, count = np.asarray(start, np.int64), np.asarray(count, np.int64)
+    if not len(start) or not count.sum():
+        return np.zeros((0, *arr.shape[1:]), arr.dtype)
+    group = start // window
+    cuts = np.flatnonzero(np.r_[True, group[1:] != group[:-1], True])
+    parts = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        lo, hi = int(start[a]), int((start[a:b] + count[a:b]).max())
+        span = np.asarray(arr[lo:hi])
+        parts.append(span[_ranges(start[a:b] - lo, count[a:b])])
+    return np.concatenate(parts)
+
+
+@dataclass
+class HeldOut:
+    """The events one evaluation reads, for its users only (users in increasing order)."""
+
+    users: np.ndarray     # [U] user index
+    count: np.ndarray     # [U] events packed per user: the most recent prefix + the held-out event
+    items: np.ndarray     # [P] their items, user after user (P = sum count)
+    conds: np.ndarray     # [P, F] their conditions
+    ts: np.ndarray        # [P] their timestamps
+    target: np.ndarray    # [U] held-out item
+    seen_off: np.ndarray  # [U + 1] the items of user k's history are seen[seen_off[k]:seen_off[k + 1]]
+    seen: np.ndarray      # [H] history items (every event before the held-out one)
+    n_total: int          # users with a held-out event in the split (before sampling)
+
+
+def read_held_out(data: dict, split: str, max_items: int, n_users: int = 0, seed: int = 0) -> HeldOut:
+    """Read the held-out events of `split` for all users, or for a fixed sample of `n_users`."""
+    users, end = held_out_users(data, split)
+    n_total = len(users)
+    keep = sample_users(np.arange(n_total), n_users, seed)
+    users, end = users[keep], end[keep]
+    base = np.asarray(data["users/offsets"])[users]
+    count = np.minimum(end, max_items - 1) + 1                                        # prefix + held-out
+    first = base + end + 1 - count
+    items = read_ranges(data["events/item"], first, count)
+    conds = (read_ranges(data["events/cond"], first, count) if "events/cond" in data   # absent: no condition fields
+             else np.zeros((len(items), 0), np.int32))
+    ts = read_ranges(data["events/timestamp"], first, count)
+    seen = read_ranges(data["events/item"], base, end)
+    return HeldOut(users, count, items, conds, ts, items[np.cumsum(count) - 1] if len(users) else items[:0],
+                   np.r_[0, np.cumsum(end)].astype(np.int64), seen, n_total)
+
+
+def history_weights(data: dict, split: str, field: int, n_values: int, alpha: float,
+                    users: np.ndarray | None = None) -> np.ndarray:
+    """p(value | user) of one condition field from the user's events before the held-out one, for
+    `users` (default: every user with a held-out event, as `held_out_users`), smoothed:
+    (count + alpha) / (n + alpha V). Returns (U, V - 2): values from id 2."""
+    all_users, end = held_out_users(data, split)
+    if users is not None:
+        end = end[np.searchsorted(all_users, users)]
+        all_users = users
+    base = np.asarray(data["users/offsets"])[all_users]
+    vals = read_ranges(data["events/cond"], base, end)[:, field]
+    who = np.repeat(np.arange(len(all_users), dtype=np.int64), end)
+    w = np.bincount(who * n_values + vals, minlength=len(all_users) * n_values).reshape(-1, n_values)
+    w = w[:, FIRST_ITEM:n_values] + alpha
+    return (w / w.sum(1, keepdims=True)).astype(np.float32)                          # (U, V - 2)
+
+
+# ------------------------------------------------------------------------------------ rows
+@dataclass
+class RowPlan:
+    """Where each user's eval tokens go: rows are filled from this plan a batch at a time."""
+
+    row: np.ndarray       # [U] row of each user
+    start: np.ndarray     # [U] first token within the row
+    n_rows: int
+    out_pos: np.ndarray   # [U] position of the output that scores the held-out item
+    by_row: np.ndarray    # [U] users ordered by row
+    row_first: np.ndarray  # [n_rows + 1] users of row r are by_row[row_first[r]:row_first[r + 1]]
+    first: np.ndarray     # [U] each user's first packed event in ev.items
+
+
+def plan_rows(ev: HeldOut, seq_len: int, conditions: bool) -> RowPlan:
+    """The best-fit packing of `pack_sequences` for these users (longest first, ties by user)."""
+    count = ev.count.astype(np.int64)
+    row, start, n_rows = assign_rows(count * (2 if conditions else 1), seq_len, "best_fit")
+    out_pos = start + (2 * (count - 1) if conditions else count - 2)
+    by_row = np.argsort(row, kind="stable")
+    row_first = np.searchsorted(row[by_row], np.arange(n_rows + 1))
+    return RowPlan(row, start, int(n_rows), out_pos, by_row, row_first, np.cumsum(count) - count)
+
+
+def fill_rows(ev: HeldOut, plan: RowPlan, r0: int, r1: int, seq_len: int, conditions: bool,
+              query_cond: np.ndarray | None) -> tuple[dict, np.ndarray]:
+    """Rows r0..r1 of the plan ([r1 - r0, S] arrays as `pack_sequences`; `user` numbers the users
+    within these rows) and the users they hold (indices into ev.users)."""
+    us = plan.by_row[plan.row_first[r0]:plan.row_first[r1]]
+    cnt = ev.count[us].astype(np.int64)
+    idx = _ranges(plan.first[us], cnt)
+    conds = ev.conds[idx]                                                             # a copy: (P', F)
+    local_first = np.r_[0, np.cumsum(cnt)[:-1]].astype(np.int64)
+    if query_cond is not None and conds.shape[1] and len(us):
+        conds[local_first + cnt - 1] = query_cond                                     # never the held-out condition
+    out = _fill(ev.items[idx].astype(np.int32), np.ascontiguousarray(conds, np.int32), ev.ts[idx].astype(np.int64),
+                local_first, cnt, plan.row[us] - r0, plan.start[us], r1 - r0, seq_len, conditions)
+    return dict(zip(ROW_KEYS, out)), us
+
+
+def eval_rows(data: dict, split: str, max_items: int, seq_len: int, conditions: bool,
+              query_cond: np.ndarray | None) -> tuple[dict, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """All eval rows at once (small data, tests): pack each user's prefix plus the held-out event.
+    Returns (rows, (row, position) of the output that scores the held-out item per user, target
+    item per user, seen items per user); `evaluate` fills the same rows a batch at a time."""
+    ev = read_held_out(data, split, max_items)
+    ends = np.cumsum(ev.count)
+    conds = ev.conds.copy()
+    if query_cond is not None and conds.shape[1] and len(ends):
+        conds[ends - 1] = query_cond
+    rows = pack_sequences(ev.items, conds, ends - ev.count, ev.count, seq_len, conditions, "best_fit", ev.ts)
+    out_pos = rows["start"] + (2 * (ev.count - 1) if conditions else ev.count - 2)
+    seen = [ev.seen[a:b] for a, b in zip(ev.seen_off[:-1], ev.seen_off[1:])]
+    return rows, np.stack([rows["row"], out_pos], 1), ev.target, seen
+
+
+@torch.no_grad()
+def user_vectors(model, ev: HeldOut, plan: RowPlan, seq_len: int, conditions: bool, query_cond,
+                 batch_rows: int, device, autocast) -> torch.Tensor:
+    """The normalised output at each user's held-out position -> (U, D) float32; rows are filled
+    and run `batch_rows` at a time."""
+    backend = model.config.attention
+    q = torch.empty(len(ev.users), model.config.d_model, device=device)
+    with autocast():
+        for r0 in range(0, plan.n_rows, batch_rows):
+            r1 = min(plan.n_rows, r0 + batch_rows)
+            rows, us = fill_rows(ev, plan, r0, r1, seq_len, conditions, query_cond)
+            idx = np.arange(r1 - r0)
+            if backend == "flex" and plan.n_rows >= batch_rows:  # one shape for the compiled kernels: pad with copies
+                idx = np.concatenate([idx, np.full(batch_rows - len(idx), idx[-1])])
+            b = to_batch(rows, idx, device, backend == "sdpa")
+            out = model(b, make_mask(b, backend))                                     # (B, S, D)
+            q[torch.as_tensor(us, device=device)] = out[torch.as_tensor(plan.row[us] - r0),
+                                                        torch.as_tensor(plan.out_pos[us])].float()
+    return F.normalize(q, dim=-1)
+
+
+# ------------------------------------------------------------------------------------ ranking
+def rank_in_blocks(score, target: np.ndarray, seen_off: np.ndarray, seen: np.ndarray, n_items: int,
+                   item_block: int, user_batch: int, device) -> np.ndarray:
+    """0-based rank of each user's target among the candidate items, scored in blocks.
+
+    score(users, i0, i1) -> a new (n, i1 - i0) tensor (modified here): scores of items i0..i1 for
+    `users` (a slice or a long tensor of user indices). target [U] item ids; seen_off [U + 1] / seen [H] each user's history
+    items (not candidates; the target itself stays one). Memory: user_batch x item_block scores.
+    The target's score comes from the product of its own block, so with item_block >= n_items it
+    is exactly the single full-matrix computation."""
+    U = len(target)
+    ranks = np.zeros(U, np.int64)
+    blocks = [(i0, min(n_items, i0 + item_block)) for i0 in range(0, n_items, item_block)]
+    for u0 in range(0, U, user_batch):
+        u1 = min(U, u0 + user_batch)
+        n = u1 - u0
+        t = torch.as_tensor(target[u0:u1], device=device, dtype=torch.long)           # (n,)
+        lens = np.diff(seen_off[u0:u1 + 1])
+        h_row = torch.as_tensor(np.repeat(np.arange(n), lens), device=device)          # (H_b,)
+        h_item = torch.as_tensor(seen[seen_off[u0]:seen_off[u1]], device=device, dtype=torch.long)
+        # 1. the target's score: the blocks that hold targets, for the users whose target is there
+        pos = torch.empty(n, device=device)
+        kept = None  # a block computed for all n users is reused by step 2
+        for i0, i1 in blocks:
+            sel = torch.nonzero((t >= i0) & (t < i1))[:, 0]
+            if not len(sel):
+                continue
+            s = score(slice(u0, u1) if len(sel) == n else sel + u0, i0, i1)          # (n_sel, B)
+            pos[sel] = s.gather(1, (t[sel] - i0)[:, None])[:, 0]
+            if len(sel) == n:
+                kept = (i0, s)
+        # 2. count the candidates scored strictly higher, block by block
+        count = torch.zeros(n, dtype=torch.long, device=device)
+        for i0, i1 in blocks:
+            s = kept[1] if kept is not None and kept[0] == i0 else score(slice(u0, u1), i0, i1)  # (n, B)
+            if i0 < FIRST_ITEM:
+                s[:, :FIRST_ITEM - i0] = float("-inf")
+            h = (h_item >= i0) & (h_item < i1)
+            s[h_row[h], h_item[h] - i0] = float("-inf")                               # filter the history ...
+            in_b = torch.nonzero((t >= i0) & (t < i1))[:, 0]
+            s[in_b, t[in_b] - i0] = float("-inf")                                     # ... the target is `pos`
+            count += (s > pos[:, None]).float().sum(1).long()  # exact: a block has < 2^24 items; faster than a long sum
+        ranks[u0:u1] = count.cpu().numpy()
+    return ranks
+
+
+def rank_full_ref(scores: torch.Tensor, target: np.ndarray, seen: list[np.ndarray]) -> np.ndarray:
+    """Reference twin of `rank_in_blocks`: the whole (U, I) score matrix at once."""
+    scores = scores.clone()
+    scores[:, :FIRST_ITEM] = float("-inf")
+    t = torch.as_tensor(target, dtype=torch.long)
+    pos = scores.gather(1, t[:, None])
+    for u, items in enumerate(seen):
+        scores[u, torch.as_tensor(items, dtype=torch.long)] = float("-inf")
+    scores.scatter_(1, t[:, None], pos)
+    return (scores > pos).sum(1).numpy()
+
+
+@torch.no_grad()
+def item_keys(model, item_block: int, device, autocast) -> torch.Tensor:
+    """The normalised item table (I, D) float32, built `item_block` items at a time (no transient
+    copies of the whole table)."""
+    n_items = model.config.n_items
+    keys = torch.empty(n_items, model.config.d_model, device=device)
+    with autocast():
+        for i0 in range(0, n_items, item_block):
+            ids = torch.arange(i0, min(n_items, i0 + item_block), device=device)
+            keys[i0:i0 + len(ids)] = F.normalize(model.item_table(ids).float(), dim=-1)
+    return keys
+
+
+def dot_scores(q: torch.Tensor, keys: torch.Tensor):
+    """score(users, i0, i1) of the cosine similarity: q (U, D), keys (I, D), both normalised."""
+    return lambda users, i0, i1: q[users] @ keys[i0:i1].T                            # (n, B)
+
+
+def mixture_scores(qs: list[torch.Tensor], keys: torch.Tensor, logw: torch.Tensor, tau: float,
+                   item_block: int, user_batch: int):
+    """score(users, i0, i1) = log sum_v p(v | history) p(item | user, v); qs V tensors (U, D), one
+    per value v; logw (U, V) log p(v | history); p(item | user, v) the softmax over items from id 2
+    at temperature tau, its normaliser accumulated over item blocks."""
+    U, I = len(logw), len(keys)
+    lse = torch.full((U, len(qs)), float("-inf"), device=keys.device)                # (U, V)
+    for u0 in range(0, U, user_batch):
+        u1 = min(U, u0 + user_batch)
+        for i0 in range(FIRST_ITEM, I, item_block):
+            k = keys[i0:min(I, i0 + item_block)]
+            blk = torch.stack([torch.logsumexp(qv[u0:u1] @ k.T / tau, -1) for qv in qs], 1)  # (n, V)
+            lse[u0:u1] = torch.logaddexp(lse[u0:u1], blk)
+
+    def score(users, i0, i1):
+        lp = torch.stack([qv[users] @ keys[i0:i1].T / tau for qv in qs], 1)           # (n, V, B)
+        return torch.logsumexp(lp - lse[users][:, :, None] + logw[users][:, :, None], 1)  # (n, B)
+    return score
+
+
+@torch.no_grad()
+def evaluate(model, data: dict, split: str, p, pack_spec, device, query_cond, autocast,
+             cache: dict | None = None, tau: float = 1.0, cond_names: list[str] | None = None,
+             ranks_out: list | None = None) -> dict:
+    """Full-ranking next-item retrieval of `split` ([pretrain.eval] settings `p.eval`, packing of
+    `pack_spec`). `ranks_out`, when given, receives (ranks, targets): per-user 0-based rank of the
+    held-out item and its item id, both [U] (users in increasing order; the sample with
+    `users = N`). `cache` keeps the held-out events between evaluations of a run.
+
+    With [pretrain.eval].mixture = F, every value v of condition field F is queried (grouped
+    conditions, as in LUM step 2) and items are scored by log sum_v p(v | history) p(item | user, v),
+    p(item | user, v) the model's softmax over all items at temperature tau."""
+    e = p.eval
+    key = (split, e.users, e.sample_seed, pack_spec.max_items)
+    ev = cache.get(key) if cache is not None else None
+    if ev is None:
+        ev = read_held_out(data, split, pack_spec.max_items, e.users, e.sample_seed)
+        if cache is not None:
+            cache[key] = ev
+    conditions, seq_len = pack_spec.conditions, pack_spec.seq_len
+    plan = plan_rows(ev, seq_len, conditions)
+
+    model.eval()
+    keys = item_keys(model, e.item_block, device, autocast)                           # (I, D)
+    n_items = keys.shape[0]
+    mixture = e.mixture if (query_cond is not None and cond_names) else None
+    if mixture:
+        f = cond_names.index(mixture)
+        n_values = int(model.config.cond_vocab[f])
+        qs = []
+        for v in range(FIRST_ITEM, n_values):
+            qc = np.array(query_cond, np.int32).copy()
+            qc[f] = v
+            qs.append(user_vectors(model, ev, plan, seq_len, conditions, qc, e.batch_rows, device, autocast))
+        logw = torch.as_tensor(np.log(history_weights(data, split, f, n_values, e.mixture_smoothing, ev.users)),
+                               device=device)
+        score = mixture_scores(qs, keys, logw, tau, e.item_block, e.user_batch)
+    else:
+        q = user_vectors(model, ev, plan, seq_len, conditions, query_cond, e.batch_rows, device, autocast)
+        score = dot_scores(q, keys)
+    ranks = rank_in_blocks(score, ev.target, ev.seen_off, ev.seen, n_items, e.item_block, e.user_batch, device)
+    model.train()
+    if ranks_out is not None:
+        ranks_out.append((ranks, ev.target))
+    out = retrieval_metrics(ranks, e.ks)
+    if len(ev.users) < ev.n_total:
+        out["users_sampled"] = f"{len(ev.users)} of {ev.n_total}"
+    return out

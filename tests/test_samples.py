@@ -1,0 +1,225 @@
+"""Sample tables for fuse ([fuse.samples]), the behaviour CTR protocol and the vectorised GAUC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lumctl.metrics import auc, gauc
+
+
+# ------------------------------------------------------------------------------ GAUC
+def gauc_loop(user, label, score) -> float:
+    """Reference twin: a Python loop over users, each user's AUC by pair counting."""
+    user, label, score = np.asarray(user), np.asarray(label).astype(bool), np.asarray(score, float)
+    num = den = 0.0
+    for u in np.unique(user):
+        m = user == u
+        pos, neg = score[m & label], score[m & ~label]
+        if len(pos) and len(neg):
+            d = pos[:, None] - neg[None, :]
+            num += m.sum() * ((d > 0).mean() + 0.5 * (d == 0).mean())
+            den += m.sum()
+    return num / den if den else float("nan")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.integers(0, 3)), min_size=0, max_size=60))
+def test_gauc_matches_the_per_user_loop(rows):
+    user = np.array([r[0] for r in rows], np.int64)
+    y = np.array([r[1] for r in rows], bool)
+    s = np.array([r[2] for r in rows], float)
+    want, got = gauc_loop(user, y, s), gauc(user, y, s)
+    assert (np.isnan(want) and np.isnan(got)) or got == pytest.approx(want, abs=1e-12)
+
+
+def test_gauc_of_one_user_is_its_auc():
+    y, s = [1, 0, 1, 0, 0], [0.9, 0.1, 0.4, 0.4, 0.8]
+    assert gauc(np.zeros(5), y, s) == pytest.approx(auc(y, s))
+
+
+# ------------------------------------------------------------------------------ sample tables
+import json  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from helpers import invoke  # noqa: E402
+from test_fuse import answers, data_dict  # noqa: E402
+
+from lumctl.samples import history_bounds, read_samples  # noqa: E402
+from lumctl.specs import FuseSpec, SamplesSpec, load_spec  # noqa: E402
+from lumctl.stages import fuse as f  # noqa: E402
+
+
+def store_dict() -> dict:
+    d = data_dict()
+    d["vocab/user"] = np.array(["10", "11", "12"])
+    return d
+
+
+def derived_table(data: dict) -> pa.Table:
+    """The derived rating protocol's samples written as a sample table (raw ids as the vocabularies say)."""
+    s = f.samples(data)
+    return pa.table({"uid": data["vocab/user"][s["user"]], "iid": data["vocab/item"][s["item"]],
+                     "t": s["ts"], "y": s["label"].astype(np.int64),
+                     "part": np.array(["train", "valid", "test"])[s["split"]]})
+
+
+SS = dict(user="uid", item="iid", timestamp="t", label="y", split_column="part")
+
+
+@pytest.mark.parametrize("backbone", ["din", "sim", "hstu"])
+def test_a_table_of_the_derived_samples_gives_the_same_features(tmp_path, backbone):
+    data, ans = store_dict(), answers(data_dict())
+    pq.write_table(derived_table(data), tmp_path / "s.parquet")
+    ss = SamplesSpec(path=str(tmp_path / "s.parquet"), **SS)
+    table = read_samples(ss, data)
+    fs = FuseSpec(backbone=backbone, lum="direct+match", history_len=6, sim_search_len=8)
+    want = f.Features(data, fs, ans)
+    got = f.Features(data, fs, ans, table.arrays)
+    idx = np.arange(len(want.s["item"]))
+    a, b = want.numpy(idx), got.numpy(idx)
+    for k in a:
+        np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+    for k in ("user", "item", "label", "split", "hist_end", "user_start", "ts"):
+        np.testing.assert_array_equal(table.arrays[k], want.s[k], err_msg=k)
+    assert table.counts["unseen_user_rows"] == 0 and table.counts["unseen_item_rows"] == 0
+
+
+def test_history_bounds_by_hand():
+    data = {"users/offsets": np.array([0, 3, 5]), "events/timestamp": np.array([5, 7, 7, 1, 9]),
+            "events/user": np.array([0, 0, 0, 1, 1])}
+    start, end = history_bounds(data, np.array([0, 0, 0, 1, 1, -1]), np.array([5, 6, 8, 9, 10, 100]))
+    assert start.tolist() == [0, 0, 0, 3, 3, 0]
+    assert end.tolist() == [0, 1, 3, 4, 5, 0]            # strictly before; unseen user: empty
+
+
+def test_unseen_ids_and_features(tmp_path):
+    data = store_dict()
+    csv = tmp_path / "s.csv.gz"
+    import gzip
+    with gzip.open(csv, "wt") as fh:
+        fh.write("uid,iid,t,y,part,city,price,tags\n"
+                 "10,3,5,1,train,a,1.0,x|y\n"
+                 "99,3,6,0,train,b,3.0,y\n"          # unseen user
+                 "11,777,7,1,valid,a,,z\n"           # unseen item, missing price
+                 "12,4,2021-01-01T00:00:00,0,test,c,5.0,\n")
+    ss = SamplesSpec(path=str(csv), categorical=["city"], numeric={"price": "standard"}, multi_valued={"tags": "|"},
+                     max_values=3, **SS)
+    t = read_samples(ss, data)
+    a = t.arrays
+    assert a["user"].tolist() == [0, -1, 1, 2] and a["item"].tolist() == [3, 3, 1, 4]
+    assert a["ts"][3] == 1609459200
+    assert t.counts["unseen_user_rows"] == 1 and t.counts["unseen_item_rows"] == 1
+    assert a["extra_cat"][:, 0].tolist() == [2, 3, 2, 1]          # train vocab a, b; c unseen in train -> 1
+    np.testing.assert_allclose(a["extra_num"][:, 0], [-1, 1, 0, 3])  # mean 2, std 1 of the train rows; missing 0
+    assert a["extra_multi"][:, 0].tolist() == [[2, 3, 0], [3, 0, 0], [1, 0, 0], [0, 0, 0]]  # x, y; z unknown
+    assert t.cat_vocab == [4] and t.multi_vocab == [4]
+    assert a["group"][1] == 3 and a["user_start"][1] == a["hist_end"][1] == 0
+    fs = FuseSpec(backbone="din", history_len=4, lum="direct", samples=ss)
+    b = f.Features(data, fs, answers(data_dict()), a).numpy(np.arange(4))
+    assert b["lum_missing"][1] == 1 and b["user_attr"][1].tolist() == [1] and not b["hist_mask"][1].any()
+
+
+# ------------------------------------------------------------------------------ the stage, bad tables
+SAMPLES_FUSE = """
+[fuse]
+backbone = "din"
+lum = "none"
+history_len = 10
+d_emb = 8
+mlp = [16, 8]
+batch_size = 64
+epochs = 2
+samples = {{ path = "{path}", user = "uid", item = "iid", timestamp = "t", label = "y", split_column = "part"{more} }}
+"""
+
+
+@pytest.fixture
+def tokenized(tiny_spec, tmp_path):
+    """A tiny tokenize store and a function writing a spec whose [fuse] reads a given sample table."""
+    path = tiny_spec()
+    for verb in ("synth", "tokenize"):
+        r = invoke(verb, path)
+        assert r.exit_code == 0, r.output
+    base = path.read_text()
+
+    def with_samples(table_path, more=""):
+        path.write_text(base + SAMPLES_FUSE.format(path=table_path, more=more))
+        return path
+    return path, with_samples
+
+
+def tiny_table(path) -> pa.Table:
+    from lumctl.stages import tokenize
+    data = tokenize.load(load_spec(path).store("tokenize"))
+    rng = np.random.default_rng(0)
+    s = f.samples({**data, "events/rating": rng.integers(1, 6, len(data["events/item"])).astype(np.float32)})
+    n = len(s["item"])
+    return pa.table({"uid": data["vocab/user"][s["user"]], "iid": data["vocab/item"][s["item"]], "t": s["ts"],
+                     "y": s["label"].astype(np.int64), "part": np.array(["train", "valid", "test"])[s["split"]],
+                     "hour": rng.integers(0, 24, n).astype(str), "price": rng.gamma(2.0, 10.0, n)})
+
+
+def test_fuse_trains_on_a_sample_table(tokenized, tmp_path):
+    path, with_samples = tokenized
+    t = tiny_table(path)
+    t = t.append_column("tags", pa.array(["a|b", "b", None, "c|a|b"] * (len(t) // 4) + ["a"] * (len(t) % 4)))
+    pq.write_table(t, tmp_path / "t.parquet")
+    with_samples(tmp_path / "t.parquet", ', categorical = ["hour"], numeric = { price = "log" }, '
+                 'multi_valued = { tags = "|" }')
+    r = invoke("fuse", path)
+    assert r.exit_code == 0, r.output
+    out = load_spec(path).store("fuse")
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 <= m["test"]["auc"]["mean"] <= 1 and m["samples"]["rows"] == len(t)
+    cfg = json.loads((out / "final" / "config.json").read_text())["model"]
+    assert cfg["extra_cat"] == [26] and cfg["extra_multi"] == [5] and cfg["extra_numeric"] == 1
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["sample_table"]["unseen_user_rows"] == 0
+    r = invoke("fuse", path)
+    assert r.exit_code == 0 and "is up to date" in r.stderr
+
+
+def bad(tokenized, tmp_path, table: pa.Table | str, want: str, more: str = "", name: str = "bad.csv"):
+    path, with_samples = tokenized
+    p = tmp_path / name
+    if isinstance(table, str):
+        p.write_text(table)
+    else:
+        pq.write_table(table, p)
+    with_samples(p, more)
+    r = invoke("fuse", path)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(p) in lines[0] and want in lines[0], r.stderr
+
+
+HEAD = "uid,iid,t,y,part\n"
+
+
+def test_bad_table_missing_column(tokenized, tmp_path):
+    bad(tokenized, tmp_path, "uid,iid,t,part\n1,2,3,train\n", "column 'y': missing")
+
+
+def test_bad_table_label_not_0_1(tokenized, tmp_path):
+    bad(tokenized, tmp_path, HEAD + "1,2,3,1,train\n1,2,4,2,valid\n", "column 'y': the label must be 0 or 1 (got 2)")
+
+
+def test_bad_table_unparseable_timestamp(tokenized, tmp_path):
+    bad(tokenized, tmp_path, HEAD + "1,2,3,1,train\n1,2,yesterday,0,valid\n",
+        "column 't': unparseable timestamp 'yesterday'")
+
+
+def test_bad_table_wrong_type(tokenized, tmp_path):
+    t = pa.table({"uid": ["1"], "iid": ["2"], "t": [3], "y": [1], "part": ["train"], "price": ["cheap"]})
+    bad(tokenized, tmp_path, t, "column 'price': wrong type for a numeric feature (got 'cheap')",
+        more=', numeric = { price = "none" }', name="bad.parquet")
+    t = pa.table({"uid": [1.5], "iid": ["2"], "t": [3], "y": [1], "part": ["train"]})
+    bad(tokenized, tmp_path, t, "column 'uid': wrong type double for ids", name="bad2.parquet")
+
+
+def test_bad_table_empty(tokenized, tmp_path):
+    bad(tokenized, tmp_path, HEAD, "the sample table is empty")

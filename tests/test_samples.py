@@ -223,3 +223,51 @@ def test_bad_table_wrong_type(tokenized, tmp_path):
 
 def test_bad_table_empty(tokenized, tmp_path):
     bad(tokenized, tmp_path, HEAD, "the sample table is empty")
+
+
+# ------------------------------------------------------------------------------ behaviour protocol (Taobao)
+def test_behavior_samples_by_hand():
+    # user 0: pv 2, pv 3, buy 2, pv 4 (train) | cart 3 (valid) | pv 5 (test);  user 1: pv 2, fav 2 | pv 3 | pv 2
+    beh = {"pv": 2, "cart": 3, "fav": 4, "buy": 5}
+    ev = [(0, 2, "pv"), (0, 3, "pv"), (0, 2, "buy"), (0, 4, "pv"), (0, 3, "cart"), (0, 5, "pv"),
+          (1, 2, "pv"), (1, 2, "fav"), (1, 3, "pv"), (1, 2, "pv")]
+    data = {"events/user": np.array([e[0] for e in ev], np.int32), "events/item": np.array([e[1] for e in ev], np.int32),
+            "events/timestamp": np.array([1, 2, 3, 4, 5, 6, 1, 2, 3, 4], np.int64),
+            "events/cond": np.array([[beh[e[2]]] for e in ev], np.int32),
+            "vocab/cond_behavior": np.array(["<pad>", "<unk>", "pv", "cart", "fav", "buy"]),
+            "users/offsets": np.array([0, 6, 10]), "users/split": np.array([[4, 5], [2, 3]])}
+    s = f.samples(data, FuseSpec(protocol="behavior"), ["behavior"])
+    assert s["event"].tolist() == [0, 1, 3, 4, 5, 6, 8, 9]
+    assert s["item"].tolist() == [2, 3, 4, 3, 5, 2, 3, 2]
+    assert s["label"].tolist() == [1, 0, 0, 1, 0, 1, 0, 0]
+    assert s["split"].tolist() == [0, 0, 0, 1, 2, 0, 1, 2]
+    assert s["hist_end"].tolist() == [0, 1, 3, 4, 5, 6, 8, 9]
+    with pytest.raises(Exception, match="not a \\[tokenize\\] condition field"):
+        f.samples(data, FuseSpec(protocol="behavior", behavior_field="kind"), ["behavior"])
+
+
+def test_behavior_protocol_on_a_taobao_csv(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(40):
+        t = 1511600000 + int(rng.integers(0, 3600))
+        for _ in range(int(rng.integers(8, 25))):
+            t += int(rng.integers(1, 600))
+            item = int(rng.integers(1, 30))
+            b = rng.choice(["pv", "cart", "fav", "buy"], p=[0.7, 0.1, 0.1, 0.1]) if item % 3 else "pv"
+            rows.append(f"{100 + u},{item},{item % 5},{b},{t}")
+    (tmp_path / "UserBehavior.csv").write_text("\n".join(rows) + "\n")
+    from helpers import spec_in
+    path = spec_in(tmp_path, {
+        "experiment": "tb", "tokenize": {"format": "taobao", "path": str(tmp_path / "UserBehavior.csv"),
+                                         "conditions": [{"name": "behavior", "source": "column", "column": "behavior"}],
+                                         "split": {"kind": "fraction", "train": 0.6, "valid": 0.2,
+                                                   "pretrain_fraction": 0.3}},
+        "fuse": {"backbone": "din", "protocol": "behavior", "history_len": 8, "d_emb": 8, "mlp": [16, 8],
+                 "batch_size": 32, "epochs": 2}})
+    for verb in ("tokenize", "fuse"):
+        r = invoke(verb, path)
+        assert r.exit_code == 0, r.output
+    m = json.loads((load_spec(path).store("fuse") / "metrics.json").read_text())
+    assert m["samples"] == {"protocol": "behavior"} and 0 <= m["test"]["auc"]["mean"] <= 1
+    assert 0 < m["seeds"][0]["test"]["pos_rate"] < 1

@@ -82,8 +82,10 @@ def required_columns(ss: SamplesSpec, label: bool) -> list[str]:
         ([ss.split_column] if ss.split_column else [])
 
 
-def iter_batches(dset: ds.Dataset, ss: SamplesSpec, columns: list[str]) -> Iterator[tuple[str, pa.RecordBatch]]:
-    """(file, batch) of the declared columns, file by file; a missing column is an error naming the file."""
+def iter_batches(dset: ds.Dataset, ss: SamplesSpec, columns: list[str],
+                 read_all: bool = False) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """(file, batch) of `columns` (every column with read_all), file by file; a missing column is an error
+    naming the file."""
     for frag in dset.get_fragments():
         try:
             have = frag.physical_schema.names
@@ -93,7 +95,7 @@ def iter_batches(dset: ds.Dataset, ss: SamplesSpec, columns: list[str]) -> Itera
         if missing:
             raise InputError(frag.path, f"column '{missing[0]}': missing (columns: {have})")
         try:
-            for b in frag.to_batches(columns=columns, batch_size=ss.batch_rows):
+            for b in frag.to_batches(columns=None if read_all else columns, batch_size=ss.batch_rows):
                 if b.num_rows:
                     yield frag.path, b
         except pa.ArrowInvalid as e:
@@ -319,6 +321,8 @@ class SampleTable:
 
 def read_samples(ss: SamplesSpec, data: dict) -> SampleTable:
     """The whole sample table for fuse: ids mapped, split, label, features encoded, history bounds."""
+    if not ss.split_column and ss.valid_from is None:
+        raise InputError("[fuse.samples]", "the split needs split_column or valid_from and test_from")
     dset = open_dataset(ss.path, ss)
     cols = required_columns(ss, label=True)
     users, items = IdMap(data["vocab/user"]), IdMap(data["vocab/item"], offset=2)

@@ -409,7 +409,8 @@ class SamplesSpec(Strict):
         "multi-valued feature columns -> the delimiter of their values (e.g. genres = '|'): a mean-pooled embedding"))
     max_values: int = Field(8, gt=0, description="multi-valued: the first max_values values of a row are read")
     split_column: str = Field("", description=(
-        "column naming each row's part: train/valid/test (or 0/1/2); empty = the cutoffs valid_from/test_from"))
+        "column naming each row's part: train/valid/test (or 0/1/2); empty = the cutoffs valid_from/test_from "
+        "(fuse needs one of the two; export needs neither)"))
     valid_from: int | None = Field(None, description="rows at or after this timestamp are valid (without split_column)")
     test_from: int | None = Field(None, description="rows at or after this timestamp are test (without split_column)")
     batch_rows: int = Field(1 << 16, gt=0, description="rows read per batch (bounds the reader's memory)")
@@ -423,11 +424,10 @@ class SamplesSpec(Strict):
     def _check(self):
         if self.split_column and (self.valid_from is not None or self.test_from is not None):
             raise ValueError("give split_column or valid_from/test_from, not both")
-        if not self.split_column:
-            if self.valid_from is None or self.test_from is None:
-                raise ValueError("the split needs split_column or both valid_from and test_from")
-            if self.valid_from > self.test_from:
-                raise ValueError("valid_from must be <= test_from")
+        if (self.valid_from is None) != (self.test_from is None):
+            raise ValueError("valid_from and test_from go together")
+        if self.valid_from is not None and self.valid_from > self.test_from:
+            raise ValueError("valid_from must be <= test_from")
         cols = [self.user, self.item, self.timestamp, self.label, *self.categorical, *self.numeric,
                 *self.multi_valued] + ([self.split_column] if self.split_column else [])
         dup = sorted({c for c in cols if cols.count(c) > 1})

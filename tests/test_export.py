@@ -123,3 +123,17 @@ def test_export_bad_table_is_one_line(lum, tmp_path):
     (tmp_path / "bad.csv").write_text("user_id,item_id\n1,2\n")
     r = invoke("export", path, "--samples", tmp_path / "bad.csv", "--out", tmp_path / "o.parquet")
     assert r.exit_code == 2 and "column 'timestamp': missing" in r.stderr and not (tmp_path / "o.parquet").exists()
+
+
+def test_export_help_does_not_import_torch():
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom lumctl.cli import app\n"
+            "r = CliRunner().invoke(app, ['export', '--help'])\nassert r.exit_code == 0 and '--samples' in r.output\n"
+            "assert 'torch' not in sys.modules and 'numba' not in sys.modules\nprint('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -441,7 +441,8 @@ class SamplesSpec(Strict):
 
 class FuseSpec(Strict):
     """Step 3: DLRM backbones on the CTR protocol (every rated event an impression, label = rating >= 4,
-    the tokenize store's per-user split), optionally enriched with the query store's LUM answers.
+    the tokenize store's per-user split; `protocol = "behavior"` for behaviour logs; or a labelled sample
+    table, `samples`), optionally enriched with the query store's LUM answers.
 
     LUM inputs are joined point in time: a sample at time t reads the latest snapshot with timestamp < t
     (zeros and a "missing" flag when there is none). [query] snapshot = "split" only has snapshots at the

@@ -35,7 +35,8 @@ train events may be later).
 Output (`stores/<experiment>/fuse/`):
   metrics.json        per seed {valid, test: auc, gauc, logloss, n, pos_rate (two_tower: retrieval: recall@K,
                       users); best_epoch}, and mean / std (recall@K too)
-  predictions.zarr/   event [S] int64, user [S], split [S] int8 (1 valid, 2 test), label [S] int8,
+  predictions.zarr/   event [S] int64 (sample table: its row), user [S] (sample table: unseen users numbered
+                      from U by raw id), split [S] int8 (1 valid, 2 test), label [S] int8,
                       logit [seeds, S] float32 (valid + test samples)
   final/              the first seed's best-valid model: model.pt + config.json (DLRMConfig, [fuse] and [tokenize], inputs)
   seeds/seed-<k>/     the other seeds' models (a warm start from a base store's final/ starts seed k
@@ -506,7 +507,7 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
     with atomic_dir(out) as tmp:
         g = zarrio.create(tmp / "predictions.zarr")
         zarrio.put(g, "event", s["event"][ev])                        # event index (sample table: row)
-        zarrio.put(g, "user", s["user"][ev])
+        zarrio.put(g, "user", s.get("group", s["user"])[ev])           # sample table: unseen users from U on
         zarrio.put(g, "split", s["split"][ev])
         zarrio.put(g, "label", s["label"][ev].astype(np.int8))
         zarrio.put(g, "logit", logit)

@@ -271,3 +271,15 @@ def test_behavior_protocol_on_a_taobao_csv(tmp_path):
     m = json.loads((load_spec(path).store("fuse") / "metrics.json").read_text())
     assert m["samples"] == {"protocol": "behavior"} and 0 <= m["test"]["auc"]["mean"] <= 1
     assert 0 < m["seeds"][0]["test"]["pos_rate"] < 1
+
+
+def test_a_sample_table_at_an_fsspec_url(tmp_path):
+    import fsspec
+    data = store_dict()
+    fs = fsspec.filesystem("memory")
+    with fs.open("memory://samples/part-0.parquet", "wb") as fh:
+        pq.write_table(derived_table(data), fh)
+    with fs.open("memory://samples/part-1.parquet", "wb") as fh:
+        pq.write_table(derived_table(data).slice(0, 5), fh)
+    t = read_samples(SamplesSpec(path="memory://samples", **SS), data)
+    assert t.counts["rows"] == len(f.samples(data)["item"]) + 5 and len(t.files) == 2

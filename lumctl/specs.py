@@ -486,6 +486,9 @@ class FuseSpec(Strict):
         "run's final/ (then seed k starts from the base's seed k where the base trained it); LUM layers "
         "absent there start at zero, so step 0 predicts as the base"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
+    cache_mib: int = Field(2048, ge=0, description=(
+        "sim: the hard search of every sample is computed once and kept when it fits in this many MiB "
+        "(5 bytes x samples x history_len), else it runs per batch, so memory stays bounded on large logs"))
     samples: SamplesSpec | None = Field(None, description=(
         "train on this labelled sample table (its features plus the LUM answers joined point in time) "
         "instead of the samples derived from the log by `protocol`"))

@@ -283,3 +283,22 @@ def test_a_sample_table_at_an_fsspec_url(tmp_path):
         pq.write_table(derived_table(data).slice(0, 5), fh)
     t = read_samples(SamplesSpec(path="memory://samples", **SS), data)
     assert t.counts["rows"] == len(f.samples(data)["item"]) + 5 and len(t.files) == 2
+
+
+def test_sim_hard_search_per_batch_equals_the_cached_one():
+    data, ans = data_dict(), answers(data_dict())
+    idx = np.arange(len(data["events/item"]))
+    kw = dict(backbone="sim", lum="direct", history_len=6, sim_search_len=8)
+    cached = f.Features(data, FuseSpec(**kw), ans)
+    per_batch = f.Features(data, FuseSpec(cache_mib=0, **kw), ans)
+    assert cached.sim_hist is not None and per_batch.sim_hist is None
+    a, b = cached.numpy(idx), per_batch.numpy(idx)
+    for k in ("sim_hist", "sim_mask"):
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_fuse_spec_hash_ignores_the_cache_and_unset_new_keys():
+    base = f.fuse_spec_hash(FuseSpec())
+    assert f.fuse_spec_hash(FuseSpec(cache_mib=1)) == base
+    assert f.fuse_spec_hash(FuseSpec(protocol="behavior")) != base
+    assert f.fuse_spec_hash(FuseSpec(samples=SamplesSpec(path="x.csv", split_column="s"))) != base

@@ -224,9 +224,11 @@ class Features:
                           if self.attrs else np.zeros((len(data["users/offsets"]) - 1, 0), np.int64))
         self.cat = search_category(data)
         S = len(self.s["item"])
-        if fs.backbone == "sim":  # the hard search is a pure function of the sample: run it once, not per epoch
-            if self.cat is None:
-                raise InputError("[fuse].backbone", "sim searches by item category or genre; the store has neither")
+        self.sim_hist = None
+        if fs.backbone == "sim" and self.cat is None:
+            raise InputError("[fuse].backbone", "sim searches by item category or genre; the store has neither")
+        if fs.backbone == "sim" and S * fs.history_len * 5 <= fs.cache_mib << 20:
+            # the hard search is a pure function of the sample: run it once, not per epoch (when it fits)
             L = fs.history_len
             self.sim_hist, self.sim_mask = np.zeros((S, L), np.int32), np.zeros((S, L), bool)
             for a in range(0, S, 1 << 14):
@@ -252,8 +254,11 @@ class Features:
         if fs.backbone == "hstu":  # the actions of the history events (1 not liked, 2 liked; 0 pad)
             act, _ = history(self.ev_action, start, end, fs.history_len)
             out["hist_action"] = act
-        if fs.backbone == "sim":
+        if fs.backbone == "sim" and self.sim_hist is not None:
             out["sim_hist"], out["sim_mask"] = self.sim_hist[idx].astype(np.int64), self.sim_mask[idx]
+        elif fs.backbone == "sim":
+            h, m = hard_search(self.ev_item, self.cat, start, end, target, fs.sim_search_len, fs.history_len)
+            out["sim_hist"], out["sim_mask"] = h.astype(np.int64), m
         for k in ("extra_cat", "extra_multi"):
             if k in s:
                 out[k] = s[k][idx].astype(np.int64)
@@ -445,6 +450,22 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+# keys that do not change what fuse computes, and keys added later that leave, at their default, the
+# spec hash of older stores as it was (so they stay up to date)
+NO_HASH = ("cache_mib",)
+LATER_KEYS = ("samples", "protocol", "behavior_field", "positive")
+
+
+def fuse_spec_hash(fs: FuseSpec) -> str:
+    d = fs.model_dump(mode="json")
+    for k in NO_HASH:
+        d.pop(k)
+    for k in LATER_KEYS:
+        if d[k] == FuseSpec.model_fields[k].get_default(call_default_factory=True):
+            d.pop(k)
+    return hash_obj(d)
+
+
 def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
     fs = spec.fuse
     if fs is None:
@@ -463,7 +484,7 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
         inputs["init_from"] = hashes[0] if len(set(warm)) == 1 else hash_obj(hashes)
     if fs.samples is not None:
         inputs["samples"] = sample_table_hash(fs.samples.path)
-    spec_hash = hash_obj(fs.model_dump(mode="json"))
+    spec_hash = fuse_spec_hash(fs)
     if not force and is_up_to_date(out, spec_hash, inputs):
         say(f"fuse: {out} is up to date")
         return out

@@ -107,7 +107,7 @@ def _bad_value(err: Exception) -> str:
     return m.group(1) if m else str(err)
 
 
-def _int_column(a: pa.Array, file: str, col: str, what: str) -> np.ndarray:
+def _int_column(a: pa.Array, file: str, col: str, what: str, want: str = "must be whole numbers") -> np.ndarray:
     """Integers (int, bool, whole floats or text) -> int64; the first bad value is an error."""
     t = a.type
     if a.null_count:
@@ -118,18 +118,23 @@ def _int_column(a: pa.Array, file: str, col: str, what: str) -> np.ndarray:
         x = a.to_numpy()
         bad = x != np.round(x)
         if bad.any():
-            raise InputError(file, f"column '{col}': {what} must be whole numbers (got {x[bad][0]})")
+            raise InputError(file, f"column '{col}': {what} {want} (got {x[bad][0]})")
         return x.astype(np.int64)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
+        a = pc.utf8_trim_whitespace(a)
         try:
-            return pc.cast(pc.utf8_trim_whitespace(a), pa.int64()).to_numpy()
+            return pc.cast(a, pa.int64()).to_numpy()
+        except pa.ArrowInvalid:
+            pass
+        try:  # "1.0"
+            return _int_column(pc.cast(a, pa.float64()), file, col, what, want)
         except pa.ArrowInvalid as e:
-            raise InputError(file, f"column '{col}': {what} must be whole numbers (got '{_bad_value(e)}')") from None
+            raise InputError(file, f"column '{col}': {what} {want} (got '{_bad_value(e)}')") from None
     raise InputError(file, f"column '{col}': wrong type {t} for {what} (want integers)")
 
 
 def parse_label(a: pa.Array, file: str, col: str) -> np.ndarray:
-    y = _int_column(a, file, col, "the label")
+    y = _int_column(a, file, col, "the label", "must be 0 or 1")
     bad = (y != 0) & (y != 1)
     if bad.any():
         raise InputError(file, f"column '{col}': the label must be 0 or 1 (got {y[bad][0]})")

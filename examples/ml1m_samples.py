@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("work", type=Path)
     ap.add_argument("--backbone", default=None, help="[fuse] backbone of both specs (default: the spec's)")
     ap.add_argument("--lum", default="none", help="[fuse] lum of both specs (default: none, the base model)")
+    ap.add_argument("--shuffle", type=int, default=None, metavar="SEED",
+                    help="write the rows in a random order (so the table route trains on other batches)")
     a = ap.parse_args()
     spec = load_spec(a.spec)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -46,6 +48,8 @@ def main() -> None:
         "label": (data["events/rating"][keep] >= 4).astype(np.int8),
         "split": pa.array(np.array(["train", "valid", "test"])[part[keep]]),
         "hour": ((ts // 3600) % 24).astype(np.int16)})
+    if a.shuffle is not None:
+        table = table.take(np.random.default_rng(a.shuffle).permutation(table.num_rows))
     out = a.work / "ml1m_samples.parquet"
     pq.write_table(table, out)
     print(f"{out}: {table.num_rows:,} samples")

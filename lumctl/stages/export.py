@@ -46,8 +46,9 @@ def _fixed_list(x: np.ndarray, valid: np.ndarray | None) -> pa.Array:
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.nan_to_num(x.astype(np.float32))
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+    """Rows scaled to unit length (float32; all-zero rows stay zero)."""
+    x = x.astype(np.float32, copy=False)
+    return x / np.maximum(np.sqrt(np.einsum("...d,...d->...", x, x))[..., None], 1e-6)
 
 
 def query_names(store: Path, n: int) -> list[str]:
@@ -85,7 +86,8 @@ def run(spec: Spec, samples: str, out: Path, items: Path | None = None, force: b
             "lumctl.query_store": store_hash(q_manifest), "lumctl.tokenize_store": store_hash(tok_manifest),
             "lumctl.snapshot_rule": rule, "lumctl.queries": json.dumps(names),
             "lumctl.experiment": spec.experiment}
-    item_unit = _unit(ans["item_emb"])                                   # (I, D)
+    item_emb = np.nan_to_num(ans["item_emb"].astype(np.float32))       # (I, D)
+    item_unit = _unit(item_emb)
 
     users, item_map = IdMap(vocab_user), IdMap(vocab_item, offset=2)
     dset = open_dataset(samples, ss)
@@ -101,9 +103,10 @@ def run(spec: Spec, samples: str, out: Path, items: Path | None = None, force: b
             known_u, known_i = u >= 0, i >= 0
             row, slot, has = join_snapshots(ans, np.where(known_u, u, 0), ts, len(vocab_user))
             has &= known_u
-            o = np.nan_to_num(ans["user_emb"][row, slot].astype(np.float32))  # (B, N, D)
-            e = ans["item_emb"][np.where(known_i, i, 1)].astype(np.float32)   # (B, D)
-            sim = (_unit(o) * item_unit[np.where(known_i, i, 1)][:, None]).sum(-1)  # (B, N)
+            o = ans["user_emb"][row, slot].astype(np.float32)                 # (B, N, D); NaN where no snapshot
+            o[~has] = 0
+            e = item_emb[np.where(known_i, i, 1)]                             # (B, D)
+            sim = np.einsum("bnd,bd->bn", _unit(o), item_unit[np.where(known_i, i, 1)])  # (B, N) cosines
             both = has & known_i
             cols = {"lum_snapshot_ts": pa.array(np.where(has, ans["snapshot_ts"][row, slot], 0), pa.int64(),
                                                 mask=~has)}

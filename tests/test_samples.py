@@ -302,3 +302,31 @@ def test_fuse_spec_hash_ignores_the_cache_and_unset_new_keys():
     assert f.fuse_spec_hash(FuseSpec(cache_mib=1)) == base
     assert f.fuse_spec_hash(FuseSpec(protocol="behavior")) != base
     assert f.fuse_spec_hash(FuseSpec(samples=SamplesSpec(path="x.csv", split_column="s"))) != base
+
+
+# ------------------------------------------------------------------------------ examples/ml1m_samples.py
+@pytest.mark.slow
+@pytest.mark.skipif(not (__import__("helpers").DATA / "ml-1m").is_dir(), reason="no ML-1M data")
+def test_ml1m_samples_example_writes_the_builtin_samples(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from helpers import DATA, REPO
+    monkeypatch.setenv("LUMCTL_DATA", str(DATA))
+    r = subprocess.run([sys.executable, "examples/ml1m_samples.py", "specs/ml-1m-ctr.toml", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    t = pq.read_table(tmp_path / "ml1m_samples.parquet")
+    spec = load_spec(tmp_path / "samples.toml")
+    assert spec.fuse.samples.path == str(tmp_path / "ml1m_samples.parquet") and spec.fuse.lum == "none"
+    assert load_spec(tmp_path / "builtin.toml").fuse.samples is None
+    from lumctl.readers import read_log
+    from lumctl.stages.tokenize import tokenize_log
+    data, _ = tokenize_log(spec.tokenize, read_log(spec.tokenize))
+    s = f.samples(data)
+    keep = s["split"] >= 0
+    assert t.num_rows == keep.sum()
+    np.testing.assert_array_equal(t["label"].to_numpy(), s["label"][keep])
+    table = read_samples(spec.fuse.samples, data)
+    for k in ("user", "item", "ts", "split", "hist_end"):
+        np.testing.assert_array_equal(table.arrays[k], s[k][keep], err_msg=k)

@@ -145,6 +145,24 @@ def fuse(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt,
     _run_stage("fuse", spec, force, sets, seeds=seeds)
 
 
+@app.command()
+def export(spec: Path = SpecArg,
+           samples: str = typer.Option(..., "--samples", help="sample table (CSV/parquet file or folder, gzip, "
+                                       "fsspec URL); columns as fuse.samples maps them, else user_id, item_id, "
+                                       "timestamp"),
+           out: Path = typer.Option(..., "--out", help="output parquet: the table plus o_q1..o_qN, e_item, "
+                                    "sim_q1..sim_qN"),
+           items: Path = typer.Option(None, "--items", help="item embeddings parquet (default: OUT_items.parquet)")):
+    """The LUM answers of a sample table, joined point in time as fuse joins them, written to parquet."""
+    from lumctl.specs import load_spec
+
+    def go():
+        _refuse_torchrun("export")
+        from lumctl.stages import export as stage
+        stage.run(load_spec(spec), samples=samples, out=out, items=items)
+    _guard(go)
+
+
 @app.command("eval")
 def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [report] section)", show_default=False),
           force: bool = typer.Option(False, "--force", help="rebuild the report (with --train: retrain every "

@@ -42,21 +42,37 @@ def auc(label: np.ndarray, score: np.ndarray) -> float:
 
 def gauc(user: np.ndarray, label: np.ndarray, score: np.ndarray) -> float:
     """Impression-weighted mean of per-user AUC: sum_u n_u AUC_u / sum_u n_u over the users that
-    have both classes (the others are skipped). NaN when no user has both."""
+    have both classes (the others are skipped). NaN when no user has both.
+
+    Vectorised: one sort by (user, score), ties averaged within (user, score) runs, per-user sums by
+    segment reduction; no Python loop over users."""
     user = np.asarray(user)
-    label = np.asarray(label).astype(bool)
-    score = np.asarray(score, np.float64)
-    order = np.argsort(user, kind="stable")
-    u, y, s = user[order], label[order], score[order]
-    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, int)
-    ends = np.r_[starts[1:], len(u)]
-    num = den = 0.0
-    for a, b in zip(starts, ends):
-        k = int(y[a:b].sum())
-        if 0 < k < b - a:
-            num += (b - a) * auc(y[a:b], s[a:b])
-            den += b - a
-    return float(num / den) if den else float("nan")
+    y = np.asarray(label).astype(bool)
+    s = np.asarray(score, np.float64)
+    n = len(y)
+    if n == 0:
+        return float("nan")
+    by_score = np.argsort(s)
+    order = by_score[np.argsort(user[by_score], kind="stable")]        # by user, then score (2x lexsort's speed)
+    u, y, s = user[order], y[order], s[order]
+    new_user = np.r_[True, u[1:] != u[:-1]]
+    starts = np.flatnonzero(new_user)                                  # [G] first row of each user
+    counts = np.diff(np.r_[starts, n])                                 # [G] n_u
+    first = np.repeat(starts, counts)                                  # [n] the row's user start
+    run = np.flatnonzero(new_user | np.r_[True, s[1:] != s[:-1]])      # starts of (user, score) runs
+    run_len = np.diff(np.r_[run, n])
+    # average 1-based rank of a run within its user: (a + b + 1) / 2 for rows [a, b) counted from the user start
+    a = run - first[run]
+    rank = np.repeat((2 * a + run_len + 1) / 2.0, run_len)             # [n]
+    n_pos = np.add.reduceat(y.astype(np.float64), starts)              # [G]
+    rank_pos = np.add.reduceat(np.where(y, rank, 0.0), starts)         # [G] rank sum of the positives
+    n_neg = counts - n_pos
+    both = (n_pos > 0) & (n_neg > 0)
+    if not both.any():
+        return float("nan")
+    auc_u = (rank_pos[both] - n_pos[both] * (n_pos[both] + 1) / 2) / (n_pos[both] * n_neg[both])
+    w = counts[both].astype(np.float64)
+    return float((w * auc_u).sum() / w.sum())
 
 
 def logloss(label: np.ndarray, prob: np.ndarray, eps: float = 1e-7) -> float:

@@ -445,9 +445,65 @@ class QuerySpec(Strict):
 
 
 # ---------------------------------------------------------------------------------------- fuse
+class SamplesSpec(Strict):
+    """A labelled sample table (impression log) for fuse and export: one row per (user, item, time),
+    a 0/1 label and the extra features the ranker already uses. Raw ids map through the tokenize
+    vocabularies (unseen ones to the unknown id, counted); the history and the LUM answers of a sample
+    are the user's events and snapshots strictly before its timestamp."""
+
+    path: str = Field(description=(
+        "CSV or parquet file or folder of files (.gz CSV accepted; a path or an fsspec URL such as "
+        "s3://bucket/samples/); `${VAR:-default}` is expanded"))
+    format: Literal["auto", "csv", "parquet"] = Field("auto", description="auto: by the file name (.parquet/.pq)")
+    delimiter: str = Field(",", min_length=1, max_length=1, description="CSV delimiter (a header row is required)")
+    user: str = Field("user_id", min_length=1, description="column of the raw user id")
+    item: str = Field("item_id", min_length=1, description="column of the raw item id")
+    timestamp: str = Field("timestamp", min_length=1, description=(
+        "column of the impression time: integer seconds (as the tokenize store), a timestamp type, or ISO 8601 text"))
+    label: str = Field("label", min_length=1, description="column of the 0/1 label (fuse; export copies it when present)")
+    categorical: list[str] = Field(default_factory=list, description=(
+        "categorical feature columns: one embedding each; the vocabulary is the train rows' values, others unknown"))
+    numeric: dict[str, Literal["none", "standard", "log"]] = Field(default_factory=dict, description=(
+        "numeric feature columns -> normalisation: none, standard ((x - mean) / std of the train rows) or "
+        "log (sign(x) log(1 + |x|)); missing values are 0"))
+    multi_valued: dict[str, str] = Field(default_factory=dict, description=(
+        "multi-valued feature columns -> the delimiter of their values (e.g. genres = '|'): a mean-pooled embedding"))
+    max_values: int = Field(8, gt=0, description="multi-valued: the first max_values values of a row are read")
+    split_column: str = Field("", description=(
+        "column naming each row's part: train/valid/test (or 0/1/2); empty = the cutoffs valid_from/test_from "
+        "(fuse needs one of the two; export needs neither)"))
+    valid_from: int | None = Field(None, description="rows at or after this timestamp are valid (without split_column)")
+    test_from: int | None = Field(None, description="rows at or after this timestamp are test (without split_column)")
+    batch_rows: int = Field(1 << 16, gt=0, description="rows read per batch (bounds the reader's memory)")
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return expand_vars(v)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.split_column and (self.valid_from is not None or self.test_from is not None):
+            raise ValueError("give split_column or valid_from/test_from, not both")
+        if (self.valid_from is None) != (self.test_from is None):
+            raise ValueError("valid_from and test_from go together")
+        if self.valid_from is not None and self.valid_from > self.test_from:
+            raise ValueError("valid_from must be <= test_from")
+        cols = [self.user, self.item, self.timestamp, self.label, *self.categorical, *self.numeric,
+                *self.multi_valued] + ([self.split_column] if self.split_column else [])
+        dup = sorted({c for c in cols if cols.count(c) > 1})
+        if dup:
+            raise ValueError(f"a column has one role (got {dup} twice)")
+        return self
+
+    def feature_columns(self) -> list[str]:
+        return [*self.categorical, *self.numeric, *self.multi_valued]
+
+
 class FuseSpec(Strict):
     """Step 3: DLRM backbones on the CTR protocol (every rated event an impression, label = rating >= 4,
-    the tokenize store's per-user split), optionally enriched with the query store's LUM answers.
+    the tokenize store's per-user split; `protocol = "behavior"` for behaviour logs; or a labelled sample
+    table, `samples`), optionally enriched with the query store's LUM answers.
 
     LUM inputs are joined point in time: a sample at time t reads the latest snapshot with timestamp < t
     (zeros and a "missing" flag when there is none). [query] snapshot = "split" only has snapshots at the
@@ -491,11 +547,32 @@ class FuseSpec(Strict):
         "run's final/ (then seed k starts from the base's seed k where the base trained it); LUM layers "
         "absent there start at zero, so step 0 predicts as the base"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
+    cache_mib: int = Field(2048, ge=0, description=(
+        "sim: the hard search of every sample is computed once and kept when it fits in this many MiB "
+        "(5 bytes x samples x history_len), else it runs per batch, so memory stays bounded on large logs"))
+    samples: SamplesSpec | None = Field(None, description=(
+        "train on this labelled sample table (its features plus the LUM answers joined point in time) "
+        "instead of the samples derived from the log by `protocol`"))
+    protocol: Literal["rating", "behavior"] = Field("rating", description=(
+        "the samples derived from the tokenize store (without `samples`): rating = every rated event an "
+        "impression, label = rating >= 4; behavior = one sample per (user, item, split part) at the pair's "
+        "first event, label 1 when the user took a `positive` behaviour on it in that part, 0 when it was "
+        "only viewed (Taobao: pv vs cart / fav / buy)"))
+    behavior_field: str = Field("behavior", min_length=1, description=(
+        "behavior: the condition field of [tokenize] holding the behaviour type"))
+    positive: list[str] = Field(["cart", "fav", "buy"], min_length=1, description=(
+        "behavior: the behaviour types that make a positive"))
 
     @field_validator("init_from")
     @classmethod
     def _expand(cls, v: str) -> str:
         return expand_vars(v)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.samples is not None and self.backbone == "two_tower":
+            raise ValueError("two_tower ranks the catalogue from the derived samples; it does not read a sample table")
+        return self
 
 
 # ---------------------------------------------------------------------------------------- spec

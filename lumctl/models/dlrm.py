@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lumctl.models.hstu import HSTUConfig, HSTULayer, dense_document_causal, relative_buckets
+from lumctl.models.sample_features import SampleFeatures
 
 
 @dataclass
@@ -54,6 +55,9 @@ class DLRMConfig:
     history_len: int = 50           # hstu: history tokens (+ 1 target token) = its positions
     seq_layers: int = 2             # hstu: HSTU layers
     seq_heads: int = 1              # hstu: heads
+    extra_cat: list[int] = field(default_factory=list)    # sample table: vocab of each categorical column
+    extra_multi: list[int] = field(default_factory=list)  # sample table: vocab of each multi-valued column
+    extra_numeric: int = 0                                 # sample table: numeric columns
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,6 +207,9 @@ class DLRM(nn.Module):
             self.act_in = act(cfg.activation, h0)
             self.hidden = mlp(cfg.mlp, cfg.activation)
             self.out = nn.Linear(cfg.mlp[-1], 1)
+            self.extra = SampleFeatures(d, cfg.extra_cat, cfg.extra_multi, cfg.extra_numeric)
+            if self.extra.out_dim:  # the sample table's own features (lumctl/models/sample_features.py)
+                self.extra_in = nn.Linear(self.extra.out_dim, h0, bias=False)
             if cfg.lum != "none":
                 self.lum_in = zero_linear(n_lum, h0)
 
@@ -332,6 +339,8 @@ class DLRM(nn.Module):
         pooled, states = self.interest(batch, t)
         direct, match, miss = self.lum_features(batch)
         x = self.fc_in(torch.cat(self.user_vec(batch["user_attr"]) + [t] + pooled, -1))  # (B, h0)
+        if self.extra.out_dim:
+            x = x + self.extra_in(self.extra(batch))
         if self.cfg.lum != "none":
             x = x + self.lum_in(torch.cat([v for v in (direct, match, miss) if v is not None], -1))
         return {"logit": self.out(self.hidden(self.act_in(x))).squeeze(-1), "states": states}  # (B,)

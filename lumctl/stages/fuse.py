@@ -1,8 +1,12 @@
 """Stage `fuse` (Step 3): DLRM backbones on the CTR protocol, with LUM answers fused in.
 
-Samples. Every event of the tokenize store is an impression; label = rating >= 4. A user's events
-split as the tokenize store's users/split says: train = [0, train_end), valid = [train_end,
-valid_end), test = the rest. A sample's behaviour history is the user's events with a timestamp
+Samples. [fuse] samples: a labelled sample table (lumctl/samples.py: its user, item, timestamp, label,
+split and extra feature columns; raw ids through the tokenize vocabularies, unseen ones counted in
+metrics.json "samples"). Without it the samples derive from the tokenize store by `protocol`:
+"rating": every event is an impression, label = rating >= 4; "behavior" (Taobao): one sample per
+(user, item, part) at its first event, label 1 for a cart / fav / buy of the item in the part, 0 when
+it was only viewed. A user's events split as the tokenize store's users/split says: train = [0, train_end),
+valid = [train_end, valid_end), test = the rest. A sample's behaviour history is the user's events with a timestamp
 strictly before its own (same-second events are never history of each other), the most recent
 `history_len` of them; sim also searches the most recent `sim_search_len` for the target's category
 (items/category, else the first genre).
@@ -31,7 +35,8 @@ train events may be later).
 Output (`stores/<experiment>/fuse/`):
   metrics.json        per seed {valid, test: auc, gauc, logloss, n, pos_rate (two_tower: retrieval: recall@K,
                       users); best_epoch}, and mean / std (recall@K too)
-  predictions.zarr/   event [S] int64, user [S], split [S] int8 (1 valid, 2 test), label [S] int8,
+  predictions.zarr/   event [S] int64 (sample table: its row), user [S] (sample table: unseen users numbered
+                      from U by raw id), split [S] int8 (1 valid, 2 test), label [S] int8,
                       logit [seeds, S] float32 (valid + test samples)
   final/              the first seed's best-valid model: model.pt + config.json (DLRMConfig, [fuse] and [tokenize], inputs)
   seeds/seed-<k>/     the other seeds' models (a warm start from a base store's final/ starts seed k
@@ -42,6 +47,7 @@ Output (`stores/<experiment>/fuse/`):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -54,6 +60,7 @@ from lumctl.errors import InputError
 from lumctl.metrics import ctr_metrics
 from lumctl.models.dlrm import DLRM, DLRMConfig
 from lumctl.progress import say
+from lumctl.samples import read_samples, sample_table_hash
 from lumctl.specs import FuseSpec, Spec
 from lumctl.stages import tokenize
 from lumctl.stages.pretrain import resolve_device
@@ -72,23 +79,74 @@ USER_ATTRS = tokenize.USER_ATTRS
 
 
 # ------------------------------------------------------------------------------------ samples
-def samples(data: dict) -> dict[str, np.ndarray]:
-    """One sample per event: user, label, split (0 train, 1 valid, 2 test, -1 LUM pretrain only:
-    train events before the cutoff T0), history bounds."""
-    if "events/rating" not in data:
-        raise InputError("[fuse]", "the CTR protocol needs ratings (label = rating >= 4); the log has none")
-    offsets, ts = data["users/offsets"], data["events/timestamp"]
+def event_parts(data: dict) -> np.ndarray:
+    """[E] int8 part of every event: 0 train, 1 valid, 2 test, -1 LUM pretrain only (train events before the
+    cutoff)."""
+    offsets = data["users/offsets"]
     user = data["events/user"].astype(np.int64)
-    E = len(ts)
-    j = np.arange(E) - offsets[user]                                   # position within the user
+    j = np.arange(len(user)) - offsets[user]                           # position within the user
     sp = data["users/split"][user]
     split = np.where(j < sp[:, 0], 0, np.where(j < sp[:, 1], 1, 2)).astype(np.int8)
-    if "users/pretrain_end" in data:  # cutoff T0: train events before it are the LUM's, not samples
+    if "users/pretrain_end" in data:  # cutoff: train events before it are the LUM's, not samples
         split[j < data["users/pretrain_end"][user]] = -1
+    return split
+
+
+def behavior_positive(data: dict, fs: FuseSpec, cond_names: list[str]) -> np.ndarray:
+    """[E] bool: the event's behaviour (condition field `behavior_field`) is one of `positive`."""
+    if fs.behavior_field not in cond_names:
+        raise InputError("[fuse].behavior_field", f"'{fs.behavior_field}' is not a [tokenize] condition field "
+                         f"(fields: {cond_names})")
+    vocab = [str(v) for v in data[f"vocab/cond_{fs.behavior_field}"]]
+    ids = [k for k, v in enumerate(vocab) if v in fs.positive]
+    if not ids:
+        raise InputError("[fuse].positive", f"none of {fs.positive} is a value of '{fs.behavior_field}' "
+                         f"(values: {vocab[2:]})")
+    return np.isin(data["events/cond"][:, cond_names.index(fs.behavior_field)], ids)
+
+
+def event_labels(data: dict, fs: FuseSpec | None = None, cond_names: list[str] = ()) -> np.ndarray | None:
+    """[E] float32 like/dislike of every event (rating >= 4, or a positive behaviour), None when unknown."""
+    if fs is not None and fs.protocol == "behavior":
+        return behavior_positive(data, fs, list(cond_names)).astype(np.float32)
+    if "events/rating" in data:
+        return (data["events/rating"] >= 4).astype(np.float32)
+    if fs is not None and fs.behavior_field in cond_names:
+        return behavior_positive(data, fs, list(cond_names)).astype(np.float32)
+    return None
+
+
+def samples(data: dict, fs: FuseSpec | None = None, cond_names: list[str] = ()) -> dict[str, np.ndarray]:
+    """The samples derived from the tokenize store: user, item, label, split (0 train, 1 valid, 2 test, -1 LUM
+    pretrain only), ts, event (the sample's event index), history bounds [user_start, hist_end).
+
+    protocol "rating": one sample per event, label = rating >= 4. protocol "behavior": one sample per
+    (user, item, part) at the pair's first event of the part, label 1 when any of the pair's events in
+    the part has a positive behaviour (cart / fav / buy), 0 when the item was only viewed."""
+    protocol = fs.protocol if fs is not None else "rating"
+    if protocol == "rating" and "events/rating" not in data:
+        raise InputError("[fuse]", "the CTR protocol needs ratings (label = rating >= 4); the log has none "
+                         "(protocol = \"behavior\" labels by behaviour type)")
+    offsets, ts = data["users/offsets"], data["events/timestamp"]
+    user = data["events/user"].astype(np.int64)
+    item = data["events/item"].astype(np.int64)
+    split = event_parts(data)
     tie_first, _ = tokenize.tie_groups(offsets, ts)
-    return {"user": user, "label": (data["events/rating"] >= 4).astype(np.float32), "split": split,
-            "hist_end": tie_first.astype(np.int64),                    # history = [user start, hist_end)
-            "user_start": offsets[user].astype(np.int64), "ts": ts.astype(np.int64)}
+    if protocol == "rating":
+        ev = np.arange(len(ts))
+        label = (data["events/rating"] >= 4).astype(np.float32)
+    else:  # one sample per (user, part, item): sort by it, first event and any-positive per group
+        pos = behavior_positive(data, fs, list(cond_names))
+        order = np.lexsort((np.arange(len(ts)), item, split, user))
+        ou, op, oi = user[order], split[order], item[order]
+        start = np.flatnonzero(np.r_[True, (ou[1:] != ou[:-1]) | (op[1:] != op[:-1]) | (oi[1:] != oi[:-1])])
+        first = order[start]
+        label_g = np.maximum.reduceat(pos[order], start).astype(np.float32)
+        keep = np.argsort(first, kind="stable")                        # back to event order
+        ev, label = first[keep], label_g[keep]
+    return {"user": user[ev], "item": item[ev], "label": label, "split": split[ev], "event": ev.astype(np.int64),
+            "hist_end": tie_first[ev].astype(np.int64),                # history = [user start, hist_end)
+            "user_start": offsets[user[ev]].astype(np.int64), "ts": ts[ev].astype(np.int64)}
 
 
 def search_category(data: dict) -> np.ndarray | None:
@@ -149,43 +207,63 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ features
 class Features:
-    """Builds model batches for sample indices (numpy in, torch out)."""
+    """Builds model batches for sample indices (numpy in, torch out). `s` is a sample table's samples
+    (lumctl.samples.read_samples: user -1 = unseen, item 1 = unknown, extra_* features); by default the
+    samples the rating protocol derives from the store."""
 
-    def __init__(self, data: dict, fs: FuseSpec, ans: dict | None = None):
+    def __init__(self, data: dict, fs: FuseSpec, ans: dict | None = None, s: dict | None = None,
+                 cond_names: list[str] = ()):
         self.fs, self.ans = fs, ans
-        self.s = samples(data)
+        self.s = s if s is not None else samples(data)
         self.ev_item = data["events/item"].astype(np.int64)
-        self.ev_action = self.s["label"].astype(np.int64) + 1                  # past labels: 1 not liked, 2 liked
+        like = event_labels(data, fs, cond_names) if fs.backbone == "hstu" else None
+        self.ev_action = (like.astype(np.int64) + 1 if like is not None      # past labels: 1 not liked, 2 liked
+                          else np.ones(len(self.ev_item), np.int64))
         self.attrs = [a for a in USER_ATTRS if f"users/{a}" in data]
         self.user_attr = (np.stack([data[f"users/{a}"] for a in self.attrs], 1).astype(np.int64)
                           if self.attrs else np.zeros((len(data["users/offsets"]) - 1, 0), np.int64))
         self.cat = search_category(data)
-        if fs.backbone == "sim":  # the hard search is a pure function of the sample: run it once, not per epoch
-            if self.cat is None:
-                raise InputError("[fuse].backbone", "sim searches by item category or genre; the store has neither")
-            E, L = len(self.ev_item), fs.history_len
-            self.sim_hist, self.sim_mask = np.zeros((E, L), np.int32), np.zeros((E, L), bool)
-            for a in range(0, E, 1 << 14):
-                i = np.arange(a, min(E, a + (1 << 14)))
+        S = len(self.s["item"])
+        self.sim_hist = None
+        if fs.backbone == "sim" and self.cat is None:
+            raise InputError("[fuse].backbone", "sim searches by item category or genre; the store has neither")
+        if fs.backbone == "sim" and S * fs.history_len * 5 <= fs.cache_mib << 20:
+            # the hard search is a pure function of the sample: run it once, not per epoch (when it fits)
+            L = fs.history_len
+            self.sim_hist, self.sim_mask = np.zeros((S, L), np.int32), np.zeros((S, L), bool)
+            for a in range(0, S, 1 << 14):
+                i = np.arange(a, min(S, a + (1 << 14)))
                 self.sim_hist[i], self.sim_mask[i] = hard_search(
-                    self.ev_item, self.cat, self.s["user_start"][i], self.s["hist_end"][i], self.ev_item[i],
+                    self.ev_item, self.cat, self.s["user_start"][i], self.s["hist_end"][i], self.s["item"][i],
                     fs.sim_search_len, L)
         if ans is not None:
+            known = self.s["user"] >= 0                                     # unseen users have no answers
             self.lum_row, self.lum_slot, self.lum_has = join_snapshots(
-                ans, self.s["user"], self.s["ts"], len(data["users/offsets"]) - 1)
+                ans, np.where(known, self.s["user"], 0), self.s["ts"], len(data["users/offsets"]) - 1)
+            self.lum_has &= known
             self.item_lum = _unit(ans["item_emb"])                          # (I, D)
 
     def numpy(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         s, fs = self.s, self.fs
         start, end = s["user_start"][idx], s["hist_end"][idx]
-        target = self.ev_item[idx]
+        target = s["item"][idx]
         hist, hmask = history(self.ev_item, start, end, fs.history_len)
-        out = {"user_attr": self.user_attr[s["user"][idx]], "item": target, "hist": hist, "hist_mask": hmask}
+        u = s["user"][idx]
+        attr = np.where((u >= 0)[:, None], self.user_attr[np.maximum(u, 0)], 1)    # unseen user: unknown profile
+        out = {"user_attr": attr, "item": target, "hist": hist, "hist_mask": hmask}
         if fs.backbone == "hstu":  # the actions of the history events (1 not liked, 2 liked; 0 pad)
             act, _ = history(self.ev_action, start, end, fs.history_len)
             out["hist_action"] = act
-        if fs.backbone == "sim":
+        if fs.backbone == "sim" and self.sim_hist is not None:
             out["sim_hist"], out["sim_mask"] = self.sim_hist[idx].astype(np.int64), self.sim_mask[idx]
+        elif fs.backbone == "sim":
+            h, m = hard_search(self.ev_item, self.cat, start, end, target, fs.sim_search_len, fs.history_len)
+            out["sim_hist"], out["sim_mask"] = h.astype(np.int64), m
+        for k in ("extra_cat", "extra_multi"):
+            if k in s:
+                out[k] = s[k][idx].astype(np.int64)
+        if "extra_num" in s:
+            out["extra_num"] = s["extra_num"][idx]
         if self.ans is not None:
             has = self.lum_has[idx]
             o = _unit(self.ans["user_emb"][self.lum_row[idx], self.lum_slot[idx]])  # (B, N, D)
@@ -261,6 +339,7 @@ def predict(model: DLRM, feats: Features, idx: np.ndarray, batch_size: int, devi
 def train(model: DLRM, feats: Features, fs: FuseSpec, seed: int, device: torch.device) -> tuple[DLRM, dict]:
     """AdamW, BCE; early stopping on valid AUC. Returns the best-valid model and its metrics."""
     s = feats.s
+    grp = s.get("group", s["user"])                                     # GAUC's users (unseen ones by raw id)
     tr, va, te = (np.flatnonzero(s["split"] == k) for k in (0, 1, 2))
     gen = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=fs.lr, weight_decay=fs.weight_decay)
@@ -268,7 +347,7 @@ def train(model: DLRM, feats: Features, fs: FuseSpec, seed: int, device: torch.d
     best, best_state, best_epoch, bad = -np.inf, copy.deepcopy(model.state_dict()), 0, 0
     history_ = []
     if fs.init_from:  # step 0 of a warm start predicts as the base: log it as epoch 0
-        m = ctr_metrics(s["user"][va], s["label"][va], predict(model, feats, va, 4 * fs.batch_size, device))
+        m = ctr_metrics(grp[va], s["label"][va], predict(model, feats, va, 4 * fs.batch_size, device))
         best = m["auc"] if np.isfinite(m["auc"]) else -float(m["logloss"])
         history_.append({"epoch": 0, "loss": None, "valid": m})
         say(f"fuse: seed {seed} epoch 0 (warm start) valid auc {m['auc']:.4f} gauc {m['gauc']:.4f} "
@@ -285,7 +364,7 @@ def train(model: DLRM, feats: Features, fs: FuseSpec, seed: int, device: torch.d
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-        m = ctr_metrics(s["user"][va], s["label"][va], predict(model, feats, va, 4 * fs.batch_size, device))
+        m = ctr_metrics(grp[va], s["label"][va], predict(model, feats, va, 4 * fs.batch_size, device))
         v = m["auc"] if np.isfinite(m["auc"]) else -float(m["logloss"])
         history_.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "valid": m})
         say(f"fuse: seed {seed} epoch {epoch} loss {history_[-1]['loss']:.4f} valid auc {m['auc']:.4f} "
@@ -300,7 +379,7 @@ def train(model: DLRM, feats: Features, fs: FuseSpec, seed: int, device: torch.d
     res = {"best_epoch": best_epoch, "epochs": history_}
     for name, idx in (("valid", va), ("test", te)):
         logit = predict(model, feats, idx, 4 * fs.batch_size, device)
-        res[name] = ctr_metrics(s["user"][idx], s["label"][idx], logit)
+        res[name] = ctr_metrics(grp[idx], s["label"][idx], logit)
         res[f"{name}_logit"] = logit
         if fs.backbone == "two_tower":
             res[name]["retrieval"] = retrieval(model, feats, 1 if name == "valid" else 2, fs.retrieval_ks, device)
@@ -334,8 +413,8 @@ def retrieval(model: DLRM, feats: Features, part: int, ks: list[int], device: to
         seen = np.zeros((len(qb), n_items), bool)
         for r, e in enumerate(qb):
             u = s["user"][e]
-            target[r, feats.ev_item[pos_ev[s["user"][pos_ev] == u]]] = True
-            seen[r, feats.ev_item[s["user_start"][e]:e]] = True
+            target[r, s["item"][pos_ev[s["user"][pos_ev] == u]]] = True
+            seen[r, feats.ev_item[s["user_start"][e]:s["event"][e]]] = True
         scores[torch.from_numpy(seen & ~target).to(device)] = -float("inf")
         top = scores.topk(max(ks), dim=1).indices.cpu().numpy()         # (B, K)
         got = np.take_along_axis(target, top, 1)                        # (B, K)
@@ -371,6 +450,22 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+# keys that do not change what fuse computes, and keys added later that leave, at their default, the
+# spec hash of older stores as it was (so they stay up to date)
+NO_HASH = ("cache_mib",)
+LATER_KEYS = ("samples", "protocol", "behavior_field", "positive")
+
+
+def fuse_spec_hash(fs: FuseSpec) -> str:
+    d = fs.model_dump(mode="json")
+    for k in NO_HASH:
+        d.pop(k)
+    for k in LATER_KEYS:
+        if d[k] == FuseSpec.model_fields[k].get_default(call_default_factory=True):
+            d.pop(k)
+    return hash_obj(d)
+
+
 def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
     fs = spec.fuse
     if fs is None:
@@ -387,7 +482,9 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
         warm = [warm_checkpoint(Path(fs.init_from), fs.seed + k) for k in range(fs.seeds)]
         hashes = [hash_file(p / "model.pt") for p in warm]
         inputs["init_from"] = hashes[0] if len(set(warm)) == 1 else hash_obj(hashes)
-    spec_hash = hash_obj(fs.model_dump(mode="json"))
+    if fs.samples is not None:
+        inputs["samples"] = sample_table_hash(fs.samples.path)
+    spec_hash = fuse_spec_hash(fs)
     if not force and is_up_to_date(out, spec_hash, inputs):
         say(f"fuse: {out} is up to date")
         return out
@@ -398,8 +495,14 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
     if ans is not None and len(ans["item_emb"]) != len(data["vocab/item"]):
         raise InputError(str(spec.store("query")), "query store's items do not match the tokenize store "
                          f"({len(ans['item_emb'])} vs {len(data['vocab/item'])}); rerun `lumctl query`")
-    feats = Features(data, fs, ans)
+    cond_names = [c.name for c in spec.tokenize.conditions]
+    table = read_samples(fs.samples, data) if fs.samples is not None else None
+    s = table.arrays if table is not None else samples(data, fs, cond_names)
+    feats = Features(data, fs, ans, s, cond_names)
     cfg = model_config(data, fs, feats)
+    if table is not None:  # the sample table's own feature columns
+        cfg = dataclasses.replace(cfg, extra_cat=table.cat_vocab, extra_multi=table.multi_vocab,
+                                  extra_numeric=len(fs.samples.numeric))
     runs, models = [], []
     for k in range(fs.seeds):
         seed = fs.seed + k
@@ -417,14 +520,15 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
     metrics = {"seeds": [{"seed": fs.seed + k, "best_epoch": r["best_epoch"], "valid": r["valid"], "test": r["test"],
                           "epochs": r["epochs"]} for k, r in enumerate(runs)],
                **summarize(runs), "backbone": fs.backbone, "lum": fs.lum,
+               "samples": table.counts if table is not None else {"protocol": fs.protocol},
                "lum_coverage": {name: float(feats.lum_has[s["split"] == k].mean()) if ans is not None else 0.0
                                 for k, name in enumerate(("train", "valid", "test"))}}
     config_json = {"model": cfg.to_dict(), "spec": fs.model_dump(mode="json"), "inputs": inputs,
                    "tokenize": spec.tokenize.model_dump(mode="json")}
     with atomic_dir(out) as tmp:
         g = zarrio.create(tmp / "predictions.zarr")
-        zarrio.put(g, "event", ev.astype(np.int64))
-        zarrio.put(g, "user", s["user"][ev])
+        zarrio.put(g, "event", s["event"][ev])                        # event index (sample table: row)
+        zarrio.put(g, "user", s.get("group", s["user"])[ev])           # sample table: unseen users from U on
         zarrio.put(g, "split", s["split"][ev])
         zarrio.put(g, "label", s["label"][ev].astype(np.int8))
         zarrio.put(g, "logit", logit)
@@ -438,6 +542,8 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
                   "train": int((s["split"] == 0).sum()),
                   "valid": int((s["split"] == 1).sum()), "test": int((s["split"] == 2).sum()),
                   "seeds": fs.seeds, "device": device.type}
+        if table is not None:
+            counts["sample_table"] = table.counts
         write_manifest(tmp, stage="fuse", spec_hash=spec_hash, inputs=inputs, counts=counts, started=started)
     t = metrics["test"]
     say(f"fuse: {fs.backbone} lum={fs.lum} test auc {t['auc']['mean']:.4f} ± {t['auc']['std']:.4f}, "

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from lumctl.attention import make_mask
 from lumctl.batch import to_batch
 from lumctl.metrics import retrieval_metrics
-from lumctl.ops.packing import _fill, assign_rows, pack_sequences
+from lumctl.ops.packing import assign_rows, pack_sequences
+from lumctl.ops.packing import fill_rows as fill_packed_rows
 
 FIRST_ITEM = 2  # ids 0 and 1 are padding and unknown: never candidates
 ROW_KEYS = ("type", "item", "cond", "segment", "pos", "loss_mask", "target", "user", "ts")
@@ -181,9 +182,9 @@ def fill_rows(ev: HeldOut, plan: RowPlan, r0: int, r1: int, seq_len: int, condit
     local_first = np.r_[0, np.cumsum(cnt)[:-1]].astype(np.int64)
     if query_cond is not None and conds.shape[1] and len(us):
         conds[local_first + cnt - 1] = query_cond                                     # never the held-out condition
-    out = _fill(ev.items[idx].astype(np.int32), np.ascontiguousarray(conds, np.int32), ev.ts[idx].astype(np.int64),
-                local_first, cnt, plan.row[us] - r0, plan.start[us], r1 - r0, seq_len, conditions)
-    return dict(zip(ROW_KEYS, out)), us
+    out = fill_packed_rows(ev.items[idx].astype(np.int32), conds, local_first, cnt, plan.row[us] - r0, plan.start[us],
+                           r1 - r0, seq_len, conditions, ev.ts[idx])
+    return {k: out[k] for k in ROW_KEYS}, us
 
 
 def eval_rows(data: dict, split: str, max_items: int, seq_len: int, conditions: bool,

@@ -418,15 +418,18 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             else:
                 bar.update(task, completed=step)
             if step % eval_every == 0 or step == total:
+                t_eval = time.time()
                 val = evaluate(model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache,
                                float(log_tau.exp()), cond_names)
+                t_eval = round(time.time() - t_eval, 2)
                 score = dist.broadcast_object(val[p.eval.select])  # every rank takes the same "best" branch
-                metrics_f.write(json.dumps({"step": step, "split": "valid", **val}) + "\n"); metrics_f.flush()
+                metrics_f.write(json.dumps({"step": step, "split": "valid", **val, "eval_s": t_eval}) + "\n")
+                metrics_f.flush()
                 if score > best:
                     best, best_step = score, step
                     save_checkpoint(ckpt_dir / "best", model, config={**config_json, "tau": float(log_tau.exp())})
                 say(f"pretrain: step {step} valid " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
-                    + (" (best)" if best_step == step else ""))
+                    + (" (best)" if best_step == step else "") + f" in {t_eval:.1f}s")
                 t_last = time.time()
             if step % ckpt_every == 0 or step == stop:
                 state = {"step": step, "best": best, "best_step": best_step, "log_tau": float(log_tau),

@@ -336,6 +336,31 @@ def test_streamed_ragged_store_equals_the_dense_one_answered_per_snapshot(n_even
     assert ("resolved" in latest.column_names) == top_k
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 30), max_size=6), min_size=1, max_size=6), st.integers(0, 10**6))
+def test_point_in_time_join_equals_a_loop(snap_ts, seed):
+    """fuse.join_snapshots (vectorised, chunked) == for each sample, the user's last snapshot with T < t."""
+    from lumctl.stages import fuse
+    per_user = [sorted(x) for x in snap_ts]                    # a user's rows are oldest first (ties kept)
+    rng = np.random.default_rng(seed)
+    n_users = len(per_user) + 2                                 # two users without rows in the store
+    users = np.sort(rng.choice(n_users, len(per_user), replace=False))
+    so = np.r_[0, np.cumsum([len(x) for x in per_user])]
+    ans = {"snap_offsets": so, "snap_ts": np.array(sum(per_user, []), np.int64), "user_index": users}
+    user, t = rng.integers(0, n_users, 300), rng.integers(-1, 33, 300)
+    row, has = fuse.join_snapshots(ans, user, t, n_users, chunk=7)
+    for k in range(len(user)):
+        want = None
+        if user[k] in users:
+            i = int(np.flatnonzero(users == user[k])[0])
+            for j, T in enumerate(per_user[i]):
+                if T < t[k]:
+                    want = so[i] + j
+        assert has[k] == (want is not None), k
+        if want is not None:
+            assert row[k] == want, k
+
+
 def _answers(m, d, qs, users=None):
     users = np.arange(len(d["users/offsets"]) - 1) if users is None else users
     return as_dense(q.compute(m, d, qs, ["a", "b"], users, max_items=50, seq_len=64, device=CPU))

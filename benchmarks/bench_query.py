@@ -226,9 +226,11 @@ def main(argv=None) -> dict:
 
     # documents: each user's test-time snapshot, the first --users users that have one
     n_users = len(data["users/offsets"]) - 1
-    cut, valid, _ = q.snapshots(data, np.arange(n_users), QuerySpec(snapshot="split"))
-    users = np.flatnonzero(valid[:, 1])[:args.users]
-    pcut = cut[users, 1]
+    n_snap, cut, slot = q.snapshot_cuts(data["users/offsets"], data["events/timestamp"], data["users/split"],
+                                        QuerySpec(snapshot="split"))
+    test = slot == 1                                                          # the test-time snapshots
+    users = np.repeat(np.arange(n_users), n_snap)[test][:args.users]
+    pcut = cut[test][:args.users]
     count = np.minimum(pcut, args.max_items - 1)
     first = data["users/offsets"][users] + pcut - count
     # conditions: the product of every field's values ('<any>' first), first N of them

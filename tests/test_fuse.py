@@ -140,8 +140,8 @@ def answers(data: dict, seed=0, T=6) -> dict:
 def ragged(dense: dict) -> dict:
     """The valid snapshots of a dense fake store as the ragged rows of a query store (fuse.load_answers)."""
     v = dense["snapshot_valid"]
-    return {"snap_offsets": np.r_[0, np.cumsum(v.sum(1))], "snap_ts": dense["snapshot_ts"][v],
-            "snap_emb": dense["user_emb"][v], "user_index": dense["user_index"], "item_emb": dense["item_emb"]}
+    return {"users/snap_offsets": np.r_[0, np.cumsum(v.sum(1))], "snap/ts": dense["snapshot_ts"][v],
+            "snap/emb": dense["user_emb"][v], "user_index": dense["user_index"], "item_emb": dense["item_emb"]}
 
 
 @pytest.mark.parametrize("backbone", ["sim", "din", "hstu"])
@@ -182,7 +182,7 @@ def test_history_is_strictly_before_the_sample_time():
 
 
 def test_point_in_time_join_by_hand():
-    ans = {"snap_offsets": np.array([0, 3]), "snap_ts": np.array([5, 9, 20]), "user_index": np.array([0])}
+    ans = {"users/snap_offsets": np.array([0, 3]), "snap/ts": np.array([5, 9, 20]), "user_index": np.array([0])}
     row, has = f.join_snapshots(ans, np.zeros(5, np.int64), np.array([3, 5, 6, 20, 21]), 1)
     assert has.tolist() == [False, False, True, True, True]
     assert row[has].tolist() == [0, 1, 2]

@@ -346,7 +346,7 @@ def test_point_in_time_join_equals_a_loop(snap_ts, seed):
     n_users = len(per_user) + 2                                 # two users without rows in the store
     users = np.sort(rng.choice(n_users, len(per_user), replace=False))
     so = np.r_[0, np.cumsum([len(x) for x in per_user])]
-    ans = {"snap_offsets": so, "snap_ts": np.array(sum(per_user, []), np.int64), "user_index": users}
+    ans = {"users/snap_offsets": so, "snap/ts": np.array(sum(per_user, []), np.int64), "user_index": users}
     user, t = rng.integers(0, n_users, 300), rng.integers(-1, 33, 300)
     row, has = fuse.join_snapshots(ans, user, t, n_users, chunk=7)
     for k in range(len(user)):

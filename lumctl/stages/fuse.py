@@ -122,33 +122,33 @@ def hard_search(ev_item: np.ndarray, cat: np.ndarray, start: np.ndarray, end: np
 
 # ------------------------------------------------------------------------------------ LUM join
 def load_answers(store: Path) -> dict[str, np.ndarray]:
-    """The query store as fuse reads it (the one place that knows its layout; lumctl.stages.query):
-    snap_offsets [U+1] and user_index [U] per answers row, snap_ts [S] and snap_emb [S, N, d] per
-    snapshot row (a user's rows oldest first), item_emb [I, d] from the item store it names."""
+    """The query store as fuse reads it, keyed by its array paths (lumctl.stages.query has the layout;
+    query.compute returns the same dict): users/snap_offsets [U+1] and user_index [U] per answers row,
+    snap/ts [S] and snap/emb [S, N, d] per snapshot row (a user's rows oldest first), item_emb [I, d]
+    from the checkpoint's item store that the answers name."""
     g = zarrio.open_read(Path(store) / "answers.zarr")
     items = zarrio.open_read(Path(store) / g.attrs["items"] / "item_emb.zarr")
-    return {"snap_offsets": zarrio.get(g, "users/snap_offsets"), "user_index": zarrio.get(g, "user_index"),
-            "snap_ts": zarrio.get(g, "snap/ts"), "snap_emb": zarrio.get(g, "snap/emb"),
+    return {**{k: zarrio.get(g, k) for k in ("users/snap_offsets", "user_index", "snap/ts", "snap/emb")},
             "item_emb": zarrio.get(items, "item_emb")}
 
 
 def answers_shape(ans: dict) -> tuple[int, int]:
     """(N queries, d) of the answers."""
-    _, N, D = ans["snap_emb"].shape
+    _, N, D = ans["snap/emb"].shape
     return int(N), int(D)
 
 
 def snapshot_answers(ans: dict, row: np.ndarray) -> np.ndarray:
     """The answers [B, N, d] of snapshot rows `row` [B] (from join_snapshots)."""
-    if not len(ans["snap_emb"]):  # a store without snapshots: every sample has none
-        return np.zeros((len(row), *ans["snap_emb"].shape[1:]), np.float32)
-    return ans["snap_emb"][row]
+    if not len(ans["snap/emb"]):  # a store without snapshots: every sample has none
+        return np.zeros((len(row), *ans["snap/emb"].shape[1:]), np.float32)
+    return ans["snap/emb"][row]
 
 
 def join_snapshots(ans: dict, user: np.ndarray, ts: np.ndarray, n_users: int, chunk: int = 1 << 18):
     """Per sample (tokenize-store user, timestamp): (snapshot row, has) of the user's latest snapshot
     with timestamp < ts (row 0 where it has none). A vectorised binary search over each user's rows."""
-    so, snap_ts = ans["snap_offsets"], ans["snap_ts"]
+    so, snap_ts = ans["users/snap_offsets"], ans["snap/ts"]
     row_of = np.full(n_users, -1, np.int64)
     row_of[ans["user_index"]] = np.arange(len(ans["user_index"]))
     row = np.zeros(len(user), np.int64)

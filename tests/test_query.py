@@ -296,7 +296,7 @@ def as_dense(r: dict, T: int | None = None) -> dict:
     return out
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(st.lists(st.integers(0, 16), min_size=1, max_size=5), st.integers(0, 10**6),
        st.sampled_from(["split", 2, 3, 5]), st.integers(1, 7), st.booleans(), st.integers(0, 31))
 def test_streamed_ragged_store_equals_the_dense_one_answered_per_snapshot(n_events, seed, snap, batch, top_k, pick):

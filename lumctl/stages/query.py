@@ -439,6 +439,7 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
                         "seq_len": seq_len, **(attrs or {})})
     dist.barrier()
     g = zarrio.open_write(path)
+    arr = {k: g[f"snap/{k}"] for k in ("emb", "ts", "pos", "slot", "query_cond")}
     meta = {"lumctl.queries": json.dumps(queries.asked), "lumctl.condition_fields": json.dumps(cond_names)}
     schema = latest_schema(queries.names, d, bool(queries.top_k), meta)
     part = path.parent / ("latest.parquet" if world == 1 else f"latest.part-{rank:05d}.parquet")
@@ -449,12 +450,13 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
         for r0, r1 in mine:
             ua = int(np.searchsorted(so, r0, "right")) - 1                # users [ua, ub) hold rows [r0, r1)
             ub = int(np.searchsorted(so, r1, "left"))
-            u = users[ua:ub]
+            keep = np.diff(so[ua:ub + 1]) > 0                              # (users without snapshots: not read)
+            u = users[ua:ub][keep]
             lo = src.local_offsets(u)
             ts = src.events("events/timestamp", u)
             split = src.per_user("users/split", u) if qs.snapshot == "split" else None
             count, cut, slot = cuts(u, lo, ts, split)
-            if not np.array_equal(count, np.diff(so[ua:ub + 1])):
+            if not np.array_equal(count, np.diff(so[ua:ub + 1])[keep]):
                 raise RuntimeError(f"{path}: snapshots of users {u[0]}-{u[-1]} changed since they were counted")
             take = slice(r0 - int(so[ua]), r1 - int(so[ua]))
             row_user = np.repeat(np.arange(len(u)), count)[take]          # (D,) local user of each row
@@ -468,16 +470,13 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
                          device, autocast=cuda).astype(dtype)               # (D, N, d)
             qcond = np.broadcast_to(qcond, (len(cut), N, F))
             snap_ts = ts[off + cut - 1]
-            g["snap/emb"][r0:r1] = emb
-            g["snap/ts"][r0:r1] = snap_ts
-            g["snap/pos"][r0:r1] = cut
-            g["snap/slot"][r0:r1] = slot
-            g["snap/query_cond"][r0:r1] = qcond
+            for k, v in (("emb", emb), ("ts", snap_ts), ("pos", cut), ("slot", slot), ("query_cond", qcond)):
+                arr[k][r0:r1] = v
             tokens += int(2 * n_in.sum() + N * len(cut))
-            last = so[ua + 1:ub + 1] - 1                                   # each user's latest row
-            has = (count > 0) & (last >= r0) & (last < r1)
+            last = so[ua + 1:ub + 1][keep] - 1                             # each user's latest row
+            has = (last >= r0) & (last < r1)
             i = last[has] - r0
-            latest.write_table(latest_table(schema, src.per_user("vocab/user", u[has]), u[has], [names[k] for k in slot[i]],
+            latest.write_table(latest_table(schema, src.per_user("vocab/user", u)[has], u[has], [names[k] for k in slot[i]],
                                             snap_ts[i], cut[i], emb[i], qcond[i], cond_names, vocabs))
             bar.update(task, advance=1, info=f"{r1:,}/{S:,} snapshots")
     tokens = int(dist.all_reduce_sum(tokens))

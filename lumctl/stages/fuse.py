@@ -127,9 +127,10 @@ def load_answers(store: Path) -> dict[str, np.ndarray]:
     snap/ts [S] and snap/emb [S, N, d] per snapshot row (a user's rows oldest first), item_emb [I, d]
     from the checkpoint's item store that the answers name."""
     g = zarrio.open_read(Path(store) / "answers.zarr")
-    items = zarrio.open_read(Path(store) / g.attrs["items"] / "item_emb.zarr")
+    items = Path(store) / g.attrs["items"]
+    require_store(items, "query")                                       # the checkpoint's item store
     return {**{k: zarrio.get(g, k) for k in ("users/snap_offsets", "user_index", "snap/ts", "snap/emb")},
-            "item_emb": zarrio.get(items, "item_emb")}
+            "item_emb": zarrio.get(zarrio.open_read(items / "item_emb.zarr"), "item_emb")}
 
 
 def answers_shape(ans: dict) -> tuple[int, int]:

@@ -144,8 +144,8 @@ def stage_bench(args) -> dict:
     for code in args.code or [str(REPO)]:
         env = {**os.environ, "PYTHONPATH": str(Path(code).resolve())}
         t = time.time()
-        p = subprocess.Popen([sys.executable, "-m", "lumctl", "query", str(spec), "--force"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen([sys.executable, "-m", "lumctl", "query", str(spec), "--force"], env=env, cwd=code,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)   # cwd: `-m` imports from it
         out = p.stdout.read()
         _, status, usage = os.wait4(p.pid, 0)
         wall = time.time() - t

@@ -82,9 +82,9 @@ def main() -> None:
         timed(stage, spec)
     t_q = timed("query", spec)
     qc = manifest(spec, "query")
-    answers = int(qc["valid_snapshots"]) * int(qc["queries"])
+    answers = int(qc["snapshots"]) * int(qc["queries"])
     res = {"benchmark": "cpu_datapath", "step": "query", "dataset": "ml-1m (ml-1m-ctr.toml)", "users": qc["users"],
-           "snapshots": qc["valid_snapshots"], "queries": qc["queries"], "answers": answers, "tokens": qc["tokens"],
+           "snapshots": qc["snapshots"], "queries": qc["queries"], "answers": answers, "tokens": qc["tokens"],
            "query_s": round(t_q, 2), "answers_per_s": round(answers / t_q), "tokens_per_s": round(qc["tokens"] / t_q)}
     print(json.dumps(res), flush=True)
     append_result(a.out, {"machine": info, **res})

@@ -417,8 +417,11 @@ class QuerySpec(Strict):
         "split: one snapshot per split boundary (the prefix before the first valid event, used for valid, "
         "and before the first test event, used for test); every_n_events: one after every K events of a user"))
     every_n_events: int | None = Field(None, gt=0, description="K of snapshot = 'every_n_events'")
-    dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of user_emb and item_emb")
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of the answers and item_emb")
     batch_rows: int = Field(8, gt=0, description="packed query rows per forward pass")
+    batch_snapshots: int = Field(8192, gt=0, description=(
+        "snapshots answered and written per batch (rounded to whole chunks of the store); bounds memory: "
+        "about batch_snapshots x queries x d x 4 bytes plus the events of the batch's users"))
     seq_len: int | None = Field(None, gt=0, description=(
         "tokens per packed query row (default: the checkpoint's seq_len, enlarged to fit the longest prefix "
         "plus all queries)"))

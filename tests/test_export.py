@@ -11,6 +11,7 @@ import pytest
 from helpers import invoke
 
 from lumctl import zarrio
+from lumctl.stages.fuse import load_answers
 from lumctl.specs import load_spec
 from lumctl.stages import tokenize
 
@@ -49,10 +50,10 @@ def test_export_joins_point_in_time(lum):
     r = invoke("export", path, "--samples", tmp / "samples.parquet", "--out", tmp / "out.parquet")
     assert r.exit_code == 0, r.output
     out = pq.read_table(tmp / "out.parquet")
-    g = zarrio.open_read(spec.store("query") / "answers.zarr")
-    emb, sts, valid = zarrio.get(g, "user_emb"), zarrio.get(g, "snapshot_ts"), zarrio.get(g, "snapshot_valid")
-    uidx, item_emb = zarrio.get(g, "user_index"), zarrio.get(g, "item_emb")
-    N, D = emb.shape[2], emb.shape[3]
+    ans = load_answers(spec.store("query"))                             # ragged: a user's snapshot rows
+    emb, sts, so = ans["snap/emb"], ans["snap/ts"], ans["users/snap_offsets"]
+    uidx, item_emb = ans["user_index"], ans["item_emb"]
+    N, D = emb.shape[1], emb.shape[2]
     assert out.num_rows == table.num_rows
     for c in table.column_names:                                       # the table itself, raw ids preserved
         assert out[c].equals(table[c]), c
@@ -79,15 +80,15 @@ def test_export_joins_point_in_time(lum):
             assert o[0][r_] is None and sim[0][r_] is None
             continue
         row = row_of[users.index(uid)]
-        before = [k for k in range(sts.shape[1]) if valid[row, k] and sts[row, k] < t]
+        before = [k for k in range(so[row], so[row + 1]) if sts[k] < t]
         if not before:
             assert o[0][r_] is None
             continue
-        k = max(before, key=lambda k: sts[row, k])
+        k = max(before, key=lambda k: sts[k])
         for n in range(N):
-            np.testing.assert_allclose(o[n][r_], emb[row, k, n], rtol=1e-6)
+            np.testing.assert_allclose(o[n][r_], emb[k, n], rtol=1e-6)
             if known_i:
-                a, b = emb[row, k, n], item_emb[items.index(iid)]
+                a, b = emb[k, n], item_emb[items.index(iid)]
                 assert sim[n][r_] == pytest.approx(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), abs=1e-5)
         checked += 1
     assert checked > 5

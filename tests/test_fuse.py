@@ -87,13 +87,21 @@ def data_dict(n_events=(12, 9, 15), seed=0) -> dict:
 
 
 def answers(data: dict, seed=0, T=6) -> dict:
-    """A fake query store: snapshots of each user at increasing timestamps."""
+    """A fake query store, dense [U, T] for editing (snapshots of each user at increasing timestamps);
+    `ragged` turns it into the layout fuse reads."""
     rng = np.random.default_rng(seed)
     U = len(data["users/offsets"]) - 1
     ts = np.sort(rng.integers(0, 40, (U, T)), 1).astype(np.int64)
     valid = rng.random((U, T)) > 0.2
     return {"user_emb": rng.normal(size=(U, T, 3, 6)).astype(np.float32), "snapshot_valid": valid,
             "snapshot_ts": np.where(valid, ts, -1), "user_index": np.arange(U), "item_emb": rng.normal(size=(12, 6))}
+
+
+def ragged(dense: dict) -> dict:
+    """The valid snapshots of a dense fake store as the ragged rows of a query store (fuse.load_answers)."""
+    v = dense["snapshot_valid"]
+    return {"users/snap_offsets": np.r_[0, np.cumsum(v.sum(1))], "snap/ts": dense["snapshot_ts"][v],
+            "snap/emb": dense["user_emb"][v], "user_index": dense["user_index"], "item_emb": dense["item_emb"]}
 
 
 @pytest.mark.parametrize("backbone", ["sim", "din", "hstu"])
@@ -103,7 +111,7 @@ def test_features_do_not_change_when_own_and_later_events_change(backbone):
     rng = np.random.default_rng(5)
     u, off = 2, data["users/offsets"]
     for e in range(off[u], off[u + 1]):
-        before = f.Features(data, fs, ans).numpy(np.arange(off[-1]))
+        before = f.Features(data, fs, ragged(ans)).numpy(np.arange(off[-1]))
         d2 = {k: v.copy() for k, v in data.items()}
         a2 = {k: v.copy() for k, v in ans.items()}
         later = slice(e, off[u + 1])
@@ -114,7 +122,7 @@ def test_features_do_not_change_when_own_and_later_events_change(backbone):
         future = a2["snapshot_ts"][u] >= t                                      # snapshots not before the sample
         a2["user_emb"][u, future] = rng.normal(size=a2["user_emb"][u, future].shape)
         a2["snapshot_valid"][u, future] = rng.random(future.sum()) > 0.5
-        after = f.Features(d2, fs, a2).numpy(np.arange(off[-1]))
+        after = f.Features(d2, fs, ragged(a2)).numpy(np.arange(off[-1]))
         extra = {"sim": ("sim_hist", "sim_mask"), "hstu": ("hist_action",)}.get(backbone, ())
         for k in ("hist", "hist_mask", "lum", "lum_missing", "user_attr") + extra:
             np.testing.assert_array_equal(after[k][e], before[k][e], err_msg=f"{k} of event {e}")
@@ -134,11 +142,10 @@ def test_history_is_strictly_before_the_sample_time():
 
 
 def test_point_in_time_join_by_hand():
-    ans = {"snapshot_valid": np.array([[True, True, False, True]]), "snapshot_ts": np.array([[5, 9, -1, 20]]),
-           "user_index": np.array([0])}
-    _, slot, has = f.join_snapshots(ans, np.zeros(5, np.int64), np.array([3, 5, 6, 20, 21]), 1)
+    ans = {"users/snap_offsets": np.array([0, 3]), "snap/ts": np.array([5, 9, 20]), "user_index": np.array([0])}
+    row, has = f.join_snapshots(ans, np.zeros(5, np.int64), np.array([3, 5, 6, 20, 21]), 1)
     assert has.tolist() == [False, False, True, True, True]
-    assert slot[has].tolist() == [0, 1, 3]
+    assert row[has].tolist() == [0, 1, 2]
 
 
 # ------------------------------------------------------------------------------ the stage via the CLI

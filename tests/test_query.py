@@ -1,9 +1,13 @@
 """Step 2 (`lumctl query`): grouped queries == one query per pass, no leakage from a snapshot's
-future, the grouped mask by hand and against its reference twin, the stage through the CLI."""
+future, the grouped mask by hand and against its reference twin, the streamed ragged store equal
+to a dense store answered one snapshot at a time, fuse's point-in-time join against a loop, the
+item store written once per checkpoint, the stage through the CLI."""
 
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +47,7 @@ def data_dict(n_events: list[int], seed: int = 0, ts_range: int = 6) -> dict:
             "events/cond": np.stack([rng.integers(2, 5, E), rng.integers(2, 4, E)], 1).astype(np.int32),
             "events/timestamp": ts, "users/offsets": offsets,
             "users/split": np.stack([np.maximum(n - 2, 0), np.maximum(n - 1, 0)], 1).astype(np.int64),
+            "vocab/user": np.array([f"u{u}" for u in range(len(n_events))]),
             "vocab/cond_a": np.array(["<pad>", "<any>", "a0", "a1", "a2"]),
             "vocab/cond_b": np.array(["<pad>", "<any>", "b0", "b1"])}
 
@@ -179,41 +184,186 @@ def spec_q(**kw) -> QuerySpec:
     return QuerySpec(**kw)
 
 
+def dense_snapshots(d: dict, users: np.ndarray, qs: QuerySpec) -> tuple[np.ndarray, np.ndarray]:
+    """Reference twin of snapshot_cuts, the rule written out per user with Python loops:
+    (cut [U, T] events in each snapshot's prefix, valid [U, T])."""
+    ts, off = d["events/timestamp"], d["users/offsets"]
+    per_user = []
+    for u in users:
+        t_u = ts[off[u]:off[u + 1]]
+        if qs.snapshot == "split":
+            cuts = []
+            for h in d["users/split"][u]:
+                cuts.append(int((t_u < t_u[h]).sum()) if h < len(t_u) else int(h))   # strictly before the held-out
+        else:
+            cuts = []
+            for k in range(qs.every_n_events, len(t_u) + 1, qs.every_n_events):
+                c = int((t_u <= t_u[k - 1]).sum())                                   # all events of that second
+                if not cuts or cuts[-1] != c:
+                    cuts.append(c)
+        per_user.append(cuts)
+    T = max([len(c) for c in per_user] + [1])
+    cut = np.zeros((len(users), T), np.int64)
+    for i, c in enumerate(per_user):
+        cut[i, :len(c)] = c
+    return cut, cut > 0
+
+
+def ragged_cuts(d: dict, users: np.ndarray, qs: QuerySpec):
+    src = q.Source(d)
+    split = src.per_user("users/split", users) if qs.snapshot == "split" else None
+    return q.snapshot_cuts(src.local_offsets(users), src.events("events/timestamp", users), split, qs)
+
+
+def densify(count: np.ndarray, slot: np.ndarray, values: np.ndarray, T: int, fill) -> np.ndarray:
+    """Ragged rows (count per user, slot per row) -> [U, T, ...] with `fill` where a user has no snapshot."""
+    out = np.full((len(count), T, *values.shape[1:]), fill, values.dtype)
+    out[np.repeat(np.arange(len(count)), count), slot] = values
+    return out
+
+
 def test_snapshots_never_split_same_second_events():
     d = data_dict([6, 5], seed=0)
     d["events/timestamp"] = np.array([1, 2, 3, 3, 3, 4,   10, 11, 12, 12, 12], np.int64)
     d["users/split"] = np.array([[4, 5], [3, 4]])
-    cut, valid, names = q.snapshots(d, np.arange(2), spec_q(snapshot="split"))
-    assert names == ["valid", "test"]
+    count, cut, slot = ragged_cuts(d, np.arange(2), spec_q(snapshot="split"))
+    assert q.snapshot_names(spec_q(snapshot="split"), 2) == ["valid", "test"]
     # user 0: the valid event (index 4, t=3) ties with events 2, 3 -> the prefix stops before them
     # user 1: valid at index 3 (t=12) ties with index 2 -> prefix [10, 11]; test at index 4 also t=12
-    np.testing.assert_array_equal(cut, [[2, 5], [2, 2]])
-    cut, valid, names = q.snapshots(d, np.arange(2), spec_q(snapshot="every_n_events", every_n_events=3))
+    assert count.tolist() == [2, 2] and cut.tolist() == [2, 5, 2, 2] and slot.tolist() == [0, 1, 0, 1]
+    count, cut, slot = ragged_cuts(d, np.arange(2), spec_q(snapshot="every_n_events", every_n_events=3))
     # every 3 events: user 0 nominal 3, 6 -> 3 extends over the t=3 tie to 5; user 1 nominal 3 -> 5
-    np.testing.assert_array_equal(cut, [[5, 6], [5, 0]])
-    np.testing.assert_array_equal(valid, [[True, True], [True, False]])
+    assert count.tolist() == [2, 1] and cut.tolist() == [5, 6, 5] and slot.tolist() == [0, 1, 0]
+    # a user whose valid prefix is empty has only its test snapshot (slot 1)
+    d["users/split"] = np.array([[0, 5], [3, 4]])
+    count, cut, slot = ragged_cuts(d, np.arange(2), spec_q(snapshot="split"))
+    assert count.tolist() == [1, 2] and cut.tolist() == [5, 2, 2] and slot.tolist() == [1, 0, 1]
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.lists(st.integers(1, 25), min_size=1, max_size=6), st.integers(0, 10**6),
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 25), min_size=1, max_size=6), st.integers(0, 10**6),
        st.sampled_from(["split", 1, 2, 5]))
-def test_snapshot_prefix_is_exactly_the_events_up_to_its_timestamp(n_events, seed, snap):
+def test_snapshot_cuts_match_the_rule_by_loop(n_events, seed, snap):
     d = data_dict(n_events, seed=seed, ts_range=2)
     qs = spec_q(snapshot="split") if snap == "split" else spec_q(snapshot="every_n_events", every_n_events=snap)
-    cut, valid, _ = q.snapshots(d, np.arange(len(n_events)), qs)
+    users = np.arange(len(n_events))
+    want_cut, want_valid = dense_snapshots(d, users, qs)
+    count, cut, slot = ragged_cuts(d, users, qs)
+    T = want_cut.shape[1]
+    np.testing.assert_array_equal(count, want_valid.sum(1))
+    np.testing.assert_array_equal(densify(count, slot, cut, T, 0), want_cut)
     ts, off = d["events/timestamp"], d["users/offsets"]
-    for u in range(len(n_events)):
+    for u, c in zip(np.repeat(users, count), cut):
         t_u = ts[off[u]:off[u + 1]]
-        for j in np.flatnonzero(valid[u]):
-            c = cut[u, j]
-            assert c == (t_u <= t_u[c - 1]).sum()               # every event stamped <= T, nothing later
-            if snap == "split" and (h := d["users/split"][u, j]) < len(t_u):
-                assert t_u[c - 1] < t_u[h]                      # strictly before the first valid / test event
+        assert c == (t_u <= t_u[c - 1]).sum()                   # every event stamped <= T, nothing later
+
+
+def dense_reference(m, d: dict, qs: QuerySpec, users: np.ndarray, max_items: int) -> dict:
+    """The dense store [U, T, ...] of the old layout, each snapshot answered alone (one document per
+    pass) from dense_snapshots: the reference of the streamed ragged store."""
+    cut, valid = dense_snapshots(d, users, qs)
+    vocabs = {f: [str(v) for v in d[f"vocab/cond_{f}"]] for f in ("a", "b")}
+    queries = q.build_queries(qs, ["a", "b"], vocabs)
+    U, T = cut.shape
+    N = len(queries.names)
+    emb = np.full((U, T, N, 32), np.nan, np.float32)
+    qc = np.zeros((U, T, N, 2), np.int32)
+    ts = np.full((U, T), -1, np.int64)
+    off = d["users/offsets"]
+    for i, u in enumerate(users):
+        for t in np.flatnonzero(valid[i]):
+            c = int(cut[i, t])
+            n = min(c, max_items - 1)
+            first = np.array([off[u] + c - n])
+            qq = queries.resolve(d["events/cond"], np.array([off[u]]), np.array([c]))
+            qq = qq if qq.ndim == 2 else qq[0]
+            emb[i, t] = q.answer(m, d["events/item"], d["events/cond"], first, np.array([n]), qq, 2 * n + N, 1, CPU)[0]
+            qc[i, t] = qq
+            ts[i, t] = d["events/timestamp"][off[u] + c - 1]
+    return {"user_emb": emb, "snapshot_valid": valid, "snapshot_ts": ts, "snapshot_pos": np.where(valid, cut, 0),
+            "query_cond": qc}
+
+
+def as_dense(r: dict, T: int | None = None) -> dict:
+    """A ragged store (read_answers) in the old dense layout [U, T, ...]."""
+    count = np.diff(r["users/snap_offsets"])
+    T = T or int(r["snap/slot"].max(initial=0)) + 1
+    out = {"user_emb": densify(count, r["snap/slot"], r["snap/emb"].astype(np.float32), T, np.nan),
+           "snapshot_valid": densify(count, r["snap/slot"], np.ones(len(r["snap/ts"]), bool), T, False),
+           "snapshot_ts": densify(count, r["snap/slot"], r["snap/ts"], T, -1),
+           "snapshot_pos": densify(count, r["snap/slot"], r["snap/pos"], T, 0),
+           "query_cond": densify(count, r["snap/slot"], r["snap/query_cond"], T, 0)}
+    return out
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.integers(0, 16), min_size=1, max_size=5), st.integers(0, 10**6),
+       st.sampled_from(["split", 2, 3, 5]), st.integers(1, 7), st.booleans(), st.integers(0, 31))
+def test_streamed_ragged_store_equals_the_dense_one_answered_per_snapshot(n_events, seed, snap, batch, top_k, pick):
+    import pyarrow.parquet as pq
+    m = model(seed=seed % 7)
+    d = data_dict(n_events, seed=seed, ts_range=2)
+    kw = {"snapshot": "split"} if snap == "split" else {"snapshot": "every_n_events", "every_n_events": snap}
+    qs = spec_q(each=["a"], top_k={"b": 2} if top_k else {}, batch_snapshots=batch, dtype="float32", **kw)
+    users = np.array([u for u in range(len(n_events)) if (pick >> u) & 1 or u == 0], np.int64)   # a selection
+    with tempfile.TemporaryDirectory() as tmp:
+        counts = q.write_answers(Path(tmp) / "answers.zarr", q.Source(d), m, qs, ["a", "b"], users, max_items=6,
+                                 seq_len=16, device=CPU)
+        r = q.read_answers(Path(tmp))
+        latest = pq.read_table(Path(tmp) / "latest.parquet")
+    want = dense_reference(m, d, qs, users, max_items=6)
+    T = want["snapshot_valid"].shape[1]
+    got = as_dense(r, T)
+    assert counts["snapshots"] == len(r["snap/ts"]) == want["snapshot_valid"].sum()
+    np.testing.assert_array_equal(r["user_index"], users)
+    assert list(r["user_id"]) == [f"u{u}" for u in users]
+    for k in ("snapshot_valid", "snapshot_ts", "snapshot_pos", "query_cond"):
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    np.testing.assert_allclose(got["user_emb"], want["user_emb"], atol=1e-5, rtol=0)
+    # latest.parquet: per user with a snapshot, its last one
+    has = want["snapshot_valid"].any(1)
+    last = T - 1 - np.argmax(want["snapshot_valid"][:, ::-1], 1)
+    u = np.flatnonzero(has)
+    assert latest.column("user_index").to_pylist() == users[u].tolist()
+    assert latest.column("user_id").to_pylist() == [f"u{x}" for x in users[u]]
+    names = q.snapshot_names(qs, T)
+    assert latest.column("snapshot").to_pylist() == [names[t] for t in last[u]]
+    np.testing.assert_array_equal(latest.column("snapshot_ts").to_numpy(), want["snapshot_ts"][u, last[u]])
+    np.testing.assert_array_equal(latest.column("snapshot_pos").to_numpy(), want["snapshot_pos"][u, last[u]])
+    for n, name in enumerate(q.build_queries(qs, ["a", "b"], {f: list(d[f"vocab/cond_{f}"]) for f in "ab"}).names):
+        col = np.array(latest.column(name).to_pylist(), np.float32).reshape(len(u), 32)
+        np.testing.assert_allclose(col, want["user_emb"][u, last[u], n], atol=1e-5, rtol=0)
+    assert ("resolved" in latest.column_names) == top_k
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 30), max_size=6), min_size=1, max_size=6), st.integers(0, 10**6))
+def test_point_in_time_join_equals_a_loop(snap_ts, seed):
+    """fuse.join_snapshots (vectorised, chunked) == for each sample, the user's last snapshot with T < t."""
+    from lumctl.stages import fuse
+    per_user = [sorted(x) for x in snap_ts]                    # a user's rows are oldest first (ties kept)
+    rng = np.random.default_rng(seed)
+    n_users = len(per_user) + 2                                 # two users without rows in the store
+    users = np.sort(rng.choice(n_users, len(per_user), replace=False))
+    so = np.r_[0, np.cumsum([len(x) for x in per_user])]
+    ans = {"users/snap_offsets": so, "snap/ts": np.array(sum(per_user, []), np.int64), "user_index": users}
+    user, t = rng.integers(0, n_users, 300), rng.integers(-1, 33, 300)
+    row, has = fuse.join_snapshots(ans, user, t, n_users, chunk=7)
+    for k in range(len(user)):
+        want = None
+        if user[k] in users:
+            i = int(np.flatnonzero(users == user[k])[0])
+            for j, T in enumerate(per_user[i]):
+                if T < t[k]:
+                    want = so[i] + j
+        assert has[k] == (want is not None), k
+        if want is not None:
+            assert row[k] == want, k
 
 
 def _answers(m, d, qs, users=None):
     users = np.arange(len(d["users/offsets"]) - 1) if users is None else users
-    return q.compute(m, d, qs, ["a", "b"], users, max_items=50, seq_len=64, device=CPU)
+    return as_dense(q.compute(m, d, qs, ["a", "b"], users, max_items=50, seq_len=64, device=CPU))
 
 
 @pytest.mark.parametrize("snap", ["split", "every_n_events"])
@@ -319,32 +469,51 @@ def test_query_stage_end_to_end(tiny_spec):
     N = 2 * 2                                                   # 2 scenarios x the user's top-2 categories
     cfg = json.loads((spec.store("pretrain") / "final" / "config.json").read_text())
     dm = cfg["model"]["d_model"]
-    assert g["user_emb"].shape == (U, 2, N, dm) and g["user_emb"].dtype == np.float16
-    assert g["snapshot_valid"].shape == g["snapshot_ts"].shape == g["snapshot_pos"].shape == (U, 2)
-    assert g["item_emb"].shape == (cfg["model"]["n_items"], dm)
+    so = g["users/snap_offsets"][...]
+    assert so.shape == (U + 1,) and (np.diff(so) == 2).all()    # synth users have >= 5 events: both snapshots
+    S = int(so[-1])
+    assert g["snap/emb"].shape == (S, N, dm) and g["snap/emb"].dtype == np.float16
+    assert g["snap/ts"].shape == g["snap/pos"].shape == g["snap/slot"].shape == (S,)
+    assert list(g["snap/slot"][...]) == [0, 1] * U and g.attrs["snapshot_names"] == ["valid", "test"]
     assert list(g["conditions"][...]) == ["scenario=s0,category=top1", "scenario=s0,category=top2",
                                           "scenario=s1,category=top1", "scenario=s1,category=top2"]
-    valid = g["snapshot_valid"][...]
-    emb = g["user_emb"][...]
-    assert valid.all() and np.isfinite(emb).all()              # synth users have >= 5 events
-    assert (g["snapshot_pos"][:, 1] >= g["snapshot_pos"][:, 0]).all()
+    emb = g["snap/emb"][...]
+    assert np.isfinite(emb).all()
+    pos = g["snap/pos"][...]
+    assert (pos[1::2] >= pos[0::2]).all() and (pos > 0).all()
+    # the item store of the checkpoint, beside the query store, and its parquet export
+    items = (out / g.attrs["items"]).resolve()
+    assert items.parent == spec.store("query-items").resolve()
+    ig = zarr.open_group(str(items / "item_emb.zarr"), mode="r")
+    assert ig["item_emb"].shape == (cfg["model"]["n_items"], dm) and ig["item_emb"].dtype == np.float16
+    it = pq.read_table(items / "items.parquet")
+    assert it.column_names == ["item_id", "emb"] and it.num_rows == cfg["model"]["n_items"] - 2
+    assert it.column("item_id").to_pylist() == list(ig["item_id"][2:])
+    np.testing.assert_array_equal(np.stack(it.column("emb").to_numpy(zero_copy_only=False)),
+                                  ig["item_emb"][2:].astype(np.float32))
+    written = (items / "manifest.json").stat().st_mtime_ns
     t = pq.read_table(out / "latest.parquet")
     assert t.num_rows == U and t.column("scenario=s0,category=top1").type.list_size == dm
     assert t.column("snapshot").to_pylist() == ["test"] * U
     np.testing.assert_array_equal(np.stack(t.column("scenario=s1,category=top2").to_numpy(zero_copy_only=False)),
-                                  emb[:, 1, 3].astype(np.float32))
+                                  emb[1::2, 3].astype(np.float32))
     assert len(t.column("resolved")[0].as_py()) == N
     # a rerun is a no-op; --users limits the run (a new input, so it rebuilds)
     r = invoke("query", path)
     assert r.exit_code == 0 and "query: " in r.stderr and "is up to date" in r.stderr, r.output
     r = invoke("query", path, "--users", "0-4,9")
-    assert r.exit_code == 0 and "up to date" not in r.stderr, r.output
+    assert r.exit_code == 0 and "is up to date" not in r.stderr and "item embeddings reused" in r.stderr, r.output
     g = zarr.open_group(str(out / "answers.zarr"), mode="r")
-    assert g["user_emb"].shape[0] == 6 and list(g["user_index"][...]) == [0, 1, 2, 3, 4, 9]
+    assert list(g["user_index"][...]) == [0, 1, 2, 3, 4, 9] and g["snap/emb"].shape[0] == 12
     # same answers; other row neighbours may flip a float16 rounding (bf16 autocast on CUDA: more)
     tol = 2e-2 if torch.cuda.is_available() else 2e-3
-    np.testing.assert_allclose(g["user_emb"][...].astype(np.float32), emb[[0, 1, 2, 3, 4, 9]].astype(np.float32),
-                               atol=tol, rtol=tol)
+    rows = np.r_[0:10, 18:20]                                   # the snapshots of users 0-4 and 9
+    np.testing.assert_allclose(g["snap/emb"][...].astype(np.float32), emb[rows].astype(np.float32), atol=tol, rtol=tol)
+    # ... and the item store of the same checkpoint was reused, not rewritten (also with --force)
+    r = invoke("query", path, "--users", "0-4", "--force")
+    assert r.exit_code == 0 and "item embeddings reused" in r.stderr, r.output
+    assert (items / "manifest.json").stat().st_mtime_ns == written
+    assert len(list(spec.store("query-items").iterdir())) == 1
     r = invoke("query", path, "--users", "0-999")
     assert r.exit_code == 2 and "--users" in r.stderr
 

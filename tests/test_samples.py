@@ -46,7 +46,7 @@ import json  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from helpers import invoke  # noqa: E402
-from test_fuse import answers, data_dict  # noqa: E402
+from test_fuse import answers, data_dict, ragged  # noqa: E402
 
 from lumctl.samples import history_bounds, read_samples  # noqa: E402
 from lumctl.specs import FuseSpec, SamplesSpec, load_spec  # noqa: E402
@@ -72,7 +72,7 @@ SS = dict(user="uid", item="iid", timestamp="t", label="y", split_column="part")
 
 @pytest.mark.parametrize("backbone", ["din", "sim", "hstu"])
 def test_a_table_of_the_derived_samples_gives_the_same_features(tmp_path, backbone):
-    data, ans = store_dict(), answers(data_dict())
+    data, ans = store_dict(), ragged(answers(data_dict()))
     pq.write_table(derived_table(data), tmp_path / "s.parquet")
     ss = SamplesSpec(path=str(tmp_path / "s.parquet"), **SS)
     table = read_samples(ss, data)
@@ -119,7 +119,7 @@ def test_unseen_ids_and_features(tmp_path):
     assert t.cat_vocab == [4] and t.multi_vocab == [4]
     assert a["group"][1] == 3 and a["user_start"][1] == a["hist_end"][1] == 0
     fs = FuseSpec(backbone="din", history_len=4, lum="direct", samples=ss)
-    b = f.Features(data, fs, answers(data_dict()), a).numpy(np.arange(4))
+    b = f.Features(data, fs, ragged(answers(data_dict())), a).numpy(np.arange(4))
     assert b["lum_missing"][1] == 1 and b["user_attr"][1].tolist() == [1] and not b["hist_mask"][1].any()
 
 
@@ -286,7 +286,7 @@ def test_a_sample_table_at_an_fsspec_url(tmp_path):
 
 
 def test_sim_hard_search_per_batch_equals_the_cached_one():
-    data, ans = data_dict(), answers(data_dict())
+    data, ans = data_dict(), ragged(answers(data_dict()))
     idx = np.arange(len(data["events/item"]))
     kw = dict(backbone="sim", lum="direct", history_len=6, sim_search_len=8)
     cached = f.Features(data, FuseSpec(**kw), ans)

@@ -37,10 +37,8 @@ def answers(data: dict, spec, lum: Path, kind: str, device: torch.device) -> dic
     qs = spec.query.model_copy(update={"top_k": {}})
     model, cfg = Q.load_model(lum / "pretrain" / "final", device)
     users = np.arange(len(data["users/offsets"]) - 1)
-    res = Q.compute(model, data, qs, list(cfg["condition_fields"]), users, int(cfg["max_items"]),
-                    int(cfg["seq_len"]), device)
-    return {"user_emb": res["user_emb"], "snapshot_valid": res["snapshot_valid"], "snapshot_ts": res["snapshot_ts"],
-            "user_index": users, "item_emb": res["item_emb"]}
+    return Q.compute(model, data, qs, list(cfg["condition_fields"]), users, int(cfg["max_items"]),
+                     int(cfg["seq_len"]), device)
 
 
 def train_logged(name: str, m, feats, fs, seed: int, dev: torch.device, log: str | None = None) -> dict:

@@ -37,39 +37,53 @@ from lumctl.stages import query as Q  # noqa: E402
 from lumctl.stages import tokenize  # noqa: E402
 
 
-def refresh_cuts(data: dict, qs) -> tuple[np.ndarray, np.ndarray]:
-    """(cut [U, T] events in each snapshot's prefix, sorted per user, 0 = none; train_end [U])."""
+def refresh_cuts(data: dict, qs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count [U] snapshots per user, cut [S] events in each snapshot's prefix, oldest first; train_end [U])."""
     users = np.arange(len(data["users/offsets"]) - 1)
-    cut, valid, _ = Q.snapshots(data, users, qs)
     off, ts = data["users/offsets"], data["events/timestamp"]
+    count, cut, slot = Q.snapshot_cuts(off, ts, data["users/split"], qs)
+    dense = np.zeros((len(users), int(count.max(initial=0)) + 1), np.int64)
+    dense[np.repeat(users, count), slot] = cut
     te = data["users/split"][:, 0].astype(np.int64)
     _, tie_last = tokenize.tie_groups(off, ts)
     rc = np.where(te > 0, tie_last[np.maximum(off[:-1] + te - 1, 0)] - off[:-1] + 1, 0)  # the refresh snapshot
-    allc = np.sort(np.concatenate([np.where(valid, cut, 0), rc[:, None]], 1), 1)
+    allc = np.sort(np.concatenate([dense, rc[:, None]], 1), 1)
     allc[:, 1:][allc[:, 1:] == allc[:, :-1]] = 0                                            # equal snapshots once
-    return np.sort(allc, 1), te
+    allc = np.sort(allc, 1)
+    valid = allc > 0
+    return valid.sum(1), allc[valid], te
+
+
+def given_cuts(count: np.ndarray, cut: np.ndarray):
+    """query's `cuts` hook: the snapshots above instead of the spec's rule."""
+    start = np.r_[0, np.cumsum(count)]
+
+    def cuts(users, offsets, ts, split):
+        c = count[users]
+        idx = np.repeat(start[users] - (np.cumsum(c) - c), c) + np.arange(c.sum())
+        return c, cut[idx], (np.arange(c.sum()) - np.repeat(np.cumsum(c) - c, c)).astype(np.int32)
+    return cuts
 
 
 def answers(a) -> None:
     spec = load_spec(a.spec)
     data = tokenize.load(spec.store("tokenize"))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cut, te = refresh_cuts(data, spec.query)
-    users = np.arange(len(cut))
-    # query.compute takes its snapshots from query.snapshots: point it at these cuts for this process
-    Q.snapshots = lambda data_, users_, qs_: (cut[users_], cut[users_] > 0, [f"s{t}" for t in range(cut.shape[1])])
+    count, cut, te = refresh_cuts(data, spec.query)
+    users = np.arange(len(count))
     out = {}
     for name, path in (("base", a.base), ("refresh", a.refresh)):
         t = time.time()
         model, cfg = Q.load_model(Path(path), dev)
         res = Q.compute(model, data, spec.query, list(cfg["condition_fields"]), users, int(cfg["max_items"]),
-                        int(cfg["seq_len"]), dev)
-        out[f"{name}_user_emb"] = res["user_emb"].astype(np.float16)
+                        int(cfg["seq_len"]), dev, cuts=given_cuts(count, cut))
+        out[f"{name}_emb"] = res["snap/emb"].astype(np.float16)
         out[f"{name}_item_emb"] = res["item_emb"].astype(np.float32)
-        print(f"answers {name}: {int((cut > 0).sum())} snapshots in {time.time() - t:.0f}s", flush=True)
-    out["snapshot_valid"], out["snapshot_ts"], out["use_refresh"] = cut > 0, res["snapshot_ts"], cut >= te[:, None]
+        print(f"answers {name}: {len(cut)} snapshots in {time.time() - t:.0f}s", flush=True)
+    out["snap_offsets"], out["snap_ts"] = res["users/snap_offsets"], res["snap/ts"]
+    out["use_refresh"] = cut >= te[np.repeat(users, count)]
     np.savez(a.out, **out)
-    print(f"answers: {out['use_refresh'].sum()} of {(cut > 0).sum()} snapshots from the refreshed LUM -> {a.out}")
+    print(f"answers: {out['use_refresh'].sum()} of {len(cut)} snapshots from the refreshed LUM -> {a.out}")
 
 
 def align(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -89,7 +103,7 @@ class RefreshFeatures(F.Features):
     def __init__(self, data, fs, ans, item_refresh, use_refresh):
         super().__init__(data, fs, ans)
         self.item_refresh = F._unit(item_refresh)
-        self.from_refresh = use_refresh[self.lum_row, self.lum_slot] & self.lum_has   # per sample
+        self.from_refresh = use_refresh[self.lum_row] & self.lum_has                 # per sample
 
     def numpy(self, idx):
         out = super().numpy(idx)
@@ -111,13 +125,13 @@ def fuse_one(a) -> None:
     else:
         z = np.load(a.answers)
         use = z["use_refresh"] if src != "base" else np.zeros_like(z["use_refresh"])
-        ref_user, ref_item = z["refresh_user_emb"], z["refresh_item_emb"]
+        ref_user, ref_item = z["refresh_emb"], z["refresh_item_emb"]
         if src == "aligned":  # the refreshed LUM rotated into the base LUM's coordinates
             R = align(ref_item, z["base_item_emb"])
             ref_user, ref_item = (ref_user.astype(np.float32) @ R).astype(np.float16), ref_item @ R
-        emb = np.where(use[..., None, None], ref_user, z["base_user_emb"])
-        ans = {"user_emb": emb, "snapshot_valid": z["snapshot_valid"], "snapshot_ts": z["snapshot_ts"],
-               "user_index": np.arange(len(emb)), "item_emb": z["base_item_emb"]}
+        emb = np.where(use[:, None, None], ref_user, z["base_emb"])                      # (S, N, d)
+        ans = {"users/snap_offsets": z["snap_offsets"], "snap/ts": z["snap_ts"], "snap/emb": emb,
+               "user_index": np.arange(len(z["snap_offsets"]) - 1), "item_emb": z["base_item_emb"]}
         feats = RefreshFeatures(data, fs, ans, ref_item, use)
     cfg = F.model_config(data, fs, feats)
     torch.manual_seed(a.seed)

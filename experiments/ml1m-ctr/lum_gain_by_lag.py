@@ -39,9 +39,9 @@ def main() -> None:
     s = F.samples(data)
     q = a.query or a.lum / "query"
     ans = F.load_answers(q)
-    pos = zarrio.get(zarrio.open_read(q / "answers.zarr"), "snapshot_pos")
-    row, slot, has = F.join_snapshots(ans, s["user"], s["ts"], len(data["users/offsets"]) - 1)
-    lag = np.where(has, np.arange(len(s["ts"])) - s["user_start"] - pos[row, slot], -1)  # events since the snapshot
+    pos = zarrio.get(zarrio.open_read(q / "answers.zarr"), "snap/pos")
+    row, has = F.join_snapshots(ans, s["user"], s["ts"], len(data["users/offsets"]) - 1)
+    lag = np.where(has, np.arange(len(s["ts"])) - s["user_start"] - pos[row], -1)  # events since the snapshot
     b, l = predictions(a.base), predictions(a.lum)
     if not np.array_equal(b["event"], l["event"]):
         sys.exit("error: the two fuse stores predicted different samples")

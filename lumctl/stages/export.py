@@ -33,7 +33,7 @@ from lumctl.errors import InputError
 from lumctl.progress import say
 from lumctl.samples import IdMap, iter_batches, open_dataset, parse_ids, parse_timestamp
 from lumctl.specs import SamplesSpec, Spec
-from lumctl.stages.fuse import join_snapshots, load_answers
+from lumctl.stages.fuse import answers_shape, join_snapshots, load_answers, snapshot_answers
 from lumctl.store import join, require_store, store_hash
 
 
@@ -77,7 +77,7 @@ def run(spec: Spec, samples: str, out: Path, items: Path | None = None, force: b
     if len(ans["item_emb"]) != len(vocab_item):
         raise InputError(str(q_store), "query store's items do not match the tokenize store "
                          f"({len(ans['item_emb'])} vs {len(vocab_item)}); rerun `lumctl query`")
-    _, _, N, D = ans["user_emb"].shape
+    N, D = answers_shape(ans)
     names = query_names(q_store, N)
     qs = spec.query
     rule = ("latest snapshot of the user with snapshot_ts < the sample's timestamp (strictly before); "
@@ -101,14 +101,14 @@ def run(spec: Spec, samples: str, out: Path, items: Path | None = None, force: b
             i = item_map(parse_ids(b.column(ss.item), file, ss.item))
             ts = parse_timestamp(b.column(ss.timestamp), file, ss.timestamp)
             known_u, known_i = u >= 0, i >= 0
-            row, slot, has = join_snapshots(ans, np.where(known_u, u, 0), ts, len(vocab_user))
+            row, has = join_snapshots(ans, np.where(known_u, u, 0), ts, len(vocab_user))
             has &= known_u
-            o = ans["user_emb"][row, slot].astype(np.float32)                 # (B, N, D); NaN where no snapshot
+            o = snapshot_answers(ans, row).astype(np.float32)                 # (B, N, D)
             o[~has] = 0
             e = item_emb[np.where(known_i, i, 1)]                             # (B, D)
             sim = np.einsum("bnd,bd->bn", _unit(o), item_unit[np.where(known_i, i, 1)])  # (B, N) cosines
             both = has & known_i
-            cols = {"lum_snapshot_ts": pa.array(np.where(has, ans["snapshot_ts"][row, slot], 0), pa.int64(),
+            cols = {"lum_snapshot_ts": pa.array(np.where(has, ans["snap/ts"][row] if len(ans["snap/ts"]) else 0, 0), pa.int64(),
                                                 mask=~has)}
             for n in range(N):
                 cols[f"o_q{n + 1}"] = _fixed_list(o[:, n], has)

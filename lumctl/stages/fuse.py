@@ -180,24 +180,51 @@ def hard_search(ev_item: np.ndarray, cat: np.ndarray, start: np.ndarray, end: np
 
 # ------------------------------------------------------------------------------------ LUM join
 def load_answers(store: Path) -> dict[str, np.ndarray]:
+    """The query store as fuse reads it, keyed by its array paths (lumctl.stages.query has the layout;
+    query.compute returns the same dict): users/snap_offsets [U+1] and user_index [U] per answers row,
+    snap/ts [S] and snap/emb [S, N, d] per snapshot row (a user's rows oldest first), item_emb [I, d]
+    from the checkpoint's item store that the answers name."""
     g = zarrio.open_read(Path(store) / "answers.zarr")
-    return {k: zarrio.get(g, k) for k in ("user_emb", "snapshot_valid", "snapshot_ts", "user_index", "item_emb")}
+    items = Path(store) / g.attrs["items"]
+    require_store(items, "query")                                       # the checkpoint's item store
+    return {**{k: zarrio.get(g, k) for k in ("users/snap_offsets", "user_index", "snap/ts", "snap/emb")},
+            "item_emb": zarrio.get(zarrio.open_read(items / "item_emb.zarr"), "item_emb")}
+
+
+def answers_shape(ans: dict) -> tuple[int, int]:
+    """(N queries, d) of the answers."""
+    _, N, D = ans["snap/emb"].shape
+    return int(N), int(D)
+
+
+def snapshot_answers(ans: dict, row: np.ndarray) -> np.ndarray:
+    """The answers [B, N, d] of snapshot rows `row` [B] (from join_snapshots)."""
+    if not len(ans["snap/emb"]):  # a store without snapshots: every sample has none
+        return np.zeros((len(row), *ans["snap/emb"].shape[1:]), np.float32)
+    return ans["snap/emb"][row]
 
 
 def join_snapshots(ans: dict, user: np.ndarray, ts: np.ndarray, n_users: int, chunk: int = 1 << 18):
-    """Per sample: (answers row, snapshot slot, has) of the latest valid snapshot with timestamp < ts."""
+    """Per sample (tokenize-store user, timestamp): (snapshot row, has) of the user's latest snapshot
+    with timestamp < ts (row 0 where it has none). A vectorised binary search over each user's rows."""
+    so, snap_ts = ans["users/snap_offsets"], ans["snap/ts"]
     row_of = np.full(n_users, -1, np.int64)
     row_of[ans["user_index"]] = np.arange(len(ans["user_index"]))
-    r = row_of[user]
-    T = ans["snapshot_ts"].shape[1]
-    slot = np.zeros(len(user), np.int64)
+    row = np.zeros(len(user), np.int64)
     has = np.zeros(len(user), bool)
     for a in range(0, len(user), chunk):
-        rr, tt = np.maximum(r[a:a + chunk], 0), ts[a:a + chunk]
-        ok = ans["snapshot_valid"][rr] & (ans["snapshot_ts"][rr] < tt[:, None]) & (r[a:a + chunk, None] >= 0)
-        slot[a:a + chunk] = T - 1 - np.argmax(ok[:, ::-1], 1)
-        has[a:a + chunk] = ok.any(1)
-    return np.maximum(r, 0), slot, has
+        r, t = row_of[user[a:a + chunk]], ts[a:a + chunk]
+        lo = np.where(r >= 0, so[np.maximum(r, 0)], 0)
+        first = lo.copy()
+        hi = np.where(r >= 0, so[np.maximum(r, 0) + 1], 0)               # rows [lo, hi) of the user
+        while (active := lo < hi).any():                                # first row with snap_ts >= t
+            mid = (lo + hi) // 2
+            before = active & (snap_ts[np.minimum(mid, len(snap_ts) - 1)] < t)
+            lo = np.where(before, mid + 1, lo)
+            hi = np.where(active & ~before, mid, hi)
+        has[a:a + chunk] = lo > first
+        row[a:a + chunk] = np.where(lo > first, lo - 1, 0)
+    return row, has
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -238,7 +265,7 @@ class Features:
                     fs.sim_search_len, L)
         if ans is not None:
             known = self.s["user"] >= 0                                     # unseen users have no answers
-            self.lum_row, self.lum_slot, self.lum_has = join_snapshots(
+            self.lum_row, self.lum_has = join_snapshots(
                 ans, np.where(known, self.s["user"], 0), self.s["ts"], len(data["users/offsets"]) - 1)
             self.lum_has &= known
             self.item_lum = _unit(ans["item_emb"])                          # (I, D)
@@ -266,7 +293,7 @@ class Features:
             out["extra_num"] = s["extra_num"][idx]
         if self.ans is not None:
             has = self.lum_has[idx]
-            o = _unit(self.ans["user_emb"][self.lum_row[idx], self.lum_slot[idx]])  # (B, N, D)
+            o = _unit(snapshot_answers(self.ans, self.lum_row[idx]))           # (B, N, D)
             out["lum"] = np.where(has[:, None, None], o, 0).astype(np.float32)
             out["lum_item"] = self.item_lum[target]
             out["lum_missing"] = (~has).astype(np.float32)
@@ -280,7 +307,7 @@ class Features:
 def model_config(data: dict, fs: FuseSpec, feats: Features) -> DLRMConfig:
     N = D = 0
     if feats.ans is not None:
-        _, _, N, D = feats.ans["user_emb"].shape
+        N, D = answers_shape(feats.ans)
     return DLRMConfig(backbone=fs.backbone, n_items=len(data["vocab/item"]),
                       n_categories=len(data["vocab/category"]) if "items/category" in data else 0,
                       n_genres=int(data["items/genres"].shape[1]) if "items/genres" in data else 0,

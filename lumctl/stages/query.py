@@ -16,41 +16,63 @@ are never split:
     (they are not "before" the held-out event), so the held-out event is never in its prefix.
   - snapshot = "every_n_events": the snapshot after a user's K-th, 2K-th ... event also holds the
     later events stamped at the same second as that event; snapshots that come out equal are kept once.
+A snapshot with an empty prefix does not exist (no row).
 The model reads the snapshot's most recent `max_items - 1` events (as pretrain's evaluation);
 `top_k` conditions count over the whole prefix.
 
 Output (`stores/<experiment>/query/`):
-  answers.zarr/
-    user_emb       float16|32 [U, T, N, d]  o_q of query n at user u's snapshot t (NaN where invalid)
-    snapshot_valid bool  [U, T]      the user has snapshot t (a non-empty prefix)
-    snapshot_ts    int64 [U, T]      timestamp of the snapshot's last event (-1 where invalid)
-    snapshot_pos   int64 [U, T]      events in the snapshot's prefix (0 where invalid)
-    query_cond     int32 [U, T, N, F] condition ids each query asked (top_k ranks resolve per user)
-    conditions     str   [N]         query names, e.g. "rating=high,genre=top1"
-    user_index     int64 [U]         tokenize-store user index;  user_id str [U] raw user id
-    item_emb       float16|32 [I, d] e^i = model.item_table() of every item vocab id (0 pad, 1 unknown)
-    item_id        str   [I]
+  answers.zarr/    ragged by snapshot, no padding: the snapshots of answers row u (the user
+                   user_index[u]) are rows snap_offsets[u]:snap_offsets[u+1] of every snap/ array,
+                   oldest first
+    users/snap_offsets int64 [U+1]
+    snap/emb        float16|32 [S, N, d]  o_q of query n at the snapshot
+    snap/ts         int64 [S]        timestamp of the snapshot's last event
+    snap/pos        int64 [S]        events in the snapshot's prefix (>= 1)
+    snap/slot       int32 [S]        the snapshot's name: attrs snapshot_names[slot] ("valid" / "test";
+                                     "s<j>" = the user's j-th snapshot)
+    snap/query_cond int32 [S, N, F]  condition ids each query asked (top_k ranks resolve per snapshot)
+    conditions      str   [N]        query names, e.g. "rating=high,genre=top1"
+    user_index      int64 [U]        tokenize-store user index;  user_id str [U] raw user id
     attrs: queries (per query: field -> value, or "top<r>"), condition_fields, snapshot, snapshot_names,
-           checkpoint, model (config)
-  latest.parquet   one row per user with a valid snapshot, its latest one: user_id, user_index, snapshot,
+           checkpoint, checkpoint_hash, items (the item store, relative to this folder), model (config)
+  latest.parquet   one row per user with a snapshot, its latest one: user_id, user_index, snapshot,
                    snapshot_ts, snapshot_pos, one fixed-size list<float32>[d] column per query (named
                    as in `conditions`), and `resolved` (list<string>, the asked conditions) with top_k.
                    The table an online KV store loads.
   manifest.json    inputs: tokenize store hash, checkpoint file hashes, user selection
 
-Under torchrun each rank answers a contiguous range of users whose rows are whole Zarr chunks of
-the user-indexed arrays, so ranks write disjoint chunks of one store; rank 0 creates the arrays in
-a temporary folder first and, once every rank has written, writes latest.parquet (from the ranks'
-parts), the manifest last, and renames the folder into place (`write_distributed`).
+Item embeddings depend on the checkpoint only, so they live in a store of their own, written once
+per checkpoint (and dtype) and reused by every query of it (other users, other queries, --force):
+`stores/<experiment>/query-items/<checkpoint hash[:16]>-<dtype>/`
+    item_emb.zarr/  item_emb float16|32 [I, d] e^i = model.item_table() of every item vocab id (0 pad,
+                    1 unknown);  item_id str [I]
+    items.parquet   item_id (the raw id) and emb (fixed-size list<float32>[d]) of every real item
+                    (vocab ids >= 2), the table `export_items` writes
+    manifest.json
+
+Streaming. A counting pass reads the selected users' timestamps in blocks and counts their
+snapshots, so snap_offsets, every array's shape and the packed row length are known before the
+first answer. The snapshot rows are then answered in batches of `batch_snapshots` rows (whole
+chunks of the snap/ arrays): a batch reads only the events of the users it touches (Zarr slices),
+answers them, writes its rows and appends its users' latest snapshots to latest.parquet. Memory
+is bounded by the batch (plus a few int64 per user), not by the number of users or events.
+Under torchrun each rank takes a contiguous run of batches, so ranks write disjoint whole chunks
+of one store, and writes its latest rows to a part file; rank 0 creates the arrays first and,
+once every rank has written, joins the parts into latest.parquet (row group by row group),
+writes the manifest last and renames the folder into place. One process is the same code with
+one rank.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,11 +90,14 @@ from lumctl.store import (
     hash_file,
     hash_obj,
     is_up_to_date,
+    join,
+    read_manifest,
     replace_dir,
     require_checkpoint,
     require_store,
+    store_hash,
+    write_manifest,
 )
-from lumctl.store import store_hash, write_manifest
 
 BATCH_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "pos": torch.int32}
 
@@ -153,8 +178,8 @@ def build_queries(qs: QuerySpec, cond_names: list[str], vocabs: dict[str, list[s
 def parse_users(text: str | None, n_users: int) -> np.ndarray:
     """'0-99', '1,5,7' or a mix ('0-9,20') -> sorted unique tokenize-store user indices."""
     if text is None or not text.strip():
-        return np.arange(n_users)
-    out: set[int] = set()
+        return np.arange(n_users, dtype=np.int64)
+    out = []
     for part in text.split(","):
         part = part.strip()
         try:
@@ -164,8 +189,8 @@ def parse_users(text: str | None, n_users: int) -> np.ndarray:
             raise InputError("--users", f"expected indices such as 0-99 or 1,5,7 (got {part!r})") from None
         if a > b or a < 0 or b >= n_users:
             raise InputError("--users", f"{part} is not a range of user indices in 0-{n_users - 1}")
-        out.update(range(a, b + 1))
-    return np.array(sorted(out), np.int64)
+        out.append(np.arange(a, b + 1, dtype=np.int64))
+    return np.unique(np.concatenate(out))
 
 
 def users_label(users: np.ndarray, n_users: int) -> str:
@@ -177,32 +202,118 @@ def users_label(users: np.ndarray, n_users: int) -> str:
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in zip(starts, ends))
 
 
-def snapshots(data: dict, users: np.ndarray, qs: QuerySpec) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(cut [U, T] = events in each snapshot's prefix, valid [U, T], snapshot names [T]).
-    The prefix of a snapshot is exactly the user's events with timestamp <= its last event's."""
-    offsets, ts = data["users/offsets"], data["events/timestamp"]
-    off = offsets[users]
-    n = offsets[users + 1] - off
+def snapshot_cuts(offsets: np.ndarray, ts: np.ndarray, split: np.ndarray | None,
+                  qs: QuerySpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The snapshots of a block of users whose events are ts[offsets[b]:offsets[b+1]] (time ordered;
+    offsets [B+1] from 0): (count [B] snapshots per user, cut [S] events in each snapshot's prefix,
+    slot [S] index of its name), rows by user, then oldest first. split [B, 2]: the block's
+    users/split (snapshot = "split"). A prefix is exactly the user's events with timestamp <= its last one's."""
+    B = len(offsets) - 1
+    off, n = offsets[:-1], np.diff(offsets)
+    if len(ts) == 0:
+        return np.zeros(B, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
     tie_first, tie_last = tokenize.tie_groups(offsets, ts)
     if qs.snapshot == "split":
-        b = data["users/split"][users].astype(np.int64)                     # (U, 2) first valid / first test event
+        b = np.asarray(split, np.int64)                                     # (B, 2) first valid / first test event
         g = np.minimum(off[:, None] + b, len(ts) - 1)
         cut = np.where(b < n[:, None], tie_first[g] - off[:, None], b)      # drop events tied with the held-out one
-        return cut, cut > 0, ["valid", "test"]
+        valid = cut > 0
+        return valid.sum(1), cut[valid], np.nonzero(valid)[1].astype(np.int32)
     K = qs.every_n_events
     m = n // K                                                              # nominal snapshots per user
-    u_rep = np.repeat(np.arange(len(users)), m)
+    u_rep = np.repeat(np.arange(B), m)
     j = np.arange(len(u_rep)) - np.repeat(np.cumsum(m) - m, m)
     cut = tie_last[off[u_rep] + (j + 1) * K - 1] - off[u_rep] + 1          # extend over same-second events
     keep = np.ones(len(cut), bool)
     keep[1:] = (u_rep[1:] != u_rep[:-1]) | (cut[1:] != cut[:-1])
     u_rep, cut = u_rep[keep], cut[keep]
-    slot = np.arange(len(u_rep)) - np.searchsorted(u_rep, u_rep, "left")
-    T = int(slot.max()) + 1 if len(slot) else 1
-    out = np.zeros((len(users), T), np.int64)
-    out[u_rep, slot] = cut
-    return out, out > 0, [f"s{t}" for t in range(T)]
+    count = np.bincount(u_rep, minlength=B).astype(np.int64)
+    slot = (np.arange(len(cut)) - np.repeat(np.cumsum(count) - count, count)).astype(np.int32)
+    return count, cut.astype(np.int64), slot
 
+
+def snapshot_names(qs: QuerySpec, T: int) -> list[str]:
+    """Names of the snapshot slots; T = the most snapshots of one user (every_n_events)."""
+    return ["valid", "test"] if qs.snapshot == "split" else [f"s{t}" for t in range(max(T, 1))]
+
+
+# ------------------------------------------------------------------------------------ reading
+def _spans(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[start, stop) ranges in order, touching ones merged (consecutive users read as one slice)."""
+    if not len(starts):
+        return starts, stops
+    brk = np.flatnonzero(starts[1:] != stops[:-1]) + 1
+    return starts[np.r_[0, brk]], stops[np.r_[brk - 1, len(stops) - 1]]
+
+
+def _read(arr, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    parts = [np.asarray(arr[int(a):int(b)]) for a, b in zip(*_spans(starts, stops))]
+    return np.concatenate(parts) if parts else np.asarray(arr[0:0])
+
+
+class Source:
+    """A tokenize store's arrays read lazily by user: Zarr slices of the users asked for. Any mapping
+    of array path -> sliceable array works (a Zarr group, or a dict of numpy arrays in tests)."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.offsets = np.asarray(arrays["users/offsets"][:], np.int64)   # [U+1]
+
+    def __getitem__(self, name: str):
+        return self.arrays[name]
+
+    def per_user(self, name: str, users: np.ndarray) -> np.ndarray:
+        """users/<name> or vocab/user at the sorted user indices `users`."""
+        return _read(self.arrays[name], users, users + 1)
+
+    def events(self, name: str, users: np.ndarray) -> np.ndarray:
+        """events/<name> of the sorted users `users`, concatenated (their offsets: `local_offsets`)."""
+        return _read(self.arrays[name], self.offsets[users], self.offsets[users + 1])
+
+    def local_offsets(self, users: np.ndarray) -> np.ndarray:
+        return np.r_[0, np.cumsum(self.offsets[users + 1] - self.offsets[users])].astype(np.int64)
+
+
+def _blocks(weight: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """[a, b) ranges of consecutive entries whose weights add up to <= budget (at least one entry each)."""
+    c = np.cumsum(weight)
+    out, a = [], 0
+    while a < len(weight):
+        b = max(a + 1, int(np.searchsorted(c, (c[a - 1] if a else 0) + budget, "right")))
+        out.append((a, b))
+        a = b
+    return out
+
+
+COUNT_EVENTS = 1 << 22  # timestamps per block of the counting pass (32 MiB)
+CutFn = Callable[[np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def rule_cuts(qs: QuerySpec) -> CutFn:
+    """The snapshots of the spec as a function of (users, offsets, ts, split) -> snapshot_cuts."""
+    return lambda users, offsets, ts, split: snapshot_cuts(offsets, ts, split, qs)
+
+
+@dataclass
+class Plan:
+    users: np.ndarray          # [U] tokenize-store user indices, sorted
+    snap_offsets: np.ndarray   # [U+1] snapshots of users[u] are rows snap_offsets[u]:snap_offsets[u+1]
+    longest: int               # events in the longest prefix
+    T: int                     # most snapshots of one user
+
+
+def plan(src: Source, users: np.ndarray, qs: QuerySpec, cuts: CutFn) -> Plan:
+    """The counting pass: every selected user's number of snapshots, from its timestamps (read in blocks)."""
+    n = src.offsets[users + 1] - src.offsets[users]
+    count = np.zeros(len(users), np.int64)
+    longest = 0
+    for a, b in _blocks(n, COUNT_EVENTS):
+        u = users[a:b]
+        split = src.per_user("users/split", u) if qs.snapshot == "split" else None
+        c, cut, _ = cuts(u, src.local_offsets(u), src.events("events/timestamp", u), split)
+        count[a:b] = c
+        longest = max(longest, int(cut.max(initial=0)))
+    return Plan(users, np.r_[0, np.cumsum(count)].astype(np.int64), longest, int(count.max(initial=0)))
 
 # ------------------------------------------------------------------------------------ model passes
 @torch.no_grad()
@@ -252,45 +363,186 @@ def answer(model, items: np.ndarray, conds: np.ndarray, first: np.ndarray, count
     return out.reshape(D, N, d_model).cpu().numpy()
 
 
-# ------------------------------------------------------------------------------------ one run
-def compute(model, data: dict, qs: QuerySpec, cond_names: list[str], users: np.ndarray, max_items: int,
-            seq_len: int, device: torch.device, show: bool = False) -> dict:
-    """Everything the store holds, as numpy (no writing): the answers of `users` at their snapshots."""
-    vocabs = {n: [str(v) for v in data[f"vocab/cond_{n}"]] for n in cond_names}
+# ------------------------------------------------------------------------------------ writing
+def _str(a: np.ndarray) -> np.ndarray:
+    """Strings as a fixed-width numpy array (zarr 3 reads them back as StringDType)."""
+    return np.asarray(np.asarray(a).tolist(), dtype=str)
+
+
+def latest_schema(names: list[str], d: int, top_k: bool, meta: dict[str, str]):
+    import pyarrow as pa
+    fields = [("user_id", pa.string()), ("user_index", pa.int64()), ("snapshot", pa.string()),
+              ("snapshot_ts", pa.int64()), ("snapshot_pos", pa.int64())]
+    fields += [(n, pa.list_(pa.float32(), d)) for n in names]
+    if top_k:
+        fields.append(("resolved", pa.list_(pa.string())))
+    return pa.schema(fields, metadata=meta)
+
+
+def latest_table(schema, user_ids: np.ndarray, users: np.ndarray, snap: list[str], ts: np.ndarray, pos: np.ndarray,
+                 emb: np.ndarray, qcond: np.ndarray, cond_names: list[str], vocabs: dict):
+    """Rows of latest.parquet: per user its latest snapshot (emb [U', N, d], qcond [U', N, F])."""
+    import pyarrow as pa
+    d = emb.shape[-1]
+    cols = [pa.array(_str(user_ids), pa.string()), pa.array(users.astype(np.int64)), pa.array(snap, pa.string()),
+            pa.array(ts.astype(np.int64)), pa.array(pos.astype(np.int64))]
+    for n in range(emb.shape[1]):
+        cols.append(pa.FixedSizeListArray.from_arrays(pa.array(emb[:, n].astype(np.float32).reshape(-1)), d))
+    if "resolved" in schema.names:
+        cols.append(pa.array([[",".join(f"{f}={vocabs[f][v]}" for f, v in zip(cond_names, row) if v != 1) or "<any>"
+                               for row in per_user] for per_user in qcond], pa.list_(pa.string())))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: list[str], users: np.ndarray,
+                  max_items: int, seq_len: int, device: torch.device, attrs: dict | None = None,
+                  cuts: CutFn | None = None, show: bool = False) -> dict:
+    """Answer `users` (sorted tokenize-store indices) at their snapshots into the Zarr group `path`
+    (answers.zarr) and latest.parquet beside it, batch by batch; every rank of a torchrun job calls
+    this with the same arguments and `path` (rank 0 creates it). Returns the counts of the manifest.
+    cuts: the snapshots (default: the spec's rule, `snapshot_cuts`)."""
+    import pyarrow.parquet as pq
+    rank, world = dist.rank(), dist.world()
+    cuts = cuts or rule_cuts(qs)
+    vocabs = {n: [str(v) for v in np.asarray(src[f"vocab/cond_{n}"][:])] for n in cond_names}
     queries = build_queries(qs, cond_names, vocabs)
-    N = len(queries.names)
-    cut, valid, snap_names = snapshots(data, users, qs)
-    U, T = cut.shape
-    du, dt = np.nonzero(valid)                                                    # documents: (user, snapshot)
-    off = data["users/offsets"][users[du]]
-    pcut = cut[du, dt]
-    count = np.minimum(pcut, max_items - 1)
-    first = off + pcut - count
-    cond = data["events/cond"]
-    qcond = queries.resolve(cond, off, pcut)                                       # (N, F) or (D, N, F)
-    need = 2 * int(count.max(initial=0)) + N
+    N, F = len(queries.names), len(cond_names)
+    p = plan(src, users, qs, cuts)
+    so, U, S = p.snap_offsets, len(users), int(p.snap_offsets[-1])
+    need = 2 * min(p.longest, max_items - 1) + N
     if qs.seq_len is not None and qs.seq_len < need:
         raise InputError("[query].seq_len", f"must be >= {need} tokens to hold the longest prefix "
-                         f"(2 x {int(count.max())} events) and {N} queries (got {qs.seq_len})")
-    S = qs.seq_len or max(seq_len, need)
+                         f"(2 x {min(p.longest, max_items - 1)} events) and {N} queries (got {qs.seq_len})")
+    seq_len = qs.seq_len or max(seq_len, need)
+    dtype = np.dtype(qs.dtype)
+    d = int(model.norm.weight.shape[0])
+    names = snapshot_names(qs, p.T)
+    chunk = max(1, min(qs.batch_snapshots, (8 << 20) // (N * d * dtype.itemsize)))  # rows per chunk (<= 8 MiB of emb)
+    step = qs.batch_snapshots // chunk * chunk                            # rows per batch: whole chunks
+    batches = [(r0, min(S, r0 + step)) for r0 in range(0, S, step)]
+    mine = [batches[i] for i in np.array_split(np.arange(len(batches)), world)[rank]]
+
+    path = Path(path)
+    if dist.is_main():
+        g = zarrio.create(path)
+        for name, shape, dt in (("snap/emb", (S, N, d), dtype), ("snap/ts", (S,), np.int64), ("snap/pos", (S,), np.int64),
+                                ("snap/slot", (S,), np.int32), ("snap/query_cond", (S, N, F), np.int32)):
+            g.create_array(name, shape=shape, dtype=dt, chunks=(chunk, *shape[1:]), fill_value=0)
+        zarrio.put(g, "users/snap_offsets", so)
+        zarrio.put(g, "user_index", users.astype(np.int64))
+        zarrio.put(g, "conditions", np.array(queries.names, dtype=str))
+        ids = g.create_array("user_id", shape=(U,), dtype=str, chunks=(max(1, min(U, 1 << 16)),))
+        for a in range(0, U, 1 << 16):
+            ids[a:a + (1 << 16)] = _str(src.per_user("vocab/user", users[a:a + (1 << 16)]))
+        g.attrs.update({"queries": queries.asked, "condition_fields": cond_names, "snapshot": qs.snapshot,
+                        "every_n_events": qs.every_n_events, "snapshot_names": names, "max_items": max_items,
+                        "seq_len": seq_len, **(attrs or {})})
+    dist.barrier()
+    g = zarrio.open_write(path)
+    arr = {k: g[f"snap/{k}"] for k in ("emb", "ts", "pos", "slot", "query_cond")}
+    meta = {"lumctl.queries": json.dumps(queries.asked), "lumctl.condition_fields": json.dumps(cond_names)}
+    schema = latest_schema(queries.names, d, bool(queries.top_k), meta)
+    part = path.parent / ("latest.parquet" if world == 1 else f"latest.part-{rank:05d}.parquet")
+    tokens = 0
     cuda = device.type == "cuda"
-    emb = answer(model, data["events/item"], cond, first, count, qcond, S, qs.batch_rows, device,
-                 autocast=cuda, show=show) if len(count) else np.zeros((0, N, model.norm.weight.shape[0]), np.float32)
-    d = emb.shape[-1]
-    user_emb = np.full((U, T, N, d), np.nan, np.float32)
-    user_emb[du, dt] = emb
-    F = len(cond_names)
-    query_cond = np.zeros((U, T, N, F), np.int32)
-    query_cond[du, dt] = qcond
-    ts = data["events/timestamp"]
-    snap_ts = np.full((U, T), -1, np.int64)
-    snap_ts[du, dt] = ts[off + pcut - 1]
-    with torch.no_grad():
-        item_emb = model.item_table(None).float().cpu().numpy()                  # (I, d)
-    return {"user_emb": user_emb, "snapshot_valid": valid, "snapshot_ts": snap_ts,
-            "snapshot_pos": np.where(valid, cut, 0), "query_cond": query_cond, "item_emb": item_emb,
-            "conditions": np.array(queries.names, dtype=str), "queries": queries, "snapshot_names": snap_names,
-            "seq_len": S, "rows_tokens": int(2 * count.sum() + N * len(count))}
+    with pq.ParquetWriter(part, schema) as latest, progress() as bar:
+        task = bar.add_task("query", total=len(mine), info="", visible=show)
+        for r0, r1 in mine:
+            ua = int(np.searchsorted(so, r0, "right")) - 1                # users [ua, ub) hold rows [r0, r1)
+            ub = int(np.searchsorted(so, r1, "left"))
+            keep = np.diff(so[ua:ub + 1]) > 0                              # (users without snapshots: not read)
+            u = users[ua:ub][keep]
+            lo = src.local_offsets(u)
+            ts = src.events("events/timestamp", u)
+            split = src.per_user("users/split", u) if qs.snapshot == "split" else None
+            count, cut, slot = cuts(u, lo, ts, split)
+            if not np.array_equal(count, np.diff(so[ua:ub + 1])[keep]):
+                raise RuntimeError(f"{path}: snapshots of users {u[0]}-{u[-1]} changed since they were counted")
+            take = slice(r0 - int(so[ua]), r1 - int(so[ua]))
+            row_user = np.repeat(np.arange(len(u)), count)[take]          # (D,) local user of each row
+            cut, slot = cut[take], slot[take]
+            off = lo[row_user]
+            n_in = np.minimum(cut, max_items - 1)
+            first = off + cut - n_in
+            cond = src.events("events/cond", u)
+            qcond = queries.resolve(cond, off, cut)                        # (N, F) or (D, N, F)
+            emb = answer(model, src.events("events/item", u), cond, first, n_in, qcond, seq_len, qs.batch_rows,
+                         device, autocast=cuda).astype(dtype)               # (D, N, d)
+            qcond = np.broadcast_to(qcond, (len(cut), N, F))
+            snap_ts = ts[off + cut - 1]
+            for k, v in (("emb", emb), ("ts", snap_ts), ("pos", cut), ("slot", slot), ("query_cond", qcond)):
+                arr[k][r0:r1] = v
+            tokens += int(2 * n_in.sum() + N * len(cut))
+            last = so[ua + 1:ub + 1][keep] - 1                             # each user's latest row
+            has = (last >= r0) & (last < r1)
+            i = last[has] - r0
+            latest.write_table(latest_table(schema, src.per_user("vocab/user", u)[has], u[has], [names[k] for k in slot[i]],
+                                            snap_ts[i], cut[i], emb[i], qcond[i], cond_names, vocabs))
+            bar.update(task, advance=1, info=f"{r1:,}/{S:,} snapshots")
+    tokens = int(dist.all_reduce_sum(tokens))
+    dist.barrier()
+    if world > 1 and dist.is_main():  # the ranks' latest rows, in rank (= user) order
+        parts = [path.parent / f"latest.part-{r:05d}.parquet" for r in range(world)]
+        with pq.ParquetWriter(path.parent / "latest.parquet", schema) as w:
+            for f in parts:
+                pf = pq.ParquetFile(f)
+                for k in range(pf.num_row_groups):
+                    w.write_table(pf.read_row_group(k))
+                f.unlink()
+    return {"users": U, "snapshots": S, "max_snapshots": p.T, "queries": N, "d": d,
+            "users_with_snapshots": int((np.diff(so) > 0).sum()), "tokens": tokens, "seq_len": seq_len}
+
+
+# ------------------------------------------------------------------------------------ item embeddings
+def items_dir(spec: Spec, checkpoint_hash: str, dtype: str) -> Path:
+    """The item store of a checkpoint: stores/<experiment>/query-items/<checkpoint hash[:16]>-<dtype>."""
+    return spec.store("query-items") / f"{checkpoint_hash[:16]}-{dtype}"
+
+
+@torch.no_grad()
+def write_items(path: Path, model, src: Source, dtype: str, checkpoint: str, checkpoint_hash: str,
+                block: int = 1 << 16) -> bool:
+    """Write the item store of a checkpoint unless it is there already; True when it was written."""
+    m = read_manifest(path)
+    if m is not None and m.get("inputs") == {"checkpoint": checkpoint_hash} and m.get("dtype") == dtype:
+        return False
+    started = time.time()
+    I, d = int(model.config.n_items), int(model.norm.weight.shape[0])
+    dev = model.norm.weight.device
+    with atomic_dir(path) as tmp:
+        g = zarrio.create(tmp / "item_emb.zarr")
+        emb = g.create_array("item_emb", shape=(I, d), dtype=dtype, chunks=(min(I, block), d))
+        ids = g.create_array("item_id", shape=(I,), dtype=str, chunks=(min(I, block),))
+        vocab = src["vocab/item"]
+        if vocab.shape[0] != I:
+            raise InputError(checkpoint, f"checkpoint has {I} items, the tokenize store {vocab.shape[0]}")
+        for a in range(0, I, block):
+            b = min(I, a + block)
+            emb[a:b] = model.item_table(torch.arange(a, b, device=dev)).float().cpu().numpy().astype(dtype)  # (b-a, d)
+            ids[a:b] = _str(vocab[a:b])
+        export_items(tmp, tmp / "items.parquet", block)
+        write_manifest(tmp, stage="query-items", spec_hash=dtype, inputs={"checkpoint": checkpoint_hash},
+                       counts={"items": I, "d": d}, started=started, extra={"checkpoint": checkpoint, "dtype": dtype})
+    return True
+
+
+def export_items(path: Path, out: Path, block: int = 1 << 16) -> Path:
+    """items.parquet of an item store (streamed): item_id (raw id) and emb (fixed-size list<float32>[d])
+    of every real item (vocab ids >= 2)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    g = zarrio.open_read(Path(path) / "item_emb.zarr")
+    emb, ids = g["item_emb"], g["item_id"]
+    I, d = emb.shape
+    schema = pa.schema([("item_id", pa.string()), ("emb", pa.list_(pa.float32(), d))])
+    with pq.ParquetWriter(out, schema) as w:
+        for a in range(2, I, block):
+            b = min(I, a + block)
+            e = np.asarray(emb[a:b], np.float32)                             # (b-a, d)
+            w.write_table(pa.Table.from_arrays([pa.array(_str(ids[a:b]), pa.string()),
+                                                pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1)), d)],
+                                               schema=schema))
+    return out
 
 
 # ------------------------------------------------------------------------------------ run
@@ -299,36 +551,6 @@ def checkpoint_dir(spec: Spec) -> Path:
     path = p if p.is_absolute() else spec.store("pretrain") / p
     return require_checkpoint(path, "no checkpoint here (config.json + model.pt); run `lumctl pretrain` first "
                               "or set [query].checkpoint")
-
-
-def _str(a: np.ndarray) -> np.ndarray:
-    """Strings as a fixed-width numpy array (zarr 3 reads them back as StringDType)."""
-    return np.asarray(np.asarray(a).tolist(), dtype=str)
-
-
-def latest_table(res: dict, users: np.ndarray, user_ids: np.ndarray, cond_names: list[str], vocabs: dict):
-    """The latest valid snapshot of each user as an Arrow table (one fixed-size list column per query).
-    `users` [U] tokenize-store indices of the rows of `res`; `user_ids` the raw ids of all users."""
-    import pyarrow as pa
-    valid = res["snapshot_valid"]
-    has = valid.any(1)
-    T = valid.shape[1]
-    last = T - 1 - np.argmax(valid[:, ::-1], 1)                                   # latest valid slot per user
-    u = np.flatnonzero(has)
-    t = last[u]
-    emb = res["user_emb"][u, t].astype(np.float32)                                # (U', N, d)
-    cols = {"user_id": pa.array(_str(user_ids[users[u]])), "user_index": pa.array(users[u].astype(np.int64)),
-            "snapshot": pa.array([res["snapshot_names"][i] for i in t]),
-            "snapshot_ts": pa.array(res["snapshot_ts"][u, t]), "snapshot_pos": pa.array(res["snapshot_pos"][u, t])}
-    d = emb.shape[-1]
-    for n, name in enumerate(res["conditions"]):
-        cols[str(name)] = pa.FixedSizeListArray.from_arrays(pa.array(emb[:, n].reshape(-1)), d)
-    if res["queries"].top_k:
-        qc = res["query_cond"][u, t]                                              # (U', N, F)
-        cols["resolved"] = pa.array([[",".join(f"{f}={vocabs[f][v]}" for f, v in zip(cond_names, row) if v != 1) or "<any>"
-                                      for row in per_user] for per_user in qc], pa.list_(pa.string()))
-    meta = {"lumctl.queries": json.dumps(res["queries"].asked), "lumctl.condition_fields": json.dumps(cond_names)}
-    return pa.table(cols).replace_schema_metadata(meta)
 
 
 def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
@@ -358,127 +580,56 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
     if cfg.get("inputs", {}).get("tokenize") != inputs["tokenize"]:
         raise InputError(str(ckpt), f"checkpoint was trained on another tokenize store than {tok_store}; "
                          "rerun `lumctl pretrain` (or point [query].checkpoint at a matching one)")
-    data = tokenize.load(tok_store)
+    model.eval()
+    src = Source(zarrio.open_read(join(tok_store, "data.zarr")))
     cond_names = list(cfg["condition_fields"])
     max_items = qs.max_items or int(cfg["max_items"])
-    if dist.world() > 1:
-        return write_distributed(out, model, data, qs, cfg, ckpt, cond_names, user_idx, max_items, device,
-                                 spec_hash, inputs, started)
-    res = compute(model, data, qs, cond_names, user_idx, max_items, int(cfg["seq_len"]), device, show=True)
-    dtype = np.dtype(qs.dtype)
-    res["user_emb"] = res["user_emb"].astype(dtype)  # latest.parquet holds the same (rounded) values
-    U, T, N, d = res["user_emb"].shape
-    vocabs = {n: [str(v) for v in data[f"vocab/cond_{n}"]] for n in cond_names}
-    with atomic_dir(out) as tmp:
-        g = zarrio.create(tmp / "answers.zarr")  # (write_distributed writes the same arrays and attrs)
-        zarrio.put(g, "user_emb", res["user_emb"])
-        for k in ("snapshot_valid", "snapshot_ts", "snapshot_pos", "query_cond", "conditions"):
-            zarrio.put(g, k, res[k])
-        zarrio.put(g, "user_index", user_idx)
-        zarrio.put(g, "user_id", _str(data["vocab/user"][user_idx]))
-        zarrio.put(g, "item_emb", res["item_emb"].astype(dtype))
-        zarrio.put(g, "item_id", _str(data["vocab/item"]))
-        g.attrs.update({"queries": res["queries"].asked, "condition_fields": cond_names,
-                        "snapshot": qs.snapshot, "every_n_events": qs.every_n_events,
-                        "snapshot_names": res["snapshot_names"], "checkpoint": str(ckpt), "model": cfg["model"],
-                        "max_items": max_items, "seq_len": res["seq_len"]})
-        import pyarrow.parquet as pq
-        pq.write_table(latest_table(res, user_idx, data["vocab/user"], cond_names, vocabs), tmp / "latest.parquet")
-        counts = {"users": U, "snapshots": T, "queries": N, "d": d, "items": int(res["item_emb"].shape[0]),
-                  "valid_snapshots": int(res["snapshot_valid"].sum()), "tokens": res["rows_tokens"],
-                  "seq_len": res["seq_len"], "device": device.type}
+    items = items_dir(spec, inputs["checkpoint"], qs.dtype)
+    if dist.is_main():
+        wrote = write_items(items, model, src, qs.dtype, str(ckpt), inputs["checkpoint"])
+        say(f"query: item embeddings {'written to' if wrote else 'reused from'} {items}")
+    tmp = fresh_dir_beside(out) if dist.is_main() else None
+    tmp = Path(dist.broadcast_object(str(tmp) if tmp else None))
+    attrs = {"checkpoint": str(ckpt), "checkpoint_hash": inputs["checkpoint"], "model": cfg["model"],
+             "items": os.path.relpath(items, out)}
+    try:
+        counts = write_answers(tmp / "answers.zarr", src, model, qs, cond_names, user_idx, max_items,
+                               int(cfg["seq_len"]), device, attrs=attrs, show=True)
+    except BaseException:
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dist.is_main():
+        counts.update(items=int(model.config.n_items), device=device.type, ranks=dist.world())
         write_manifest(tmp, stage="query", spec_hash=spec_hash, inputs=inputs, counts=counts, started=started,
-                       extra={"checkpoint": str(ckpt)})
-    say(f"query: {U:,} users x {T} snapshots x {N} queries ({counts['valid_snapshots']:,} snapshots, "
-        f"d={d}) in {time.time() - started:.1f}s -> {out}")
+                       extra={"checkpoint": str(ckpt), "items": str(items)})
+        replace_dir(tmp, out)
+    dist.barrier()
+    say(f"query: {counts['users']:,} users, {counts['snapshots']:,} snapshots x {counts['queries']} queries "
+        f"(d={counts['d']}) on {dist.world()} rank(s) in {time.time() - started:.1f}s -> {out}")
     return out
 
 
-# ------------------------------------------------------------------------------------ torchrun
-USER_ARRAYS = ("user_emb", "snapshot_valid", "snapshot_ts", "snapshot_pos", "query_cond", "user_index", "user_id")
+def read_answers(store: Path) -> dict[str, np.ndarray]:
+    """Every array of a query store (answers.zarr and its item store) as numpy, keyed as in the store."""
+    g = zarrio.open_read(Path(store) / "answers.zarr")
+    out = {k: zarrio.get(g, k) for k in ("users/snap_offsets", "snap/emb", "snap/ts", "snap/pos", "snap/slot",
+                                         "snap/query_cond", "conditions", "user_index", "user_id")}
+    if "items" in g.attrs:
+        items = zarrio.open_read(Path(store) / g.attrs["items"] / "item_emb.zarr")
+        out.update({k: zarrio.get(items, k) for k in ("item_emb", "item_id")})
+    return out
 
 
-def write_distributed(out: Path, model, data: dict, qs: QuerySpec, cfg: dict, ckpt: Path, cond_names: list[str],
-                      users: np.ndarray, max_items: int, device: torch.device, spec_hash: str, inputs: dict,
-                      started: float) -> Path:
-    """The store `run` writes, with the users shared between the ranks of a torchrun job.
-
-    Every rank first finds, for all users (cheap NumPy), the number of snapshot slots T and the
-    packed row length S, so all ranks pack alike; then answers its own users (rows
-    [u0, u1) of every user-indexed array, whole chunks of `chunk` users) and writes them."""
-    rank, world = dist.rank(), dist.world()
-    U = len(users)
-    vocabs = {n: [str(v) for v in data[f"vocab/cond_{n}"]] for n in cond_names}
-    N = len(build_queries(qs, cond_names, vocabs).names)
-    cut, _, snap_names = snapshots(data, users, qs)
-    T = cut.shape[1]
-    need = 2 * min(int(cut.max(initial=0)), max_items - 1) + N
-    if qs.seq_len is not None and qs.seq_len < need:  # compute() would refuse on one rank only
-        raise InputError("[query].seq_len", f"must be >= {need} tokens to hold the longest prefix and {N} queries "
-                         f"(got {qs.seq_len})")
-    seq_len = max(int(cfg["seq_len"]), need)
-    dtype = np.dtype(qs.dtype)
-    d = int(cfg["model"]["d_model"])
-    chunk = max(1, min(-(-U // world), (8 << 20) // max(1, T * N * d * dtype.itemsize)))  # users per chunk
-    chunks = np.array_split(np.arange(-(-U // chunk)), world)[rank]
-    u0, u1 = (int(chunks[0]) * chunk, min(U, (int(chunks[-1]) + 1) * chunk)) if len(chunks) else (0, 0)
-
-    tmp = None
-    if dist.is_main():  # the arrays, in a temporary folder beside `out`
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fresh_dir_beside(out)
-        g = zarrio.create(tmp / "answers.zarr")
-        F = len(cond_names)
-        for name, shape, dt, fill in (("user_emb", (U, T, N, d), dtype, np.nan), ("snapshot_valid", (U, T), bool, False),
-                                      ("snapshot_ts", (U, T), np.int64, -1), ("snapshot_pos", (U, T), np.int64, 0),
-                                      ("query_cond", (U, T, N, F), np.int32, 0), ("user_index", (U,), np.int64, 0)):
-            g.create_array(name, shape=shape, dtype=dt, chunks=(chunk, *shape[1:]), fill_value=fill)
-        g.create_array("user_id", shape=(U,), dtype=str, chunks=(chunk,))
-        with torch.no_grad():
-            zarrio.put(g, "item_emb", model.item_table(None).float().cpu().numpy().astype(dtype))
-        zarrio.put(g, "item_id", _str(data["vocab/item"]))
-    tmp = Path(dist.broadcast_object(str(tmp) if tmp else None))
-
-    counts = {"valid_snapshots": 0, "tokens": 0}
-    if u1 > u0:
-        mine = users[u0:u1]
-        res = compute(model, data, qs, cond_names, mine, max_items, seq_len, device, show=True)
-        t = res["snapshot_valid"].shape[1]                                              # T of these users, <= T
-        g = zarrio.open_write(tmp / "answers.zarr")
-        g["user_emb"][u0:u1, :t] = res["user_emb"].astype(dtype)
-        for k in ("snapshot_valid", "snapshot_ts", "snapshot_pos", "query_cond"):
-            g[k][u0:u1, :t] = res[k]
-        g["user_index"][u0:u1] = mine
-        g["user_id"][u0:u1] = _str(data["vocab/user"][mine])
-        res["user_emb"] = res["user_emb"].astype(dtype)
-        res["snapshot_names"] = snap_names
-        import pyarrow.parquet as pq
-        pq.write_table(latest_table(res, mine, data["vocab/user"], cond_names, vocabs), tmp / f"latest.part-{rank:05d}.parquet")
-        counts = {"valid_snapshots": int(res["snapshot_valid"].sum()), "tokens": res["rows_tokens"]}
-        conditions, asked = res["conditions"], res["queries"].asked
-    counts = {k: int(dist.all_reduce_sum(v)) for k, v in counts.items()}
-    dist.barrier()
-    if not dist.is_main():
-        dist.barrier()
-        return out
-
-    import pyarrow.parquet as pq
-    parts = sorted(tmp.glob("latest.part-*.parquet"))
-    with pq.ParquetWriter(tmp / "latest.parquet", pq.read_schema(parts[0])) as w:
-        for part in parts:
-            w.write_table(pq.read_table(part))
-            part.unlink()
-    g = zarrio.open_write(tmp / "answers.zarr")
-    zarrio.put(g, "conditions", conditions)  # rank 0 always holds users: it owns the first chunk
-    g.attrs.update({"queries": asked, "condition_fields": cond_names, "snapshot": qs.snapshot,
-                    "every_n_events": qs.every_n_events, "snapshot_names": snap_names, "checkpoint": str(ckpt),
-                    "model": cfg["model"], "max_items": max_items, "seq_len": seq_len})
-    counts = {"users": U, "snapshots": T, "queries": N, "d": d, "items": int(g["item_emb"].shape[0]),
-              **counts, "seq_len": seq_len, "device": device.type}
-    write_manifest(tmp, stage="query", spec_hash=spec_hash, inputs=inputs, counts=counts, started=started,
-                   extra={"checkpoint": str(ckpt)})
-    replace_dir(tmp, out)
-    dist.barrier()
-    say(f"query: {U:,} users x {T} snapshots x {N} queries on {world} ranks ({counts['valid_snapshots']:,} "
-        f"snapshots, d={d}) in {time.time() - started:.1f}s -> {out}")
+def compute(model, data: dict, qs: QuerySpec, cond_names: list[str], users: np.ndarray, max_items: int,
+            seq_len: int, device: torch.device, cuts: CutFn | None = None) -> dict:
+    """The answers of `users` in memory (read_answers' keys, item_emb float32): write_answers into a
+    temporary folder and read it back. For experiments on small logs; `cuts` replaces the spec's snapshots."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        write_answers(Path(tmp) / "answers.zarr", Source(data), model, qs, cond_names, np.asarray(users, np.int64),
+                      max_items, seq_len, device, cuts=cuts)
+        out = read_answers(Path(tmp))
+    with torch.no_grad():
+        out["item_emb"] = model.item_table(None).float().cpu().numpy()               # (I, d)
     return out

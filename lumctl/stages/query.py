@@ -345,7 +345,9 @@ def answer(model, items: np.ndarray, conds: np.ndarray, first: np.ndarray, count
     with progress() as bar, ctx():
         task = bar.add_task("query", total=(R + batch_rows - 1) // batch_rows, info="", visible=show)
         for k, r0 in enumerate(range(0, R, batch_rows)):
-            idx = slice(r0, min(R, r0 + batch_rows))
+            idx = np.arange(r0, min(R, r0 + batch_rows))
+            if backend == "flex" and len(idx) < batch_rows:  # one shape for the compiled kernels: pad with copies
+                idx = np.concatenate([idx, np.full(batch_rows - len(idx), idx[-1])])
             b = {key: torch.from_numpy(np.ascontiguousarray(rows[key][idx])).to(dt).to(device) for key, dt in BATCH_KEYS.items()}
             if backend == "flex":
                 from lumctl.attention import query_block_mask

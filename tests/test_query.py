@@ -258,6 +258,16 @@ def test_snapshot_cuts_match_the_rule_by_loop(n_events, seed, snap):
         assert c == (t_u <= t_u[c - 1]).sum()                   # every event stamped <= T, nothing later
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 200), max_size=12, unique=True), st.sampled_from([0, 1, 5, 1000]))
+def test_read_of_ranges_equals_the_slices(cuts, gap):
+    cuts = sorted(cuts)[: len(cuts) // 2 * 2]
+    starts, stops = np.array(cuts[0::2], np.int64), np.array(cuts[1::2], np.int64)
+    x = np.arange(200) * 3
+    want = np.concatenate([x[a:b] for a, b in zip(starts, stops)] + [x[:0]])
+    np.testing.assert_array_equal(q._read(x, starts, stops, gap), want)
+
+
 def dense_reference(m, d: dict, qs: QuerySpec, users: np.ndarray, max_items: int) -> dict:
     """The dense store [U, T, ...] of the old layout, each snapshot answered alone (one document per
     pass) from dense_snapshots: the reference of the streamed ragged store."""

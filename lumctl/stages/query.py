@@ -238,17 +238,22 @@ def snapshot_names(qs: QuerySpec, T: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ reading
-def _spans(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[start, stop) ranges in order, touching ones merged (consecutive users read as one slice)."""
+def _read(arr, starts: np.ndarray, stops: np.ndarray, gap: int = 1 << 16) -> np.ndarray:
+    """arr[starts[k]:stops[k]] for ranges in order, concatenated. Ranges less than `gap` elements
+    apart are read as one slice and cut in memory (one Zarr read per group, not per user)."""
     if not len(starts):
-        return starts, stops
-    brk = np.flatnonzero(starts[1:] != stops[:-1]) + 1
-    return starts[np.r_[0, brk]], stops[np.r_[brk - 1, len(stops) - 1]]
-
-
-def _read(arr, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    parts = [np.asarray(arr[int(a):int(b)]) for a, b in zip(*_spans(starts, stops))]
-    return np.concatenate(parts) if parts else np.asarray(arr[0:0])
+        return np.asarray(arr[0:0])
+    brk = np.flatnonzero(starts[1:] - stops[:-1] > gap) + 1
+    parts = []
+    for a, b in zip(np.r_[0, brk], np.r_[brk, len(starts)]):
+        lo, hi = int(starts[a]), int(stops[b - 1])
+        buf = np.asarray(arr[lo:hi])
+        n = stops[a:b] - starts[a:b]
+        if n.sum() == hi - lo:                                              # touching ranges: the slice itself
+            parts.append(buf)
+            continue
+        parts.append(buf[np.repeat(starts[a:b] - lo - (np.cumsum(n) - n), n) + np.arange(n.sum())])
+    return np.concatenate(parts)
 
 
 class Source:

@@ -16,6 +16,10 @@ one projection as there is one cross feature). The GSU score of a behaviour is a
 heads (no gradient: top-k is a hard choice); the ESU recomputes alpha on the top-k with gradient and
 returns W^o [softmax_k(alpha_1) V_1; ...; softmax_k(alpha_H) V_H], V_i = [k_l, c_l] W^v_i.
 
+Where the paper caches k W^h per item, the GSU here folds W^h into the query instead: (k W^h_i) . (t W^q_i)
+= k . (W^h_i (t W^q_i)), and averaged over heads that is one d-vector per sample, so scoring W behaviours
+costs W dot products of width d (the same numbers as the ESU's; tests/test_dlrm_twin.py checks it).
+
 At this scale the long history is the last `twin_search_len` events before the sample (lumctl.stages.
 fuse builds `long_hist`); as SIM here, DIN over the recent `history_len` events runs next to it.
 """
@@ -61,8 +65,15 @@ class TwinAttention(nn.Module):
         return inherent + cross
 
     def gsu(self, k: torch.Tensor, t: torch.Tensor, rec: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """General search unit scores (B, L): alpha averaged over heads, -inf on pads."""
-        return self.scores(k, t, rec).mean(1).masked_fill(~mask, float("-inf"))
+        """General search unit scores (B, L): alpha averaged over heads, -inf on pads. k (B, L, d),
+        rec (L,) recency buckets. W^h folded into the query: mean_i W^h_i (t W^q_i) / sqrt(d_k)."""
+        B, H = len(t), self.heads
+        q = self.w_q(t).view(B, H, self.d_k)                                 # (B, H, d_k)
+        wh = self.w_h.weight.view(H, self.d_k, -1)                           # (H, d_k, d)
+        qk = torch.einsum("bhe,hed->bd", q, wh) / (H * math.sqrt(self.d_k))  # (B, d)
+        cross = self.w_c(self.cross(rec)).mean(-1)                           # (L,) head mean of (c_l W^c_i) beta_i
+        s = torch.bmm(k, qk[:, :, None]).squeeze(-1) + cross                 # (B, L)
+        return s.masked_fill(~mask, float("-inf"))
 
     def esu(self, k: torch.Tensor, t: torch.Tensor, rec: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Exact search unit: multi-head target attention over the picked behaviours k (B, K, d) -> (B, d)."""
@@ -86,9 +97,10 @@ class TWIN(Ranker):
 
     def search(self, long_hist: torch.Tensor, long_mask: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GSU over the long history (B, W): scores (B, W) and the top-k slots (B, K), best first."""
-        rec = recency_buckets(long_hist.shape[1], long_hist.device).expand_as(long_hist)  # (B, W)
+        rec = recency_buckets(long_hist.shape[1], long_hist.device)          # (W,)
         with torch.no_grad():
-            s = self.twin.gsu(self.item_vec(long_hist), t, rec, long_mask)  # (B, W)
+            ids, inv = torch.unique(long_hist, return_inverse=True)         # (U,), (B, W): each item's vector once
+            s = self.twin.gsu(self.item_vec(ids)[inv], t, rec, long_mask)   # (B, W)
         top = s.topk(min(self.cfg.twin_top_k, s.shape[1]), dim=1).indices   # (B, K)
         return s, top
 

@@ -112,6 +112,20 @@ def test_warm_start_predicts_as_the_base_at_step_0(backbone, tmp_path):
         f.warm_start(other, tmp_path)
 
 
+def test_warm_start_from_a_checkpoint_that_predates_a_config_key(tmp_path):
+    """A base config.json without keys added later (twin_top_k, twin_heads) reads them as their defaults."""
+    base = build(toy_config("din"), *item_tables())
+    torch.save(base.state_dict(), tmp_path / "model.pt")
+    old = {k: v for k, v in base.cfg.to_dict().items() if not k.startswith("twin_")}
+    (tmp_path / "config.json").write_text(json.dumps({"model": old}))
+    cfg = DLRMConfig(**{**old, "lum": "direct+match", "n_queries": 3, "d_lum": 6})   # twin knobs at their defaults
+    fused = build(cfg, *item_tables())
+    f.warm_start(fused, tmp_path)
+    base.eval(), fused.eval()
+    with torch.no_grad():
+        assert torch.equal(base(toy_batch()), fused(toy_batch()))
+
+
 # ------------------------------------------------------------------------------ leakage
 def data_dict(n_events=(12, 9, 15), seed=0) -> dict:
     rng = np.random.default_rng(seed)

@@ -19,7 +19,7 @@ user (a KV-store row), N = 6 queries, D = the preset's d_model (19m 512, 100m 76
 1b 2048; `lumctl.models.lum.PRESETS`), and `item_emb` e^i (I, D) float16, opened read-only; the
 item table is read into host memory at start-up. A request does: read row u from the Zarr array,
 gather the 100 candidates' e^i, L2-normalise (as `lumctl.stages.fuse`), copy to the device, then
-a DIN (`lumctl.models.dlrm.DLRM`, backbone din, lum = "direct+match", d_emb 16, MLP 200-80,
+a DIN (`lumctl.models.dlrm` DIN, backbone din, lum = "direct+match", d_emb 16, MLP 200-80,
 history 50 items, 3 user attributes, 18 genres) scores the 100 candidates in one batch of 100.
 The user's row, history and attributes are copied once and expanded over the 100 candidates (the
 batch keys are those of `lumctl.stages.fuse.Features.batch`: user_attr, item, hist, hist_mask,
@@ -85,7 +85,7 @@ def bench_lum(size: str, args, device, sync, tmp: Path) -> dict:
     """Step 3: answers looked up from a Zarr store, DIN direct+match scores the candidates."""
     import torch
     import zarr
-    from lumctl.models.dlrm import DLRM, DLRMConfig
+    from lumctl.models.dlrm import DLRMConfig, build
     from lumctl.models.lum import PRESETS
     D, N, U, I = PRESETS[size][0], args.queries, args.lum_users, args.items
     rng = np.random.default_rng(0)
@@ -104,7 +104,7 @@ def bench_lum(size: str, args, device, sync, tmp: Path) -> dict:
     genres = torch.from_numpy((rng.random((I, N_GENRES)) < 0.1).astype(np.float32))
     cfg = DLRMConfig(backbone="din", n_items=I, n_genres=N_GENRES, user_vocab=USER_VOCAB, d_emb=16, mlp=[200, 80],
                      lum="direct+match", n_queries=N, d_lum=D)
-    din = DLRM(cfg, item_genres=genres).to(device).eval()
+    din = build(cfg, item_genres=genres).to(device).eval()
     # ---- requests: (user, attributes (A,), history (H,), candidates (C,)), prepared up front
     n_req = 64
     C, Hn = args.candidates, args.history

@@ -516,9 +516,11 @@ class FuseSpec(Strict):
     the train samples are the train events after it and the LUM never trained on one of them (leak-free answers).
     """
 
-    backbone: Literal["dnn", "din", "dien", "sim", "two_tower", "hstu"] = Field("din", description=(
+    backbone: Literal["dnn", "din", "dien", "sim", "twin", "two_tower", "hstu"] = Field("din", description=(
         "dnn: embedding + MLP over the mean-pooled history; din: target attention; dien: GRU + AUGRU "
         "(+ auxiliary loss, aux_weight); sim: hard search (history items of the target's category) + target attention; "
+        "twin: TWIN, the last twin_search_len events scored with the exact-search attention's own parameters, "
+        "multi-head target attention over the top twin_top_k (+ DIN over the recent history); "
         "two_tower: user tower . item tower, BCE plus an in-batch softmax over positives; hstu: end-to-end "
         "generative ranker, HSTU layers over the history (item + past like/dislike) and the target token"))
     lum: Literal["none", "direct", "match", "direct+match"] = Field("none", description=(
@@ -526,6 +528,9 @@ class FuseSpec(Strict):
         "inputs; match: the N scalars cos(o_qn, e^i); direct+match: both (needs a query store)"))
     history_len: int = Field(50, gt=0, description="most recent events (strictly before the sample's timestamp) read")
     sim_search_len: int = Field(500, gt=0, description="sim: events searched for the target's category")
+    twin_search_len: int = Field(500, gt=0, description="twin: the long history the general search unit scores (latest events)")
+    twin_top_k: int = Field(50, gt=0, description="twin: behaviours the general search unit passes to the exact search unit")
+    twin_heads: int = Field(4, gt=0, description="twin: heads of the exact search unit's target attention (TWIN paper: 4)")
     d_emb: int = Field(16, gt=0, description="width of every feature embedding")
     mlp: list[Annotated[int, Field(gt=0)]] = Field([200, 80], min_length=1, description="hidden sizes of the MLP")
     activation: Literal["relu", "prelu", "dice"] = Field("relu", description=(

@@ -10,28 +10,30 @@ import pytest
 import torch
 from helpers import invoke
 
-from lumctl.models.dlrm import DLRM, DLRMConfig
+from lumctl.models.dlrm import DLRM, DLRMConfig, build
 from lumctl.specs import FuseSpec, load_spec
 from lumctl.stages import fuse as f
 
-BACKBONES = ["dnn", "din", "dien", "sim", "two_tower", "hstu"]
+BACKBONES = ["dnn", "din", "dien", "sim", "twin", "two_tower", "hstu"]
 
 
 # ------------------------------------------------------------------------------ warm start
 def toy_config(backbone: str, lum: str = "none") -> DLRMConfig:
     return DLRMConfig(backbone=backbone, n_items=12, n_categories=5, n_genres=3, user_vocab=[4, 6], d_emb=8,
-                      mlp=[16, 8], lum=lum, n_queries=3, d_lum=6)
+                      mlp=[16, 8], lum=lum, n_queries=3, d_lum=6, twin_top_k=3, twin_heads=2)
 
 
 def toy_batch(B: int = 7, L: int = 5, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(B, L, generator=g) > 0.3
+    long_mask = torch.rand(B, 2 * L, generator=g) > 0.3
     lum = torch.nn.functional.normalize(torch.randn(B, 3, 6, generator=g), dim=-1)
     return {"user_attr": torch.stack([torch.randint(0, 4, (B,), generator=g), torch.randint(0, 6, (B,), generator=g)], 1),
             "item": torch.randint(2, 12, (B,), generator=g),
             "hist": torch.randint(2, 12, (B, L), generator=g) * mask, "hist_mask": mask,
             "hist_action": torch.randint(1, 3, (B, L), generator=g) * mask,
             "sim_hist": torch.randint(2, 12, (B, L), generator=g) * mask, "sim_mask": mask,
+            "long_hist": torch.randint(2, 12, (B, 2 * L), generator=g) * long_mask, "long_mask": long_mask,
             "lum": lum, "lum_item": torch.nn.functional.normalize(torch.randn(B, 6, generator=g), dim=-1),
             "lum_missing": (torch.rand(B, generator=g) > 0.7).float()}
 
@@ -44,14 +46,14 @@ def item_tables():
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_warm_start_predicts_as_the_base_at_step_0(backbone, tmp_path):
     torch.manual_seed(0)
-    base = DLRM(toy_config(backbone), *item_tables())
+    base = build(toy_config(backbone), *item_tables())
     with torch.no_grad():
         for p in base.parameters():
             p.normal_(0, 0.3)
     torch.save(base.state_dict(), tmp_path / "model.pt")
     (tmp_path / "config.json").write_text(json.dumps({"model": base.cfg.to_dict()}))
     torch.manual_seed(1)
-    fused = DLRM(toy_config(backbone, "direct+match"), *item_tables())
+    fused = build(toy_config(backbone, "direct+match"), *item_tables())
     f.warm_start(fused, tmp_path)
     batch = toy_batch()
     base.eval(), fused.eval()
@@ -65,9 +67,23 @@ def test_warm_start_predicts_as_the_base_at_step_0(backbone, tmp_path):
     assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
     opt.step()
     # a different backbone is refused
-    other = DLRM(toy_config("dnn" if backbone != "dnn" else "din", "direct"), *item_tables())
+    other = build(toy_config("dnn" if backbone != "dnn" else "din", "direct"), *item_tables())
     with pytest.raises(Exception, match="backbone"):
         f.warm_start(other, tmp_path)
+
+
+def test_warm_start_from_a_checkpoint_that_predates_a_config_key(tmp_path):
+    """A base config.json without keys added later (twin_top_k, twin_heads) reads them as their defaults."""
+    base = build(toy_config("din"), *item_tables())
+    torch.save(base.state_dict(), tmp_path / "model.pt")
+    old = {k: v for k, v in base.cfg.to_dict().items() if not k.startswith("twin_")}
+    (tmp_path / "config.json").write_text(json.dumps({"model": old}))
+    cfg = DLRMConfig(**{**old, "lum": "direct+match", "n_queries": 3, "d_lum": 6})   # twin knobs at their defaults
+    fused = build(cfg, *item_tables())
+    f.warm_start(fused, tmp_path)
+    base.eval(), fused.eval()
+    with torch.no_grad():
+        assert torch.equal(base(toy_batch()), fused(toy_batch()))
 
 
 # ------------------------------------------------------------------------------ leakage
@@ -104,9 +120,9 @@ def ragged(dense: dict) -> dict:
             "snap/emb": dense["user_emb"][v], "user_index": dense["user_index"], "item_emb": dense["item_emb"]}
 
 
-@pytest.mark.parametrize("backbone", ["sim", "din", "hstu"])
+@pytest.mark.parametrize("backbone", ["sim", "din", "hstu", "twin"])
 def test_features_do_not_change_when_own_and_later_events_change(backbone):
-    fs = FuseSpec(backbone=backbone, lum="direct+match", history_len=6, sim_search_len=8)
+    fs = FuseSpec(backbone=backbone, lum="direct+match", history_len=6, sim_search_len=8, twin_search_len=10)
     data, ans = data_dict(), answers(data_dict())
     rng = np.random.default_rng(5)
     u, off = 2, data["users/offsets"]
@@ -123,7 +139,7 @@ def test_features_do_not_change_when_own_and_later_events_change(backbone):
         a2["user_emb"][u, future] = rng.normal(size=a2["user_emb"][u, future].shape)
         a2["snapshot_valid"][u, future] = rng.random(future.sum()) > 0.5
         after = f.Features(d2, fs, ragged(a2)).numpy(np.arange(off[-1]))
-        extra = {"sim": ("sim_hist", "sim_mask"), "hstu": ("hist_action",)}.get(backbone, ())
+        extra = {"sim": ("sim_hist", "sim_mask"), "hstu": ("hist_action",), "twin": ("long_hist", "long_mask")}.get(backbone, ())
         for k in ("hist", "hist_mask", "lum", "lum_missing", "user_attr") + extra:
             np.testing.assert_array_equal(after[k][e], before[k][e], err_msg=f"{k} of event {e}")
         # earlier samples of the user are unaffected too; the change is visible to a later sample
@@ -241,7 +257,7 @@ def test_history_and_hard_search_by_hand():
 # ------------------------------------------------------------------------------ dien auxiliary loss
 def test_dien_aux_loss_by_hand():
     torch.manual_seed(0)
-    model = DLRM(toy_config("dien"), *item_tables())
+    model = build(toy_config("dien"), *item_tables())
     batch = toy_batch()
     states = model.run(batch)["states"]                                  # (B, L, d)
     neg = torch.randint(2, 12, batch["hist"].shape)
@@ -269,7 +285,7 @@ def test_dien_aux_loss_by_hand():
 def test_dien_aux_loss_learns_the_next_behaviour():
     # histories walk the items in order (i -> i + 1): the auxiliary loss alone teaches the GRU states that
     torch.manual_seed(0)
-    model = DLRM(toy_config("dien"), *item_tables())
+    model = build(toy_config("dien"), *item_tables())
     start = torch.randint(2, 6, (64,))
     hist = start[:, None] + torch.arange(5)                              # (64, 5) items 2..10
     mask = torch.ones(64, 5, dtype=torch.bool)
@@ -291,7 +307,7 @@ def test_dien_aux_loss_learns_the_next_behaviour():
 def active_two_tower(lum: str) -> DLRM:
     """A toy two_tower in eval mode whose zero-initialised LUM layers are made active (random weights)."""
     torch.manual_seed(0)
-    model = DLRM(toy_config("two_tower", lum), *item_tables())
+    model = build(toy_config("two_tower", lum), *item_tables())
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.startswith("lum_"):
@@ -333,7 +349,7 @@ def test_retrieval_recall_by_hand():
     data = data_dict()
     fs = FuseSpec(backbone="two_tower", history_len=6, mlp=[8])
     feats = f.Features(data, fs, None)
-    model = DLRM(f.model_config(data, fs, feats), None, None)
+    model = build(f.model_config(data, fs, feats), None, None)
     s = feats.s
     # a model that scores items by a fixed preference: item 11 > 10 > ... > 2
     model.retrieval_scores = lambda batch, items, lum: items.float()[None].expand(len(batch["item"]), -1).clone()
@@ -390,14 +406,14 @@ def test_softmax_target_attention_is_a_weighted_mean_of_the_real_events():
 def test_warm_start_with_other_activations(activation, tmp_path):
     cfg = toy_config("din")
     cfg.activation = activation
-    base = DLRM(cfg, *item_tables())
+    base = build(cfg, *item_tables())
     base.train()
     base(toy_batch(seed=3))                                              # move Dice's running moments
     torch.save(base.state_dict(), tmp_path / "model.pt")
     (tmp_path / "config.json").write_text(json.dumps({"model": base.cfg.to_dict()}))
     cfg2 = toy_config("din", "direct+match")
     cfg2.activation = activation
-    fused = DLRM(cfg2, *item_tables())
+    fused = build(cfg2, *item_tables())
     f.warm_start(fused, tmp_path)
     base.eval(), fused.eval()
     with torch.no_grad():
@@ -408,7 +424,7 @@ def test_warm_start_with_other_activations(activation, tmp_path):
 def test_hstu_ranker_reads_the_history_actions_causally():
     """The target's score depends on the past like/dislike actions, and padding never matters."""
     torch.manual_seed(0)
-    model = DLRM(toy_config("hstu"), *item_tables()).eval()
+    model = build(toy_config("hstu"), *item_tables()).eval()
     b = toy_batch()
     with torch.no_grad():
         base = model(b)

@@ -58,6 +58,7 @@ import torch
 from lumctl import zarrio
 from lumctl.errors import InputError
 from lumctl.metrics import ctr_metrics
+from lumctl.models import dlrm
 from lumctl.models.dlrm import DLRM, DLRMConfig
 from lumctl.progress import say
 from lumctl.samples import read_samples, sample_table_hash
@@ -291,6 +292,8 @@ class Features:
                 out[k] = s[k][idx].astype(np.int64)
         if "extra_num" in s:
             out["extra_num"] = s["extra_num"][idx]
+        if fs.backbone == "twin":  # the long history the GSU searches
+            out["long_hist"], out["long_mask"] = history(self.ev_item, start, end, fs.twin_search_len)
         if self.ans is not None:
             has = self.lum_has[idx]
             o = _unit(snapshot_answers(self.ans, self.lum_row[idx]))           # (B, N, D)
@@ -313,13 +316,14 @@ def model_config(data: dict, fs: FuseSpec, feats: Features) -> DLRMConfig:
                       n_genres=int(data["items/genres"].shape[1]) if "items/genres" in data else 0,
                       user_vocab=[len(data[f"vocab/user_{a}"]) for a in feats.attrs], d_emb=fs.d_emb,
                       mlp=list(fs.mlp), lum=fs.lum, n_queries=int(N), d_lum=int(D), temperature=fs.temperature,
-                      activation=fs.activation, att_norm=fs.att_norm, history_len=fs.history_len)
+                      activation=fs.activation, att_norm=fs.att_norm, history_len=fs.history_len,
+                      twin_top_k=fs.twin_top_k, twin_heads=fs.twin_heads)
 
 
 def build_model(cfg: DLRMConfig, data: dict) -> DLRM:
     cat = torch.from_numpy(data["items/category"].astype(np.int64)) if "items/category" in data else None
     gen = torch.from_numpy(data["items/genres"].astype(np.float32)) if "items/genres" in data else None
-    return DLRM(cfg, cat, gen)
+    return dlrm.build(cfg, cat, gen)
 
 
 NO_WARM = "[fuse].init_from: no fuse checkpoint here (model.pt + config.json)"
@@ -340,8 +344,8 @@ def warm_start(model: DLRM, path: Path) -> None:
     """Load a (base) fuse checkpoint; only the zero-initialised lum_* layers may be absent from it."""
     path = require_checkpoint(Path(path), NO_WARM)
     base = json.loads((path / "config.json").read_text())["model"]
-    mine = model.cfg.to_dict()
-    diff = [k for k in mine if k not in ("lum", "n_queries", "d_lum") and base.get(k) != mine[k]]
+    mine, default = model.cfg.to_dict(), DLRMConfig().to_dict()   # a key the base predates: its default
+    diff = [k for k in mine if k not in ("lum", "n_queries", "d_lum") and base.get(k, default[k]) != mine[k]]
     if diff:
         raise InputError(str(path), f"[fuse].init_from: checkpoint differs in {diff} "
                          f"({', '.join(f'{k}: {base.get(k)} vs {mine[k]}' for k in diff)})")

@@ -12,33 +12,47 @@ from typing import Callable
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help text such as "a [report] section" is printed as written, never as markup
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="lumctl: pretrain a Large User Model, query it, fuse its answers into DLRMs, evaluate.")
-spec_app = typer.Typer(no_args_is_help=True, help="Validate specs and print their schema.")
+spec_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Validate specs and print their schema.")
 app.add_typer(spec_app, name="spec")
 
 SpecArg = typer.Argument(..., help="TOML spec of the experiment", show_default=False)
 ForceOpt = typer.Option(False, "--force", help="rebuild even when the store is up to date")
 
 
-def _guard(fn: Callable[[], object]) -> None:
-    """Run `fn`; map errors to one line and an exit code."""
-    from lumctl.errors import InputError
+def _guard(fn: Callable[[], object], spec_path: Path | None = None) -> None:
+    """Run `fn`; map errors to one line and an exit code. A message about a spec field (`[section].key: ...`)
+    is prefixed with the spec file; an I/O failure (permission, disk full, read-only) is bad input, not a bug."""
+    from lumctl.errors import InputError, io_error_line
     try:
         fn()
     except InputError as e:
-        typer.echo(f"error: {e}", err=True)
+        where = f"{spec_path}: " if spec_path is not None and e.where.startswith("[") else ""
+        typer.echo(f"error: {where}{e}", err=True)
+        raise typer.Exit(2)
+    except OSError as e:
+        line = io_error_line(e)
+        if line is None:
+            _internal(e)
+        typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130)
-    except Exception as e:  # internal failure: one line, the traceback only with LUMCTL_DEBUG=1
-        import os
-        import traceback
-        if os.environ.get("LUMCTL_DEBUG"):
-            traceback.print_exc()
-        typer.echo(f"internal error: {type(e).__name__}: {e}", err=True)
-        raise typer.Exit(1)
+    except Exception as e:
+        _internal(e)
+
+
+def _internal(e: BaseException) -> None:
+    """An internal failure (a bug): one line, the traceback only with LUMCTL_DEBUG=1."""
+    import os
+    import traceback
+    if os.environ.get("LUMCTL_DEBUG"):
+        traceback.print_exc()
+    typer.echo(f"internal error: {type(e).__name__}: {e}", err=True)
+    raise typer.Exit(1)
 
 
 # optional spec sections: the verb has nothing to do without them
@@ -60,9 +74,38 @@ def _run_stage(stage: str, spec_path: Path, force: bool, **kwargs) -> None:
         _refuse_torchrun(stage)
         if stage in NOTHING_TO and getattr(spec, stage) is None:
             raise InputError(str(spec_path), f"[{stage}]: section missing; nothing to {NOTHING_TO[stage]}")
-        from lumctl.stages import stage_module
-        stage_module(stage).run(spec, force=force, **kwargs)
-    _guard(go)
+        from lumctl.store import store_lock
+        with store_lock(spec.store(stage), stage):   # one run of a stage writes a store at a time
+            _threads()
+            if stage in ("pack", "pretrain", "query"):
+                from lumctl.checks import check_vocabularies
+                check_vocabularies(spec)             # before any output folder is made
+            from lumctl.stages import stage_module
+            stage_module(stage).run(spec, force=force, **kwargs)
+    _guard(go, spec_path)
+
+
+def _threads() -> None:
+    """Threads of torch, BLAS and Numba: LUMCTL_THREADS, else the CPUs this process may run on (its
+    affinity, which a container or `taskset` narrows, not every core of the host). Runs sharing a small
+    machine set LUMCTL_THREADS so their threads add up to its cores; idle threads sleep instead of
+    spinning (OMP_WAIT_POLICY=PASSIVE), so an oversubscribed machine slows down instead of stalling."""
+    import os
+
+    from lumctl.errors import InputError
+    v = os.environ.get("LUMCTL_THREADS", "").strip()
+    if v and not (v.isdigit() and int(v) > 0):
+        raise InputError("LUMCTL_THREADS", f"must be a positive number of threads (got {v!r})")
+    n = int(v) if v else len(os.sched_getaffinity(0))
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        if v or k not in os.environ:
+            os.environ[k] = str(n)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" in sys.modules:  # already imported (tests, torchrun): set it directly
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if "numba" in sys.modules:
+        import numba
+        numba.set_num_threads(min(int(os.environ["NUMBA_NUM_THREADS"]), numba.config.NUMBA_NUM_THREADS))
 
 
 def _refuse_torchrun(stage: str) -> None:
@@ -134,9 +177,10 @@ def run(spec: Path = SpecArg, force: bool = ForceOpt):
 
     def go():
         _refuse_torchrun("run")
+        _threads()
         from lumctl.stages import run_all
         run_all(load_spec(spec), force=force)
-    _guard(go)
+    _guard(go, spec)
 
 
 @spec_app.command("validate")

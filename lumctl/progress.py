@@ -13,12 +13,13 @@ QUIET = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 talks
 
 
 def say(msg: str) -> None:
+    """Print one line on stderr; paths such as `run[/old]` or `[bold]` are text, never markup."""
     if not QUIET:
-        console.print(msg)
+        console.print(msg, markup=False)
 
 
 def progress(**kw) -> Progress:
     """A progress bar on stderr; silent when stderr is not a terminal unless forced."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console, transient=False, disable=QUIET or not sys.stderr.isatty(), **kw)

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -27,7 +27,21 @@ else:  # pragma: no cover
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    """Base of every spec model: unknown keys are errors, and types are strict, so `max_items = true`
+    or `lr = "3e-3"` is an error rather than 1 or 0.003 (an integer is still a valid float)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _arrays_to_tuples(cls, data):
+        """TOML has arrays, not tuples: accept an array for a tuple field (strict mode alone would not)."""
+        if isinstance(data, dict):
+            fix = {k: tuple(v) for k, v in data.items() if isinstance(v, list) and k in cls.model_fields
+                   and get_origin(cls.model_fields[k].annotation) is tuple}
+            if fix:
+                data = {**data, **fix}
+        return data
 
 
 # --------------------------------------------------------------------------------------- synth
@@ -465,7 +479,21 @@ class Spec(Strict):
             raise ValueError("tokenize.format = 'synth' needs a [synth] section")
         if self.fuse is not None and self.fuse.lum != "none" and self.query is None:
             raise ValueError(f"[fuse] lum = '{self.fuse.lum}' reads the query store and needs a [query] section")
+        self._check_training_positions()
         return self
+
+    def _check_training_positions(self) -> None:
+        """Cross-section: the packed rows must hold at least one trained position. With conditions an event is
+        two tokens (c_l, i_l) and the loss sits at c_l; item-only (sasrec, hstu, [pack] conditions = false) the
+        loss at i_l predicts i_(l+1), so a row needs two events of one user."""
+        pk = self.pack
+        item_only = not pk.conditions or self.pretrain.model.kind != "lum"
+        if item_only and pk.max_items < 2:
+            raise ValueError(f"[pack].max_items: item-only rows need >= 2 events per user to train on "
+                             f"(got {pk.max_items}); no row would have a loss position")
+        if pk.seq_len < 2:  # one trained position: (c_1, i_1) or (i_1, i_2)
+            raise ValueError(f"[pack].seq_len: must be >= 2 tokens to hold one trained position "
+                             f"(got {pk.seq_len})")
 
     def store(self, stage: str) -> Path:
         return Path(self.store_root) / self.experiment / stage

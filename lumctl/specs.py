@@ -452,6 +452,9 @@ class FuseSpec(Strict):
 
 
 # ---------------------------------------------------------------------------------------- spec
+PATH_KEYS = {"tokenize": {"path", "items_path"}}  # where the inputs lie, not what they are
+
+
 class Spec(Strict):
     """One experiment."""
 
@@ -506,7 +509,10 @@ class Spec(Strict):
         return join(self.inputs_root, self.experiment, stage)
 
     def section_hash(self, *sections: str) -> str:
-        d = {s: getattr(self, s).model_dump(mode="json") if getattr(self, s) is not None else None for s in sections}
+        """Identity of spec sections. Where the raw log lies ([tokenize] path, items_path) is left out: the
+        tokenize store records the data files' content hashes as its inputs, so moved data is the same data."""
+        d = {s: getattr(self, s).model_dump(mode="json", exclude=PATH_KEYS.get(s)) if getattr(self, s) is not None
+             else None for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

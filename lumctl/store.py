@@ -70,6 +70,24 @@ def hash_file(path: Path, full_limit: int = 512 << 20) -> str:
     return h.hexdigest()
 
 
+def input_files_hashes(files: list[Path], root: Path, items: Path | None = None) -> dict[str, str]:
+    """{name: content hash} of raw input files: a file's name is its path relative to `root` (the data
+    folder, or the data file itself), so the same data at another path has the same identity; the item
+    table (`items`) is named `items:<file name>`."""
+    root = Path(root)
+    out = {}
+    for f in files:
+        f = Path(f)
+        if items is not None and f == items:
+            name = f"items:{f.name}"
+        elif root.is_dir() and f.is_relative_to(root):
+            name = f.relative_to(root).as_posix()
+        else:
+            name = f.name
+        out[name] = hash_file(f)
+    return out
+
+
 def is_url(loc: str | Path) -> bool:
     return "://" in str(loc)
 
@@ -147,8 +165,9 @@ def begin_store(store: Path, stage: str) -> None:
 
 
 def store_hash(manifest: dict) -> str:
-    """Identity of a store: the hash of its manifest without the wall-clock fields."""
-    return hash_obj({k: v for k, v in manifest.items() if k not in ("created", "seconds")})
+    """Identity of a store: the hash of its manifest without the wall-clock fields (and the seal over them),
+    so an identical rebuild does not make its downstream stores stale."""
+    return hash_obj({k: v for k, v in manifest.items() if k not in ("created", "seconds", "seal")})
 
 
 def is_up_to_date(store: Path, spec_hash: str, inputs: dict[str, str]) -> bool:

@@ -111,3 +111,23 @@ def test_seq_pairs_real_file():
     ev = log.events
     assert ev.num_rows == 287_107
     assert len(set(ev["user"].to_pylist())) == 31_013 and len(set(ev["item"].to_pylist())) == 23_715
+
+
+def test_same_data_at_another_path_is_up_to_date(tmp_path, monkeypatch):
+    """The tokenize store knows its inputs by content: ML-100K reached through another path (links to the
+    same files) with an unrelated file added to the folder leaves the store up to date."""
+    spec = shipped_spec("ml-100k", tmp_path, monkeypatch)
+    store = tokenize.run(spec)
+    before = read_manifest(store)
+    assert set(before["inputs"]) == {"u.data", "u.item", "u.user"}
+    other = tmp_path / "elsewhere"
+    (other / "ml-100k").mkdir(parents=True)
+    for f in (DATA / "ml-100k").iterdir():                                  # the same files, linked
+        (other / "ml-100k" / f.name).symlink_to(f)
+    (other / "ml-100k" / "notes.txt").write_text("not an input")           # and an unrelated one
+    monkeypatch.setenv("LUMCTL_DATA", str(other))
+    data = tomllib.loads((REPO / "specs" / "ml-100k.toml").read_text(encoding="utf-8"))
+    moved = parse_spec({**data, "store_root": str(tmp_path / "stores")}, "specs/ml-100k.toml")
+    assert moved.tokenize.path.startswith(str(other))
+    tokenize.run(moved)
+    assert read_manifest(store)["created"] == before["created"]  # not rewritten

@@ -99,6 +99,8 @@ def content(store: Path, stage: str) -> dict:
     c = checksums(store)
     if stage == "pretrain":
         return {k: c[k] for k in PRETRAIN_SAME}
+    if stage == "fuse":  # final/config.json records the spec (its store_root)
+        return {k: v for k, v in c.items() if k != "final/config.json"}
     return {k: v for k, v in c.items() if not (stage == "query" and k == "answers.zarr/zarr.json")}
 
 
@@ -370,7 +372,12 @@ KILL_AT = {  # stage -> the call that kills the process (SIGKILL to itself) in t
     "pack": ("lumctl.zarrio", "put", 2),
     "pretrain": ("lumctl.store", "write_manifest", 1),        # final/ exists, the manifest not yet
     "query": ("lumctl.store", "write_manifest", 1),
+    "fuse": ("lumctl.store", "write_manifest", 1),
 }
+ORDER = ["synth", "tokenize", "pack", "pretrain", "query", "fuse"]
+FULL = {"pretrain": PRETRAIN, "query": {"each": ["scenario"], "dtype": "float32"},
+        "fuse": {"backbone": "din", "lum": "direct+match", "history_len": 10, "d_emb": 8, "mlp": [16, 8],
+                 "batch_size": 64, "epochs": 2, "device": "cpu"}}
 KILLER = """
 import importlib, os, signal, sys
 mod, fn, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -382,8 +389,8 @@ def killing(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*a, **k)
 setattr(m, fn, killing)
-import lumctl.stages.pretrain, lumctl.stages.query  # (they import write_manifest by name: patch theirs too)
-for s in (lumctl.stages.pretrain, lumctl.stages.query):
+import lumctl.stages.fuse, lumctl.stages.pretrain, lumctl.stages.query  # (they import it by name: patch theirs)
+for s in (lumctl.stages.pretrain, lumctl.stages.query, lumctl.stages.fuse):
     if hasattr(s, fn) and mod == "lumctl.store":
         setattr(s, fn, killing)
 from lumctl.cli import app
@@ -395,12 +402,10 @@ app()
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", list(KILL_AT))
 def test_sigkill_in_the_write_window_then_rerun_is_identical(tmp_path, stage):
-    spec = {"pretrain": PRETRAIN, "query": {"each": ["scenario"], "dtype": "float32"}}
-    clean = tiny(tmp_path, "clean.toml", store_root=tmp_path / "clean", **spec)
+    clean = tiny(tmp_path, "clean.toml", store_root=tmp_path / "clean", **FULL)
     ok("run", clean)
-    p = tiny(tmp_path, "killed.toml", store_root=tmp_path / "killed", **spec)
-    order = ["synth", "tokenize", "pack", "pretrain", "query"]
-    for s in order[:order.index(stage)]:
+    p = tiny(tmp_path, "killed.toml", store_root=tmp_path / "killed", **FULL)
+    for s in ORDER[:ORDER.index(stage)]:
         ok(s, p)
     mod, fn, n = KILL_AT[stage]
     r = subprocess.run([PY, "-c", KILLER, mod, fn, str(n), stage, str(p)], env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -409,9 +414,31 @@ def test_sigkill_in_the_write_window_then_rerun_is_identical(tmp_path, stage):
     assert read_manifest(load_spec(p).store(stage)) is None
     ok("run", p)
     a, b = load_spec(clean), load_spec(p)
-    for s in order:
+    for s in ORDER:
         assert content(a.store(s), s) == content(b.store(s), s), s
     assert tmp_folders(tmp_path / "killed") == []
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_time_then_rerun_is_identical(tmp_path):
+    """`lumctl run` (synth ... fuse) killed after 1, 3, 5, ... seconds, each time rerun to the end."""
+    clean = tiny(tmp_path, "clean.toml", store_root=tmp_path / "clean", **FULL)
+    t0 = time.time()
+    ok("run", clean)
+    took = time.time() - t0
+    a = load_spec(clean)
+    for k, delay in enumerate(np.linspace(0.5, took + 3, 6)):   # (+3 s: the subprocess imports first)
+        root = tmp_path / f"killed-{k}"
+        p = tiny(tmp_path, f"killed-{k}.toml", store_root=root, **FULL)
+        run = cli("run", p)
+        time.sleep(delay)
+        run.send_signal(signal.SIGKILL)
+        run.communicate()
+        ok("run", p)
+        b = load_spec(p)
+        for s in ORDER:
+            assert content(a.store(s), s) == content(b.store(s), s), (delay, s)
+        assert tmp_folders(root) == [], delay
 
 
 def test_threads_follow_lumctl_threads(monkeypatch):

@@ -298,22 +298,22 @@ def test_checkpoint_of_an_unfinished_pretrain_is_refused(tmp_path):
 
 def test_resume_truncates_metrics_to_the_checkpoint(tmp_path):
     import shutil
-    full = tiny(tmp_path, "full.toml", store_root=tmp_path / "full",
-                pretrain={**PRETRAIN, "optim": {**PRETRAIN["optim"], "max_steps": 6}, "eval": {**PRETRAIN["eval"], "every_steps": 6}})
+    spec = {"pretrain": {**PRETRAIN, "optim": {**PRETRAIN["optim"], "max_steps": 8},
+                         "eval": {**PRETRAIN["eval"], "every_steps": 8}}}
+    full = tiny(tmp_path, "full.toml", store_root=tmp_path / "full", **spec)
     ok("run", full)
-    part = tiny(tmp_path, "part.toml", store_root=tmp_path / "part",
-                pretrain={**PRETRAIN, "optim": {**PRETRAIN["optim"], "max_steps": 6}, "eval": {**PRETRAIN["eval"], "every_steps": 6}})
+    part = tiny(tmp_path, "part.toml", store_root=tmp_path / "part", **spec)
     for stage in ("synth", "tokenize", "pack"):
         ok(stage, part)
     ok("pretrain", part, "--until-step", "6")
     out = load_spec(part).store("pretrain")
     shutil.rmtree(out / "checkpoints" / "step-00000006")     # killed after logging steps 5, 6, before that checkpoint
-    ok("pretrain", part, "--resume")
+    assert "resuming from step-00000004" in ok("pretrain", part, "--resume").stderr
 
     def losses(path):
         return [(r["step"], r["loss"]) for r in map(json.loads, open(path)) if "loss" in r]
     got, want = losses(out / "metrics.jsonl"), losses(load_spec(full).store("pretrain") / "metrics.jsonl")
-    assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]          # no replayed step twice
+    assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6, 7, 8]    # no replayed step twice
     assert got == want
 
 

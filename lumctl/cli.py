@@ -1,6 +1,11 @@
 """The `lumctl` command line: one small command per verb; heavy imports happen inside.
 
-Exit codes: 0 ok, 2 bad input (one line naming file and field), 1 internal failure.
+Exit codes: 0 ok, 2 bad input or an I/O failure such as a full disk (one line naming file and field),
+1 internal failure (a bug; LUMCTL_DEBUG=1 prints the traceback).
+
+Environment: LUMCTL_THREADS (threads per run; default the CPUs the process may use), LUMCTL_LOCK_WAIT
+(seconds a second run of a stage on the same store waits for the first; default until it ends),
+LUMCTL_ALLOW_OTHER_CODE=1 (accept stores written by other lumctl code as up to date).
 """
 
 from __future__ import annotations

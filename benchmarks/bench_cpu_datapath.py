@@ -1,4 +1,4 @@
-"""Benchmark: the CPU data path, stage by stage, on the real files (issue 9, point 6).
+"""Benchmark: the CPU data path, stage by stage, on the real files.
 
     python benchmarks/bench_cpu_datapath.py [--data ../shared/data] [--threads 0]
 

@@ -19,14 +19,13 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, append_result, machine  # noqa: E402
 
 sys.path.insert(0, str(REPO))
-from lumctl.specs import deep_merge, to_toml
+from lumctl.spec_io import deep_merge, dump_toml, read_toml
 
 
 def main() -> None:
@@ -49,7 +48,7 @@ def main() -> None:
     if skipped:
         print(f"skipping W = {skipped}: only {gpus} {'GPUs' if a.device == 'cuda' else 'CPUs'}", file=sys.stderr)
 
-    base = tomllib.loads(Path(a.spec).read_text())
+    base = read_toml(a.spec)
     root = Path(a.store_root)
     base["store_root"] = str(root)
     # torchrun sets OMP_NUM_THREADS=1 for W > 1 only; the same for every W keeps the runs comparable
@@ -58,7 +57,7 @@ def main() -> None:
            # NVLink multicast stays off (shared hosts: a program using it can take the GPUs out of service)
            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     root.mkdir(parents=True, exist_ok=True)
-    (root / "inputs.toml").write_text(to_toml(base))
+    (root / "inputs.toml").write_text(dump_toml(base))
     for stage in ("synth", "tokenize", "pack") if "synth" in base else ("tokenize", "pack"):
         subprocess.run([sys.executable, "-m", "lumctl", stage, str(root / "inputs.toml")], env=env, check=True)
 
@@ -70,7 +69,7 @@ def main() -> None:
             "optim": {"max_steps": a.steps, "batch_rows": a.rows_per_gpu * w, "grad_accum": 1},
             "eval": {"every_steps": 10 ** 9, "ks": [10]}, "log_every": 10, "checkpoint_every": 10 ** 9}})
         path = root / f"w{w}.toml"
-        path.write_text(to_toml(spec))
+        path.write_text(dump_toml(spec))
         log = root / f"w{w}.log"
         t0 = time.time()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(w),

@@ -17,14 +17,48 @@ from typing import Callable
 
 import typer
 
+class _Group(typer.core.TyperGroup):
+    """Flags (--force, --help, ...) show no type label in --help (typer labels each one `<bool>`)."""
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        for p in getattr(cmd, "params", []):
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        if cmd is not None and (h := cmd.get_help_option(ctx)) is not None:
+            h.metavar = ""
+        return cmd
+
+    def get_help_option(self, ctx):
+        h = super().get_help_option(ctx)
+        if h is not None:
+            h.metavar = ""
+        return h
+
+
 # rich_markup_mode=None: help text such as "a [report] section" is printed as written, never as markup
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="lumctl: pretrain a Large User Model, query it, fuse its answers into DLRMs, evaluate.")
-spec_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Validate specs and print their schema.")
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="lumctl: pretrain a Large User Model, query it, fuse its answers into DLRMs, evaluate.")
+spec_app = typer.Typer(cls=_Group, no_args_is_help=True, rich_markup_mode=None, help="Validate specs, print them resolved, print their schema.")
 app.add_typer(spec_app, name="spec")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lumctl import __version__
+        typer.echo(f"lumctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    """lumctl: pretrain a Large User Model, query it, fuse its answers into DLRMs, evaluate."""
 
 SpecArg = typer.Argument(..., help="TOML spec of the experiment", show_default=False)
 ForceOpt = typer.Option(False, "--force", help="rebuild even when the store is up to date")
+SetOpt = typer.Option([], "--set", metavar="SECTION.KEY=VALUE", show_default=False, help=(
+    "override one spec key, the value read as TOML (e.g. --set pack.seq_len=1024); repeatable"))
 
 
 def _guard(fn: Callable[[], object], spec_path: Path | None = None) -> None:
@@ -64,18 +98,13 @@ def _internal(e: BaseException) -> None:
 NOTHING_TO = {"synth": "generate", "query": "query", "fuse": "fuse"}
 
 
-def _run_stage(stage: str, spec_path: Path, force: bool, **kwargs) -> None:
-    """Load the spec, check the stage's optional section is there, run the stage."""
+def _run_stage(stage: str, spec_path: Path, force: bool, sets: list[str], **kwargs) -> None:
+    """Load the spec (with its --set overrides), check the stage's optional section is there, run the stage."""
     from lumctl.errors import InputError
     from lumctl.specs import load_spec
 
     def go():
-        if stage == "eval":  # the report spec lists the experiments it reads
-            from lumctl.specs import load_report
-            spec = load_report(spec_path)
-            kwargs["path"] = str(spec_path)
-        else:
-            spec = load_spec(spec_path)
+        spec = load_spec(spec_path, sets)
         _refuse_torchrun(stage)
         if stage in NOTHING_TO and getattr(spec, stage) is None:
             raise InputError(str(spec_path), f"[{stage}]: section missing; nothing to {NOTHING_TO[stage]}")
@@ -124,79 +153,116 @@ def _refuse_torchrun(stage: str) -> None:
 
 
 @app.command()
-def synth(spec: Path = SpecArg, force: bool = ForceOpt):
+def synth(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt):
     """Generate the synthetic behaviour log described by the spec's synth section."""
-    _run_stage("synth", spec, force)
+    _run_stage("synth", spec, force, sets)
 
 
 @app.command()
-def tokenize(spec: Path = SpecArg, force: bool = ForceOpt):
+def tokenize(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt):
     """Raw log -> vocabularies, feature tables, per-user sequences and splits (Zarr)."""
-    _run_stage("tokenize", spec, force)
+    _run_stage("tokenize", spec, force, sets)
 
 
 @app.command()
-def pack(spec: Path = SpecArg, force: bool = ForceOpt):
+def pack(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt):
     """Per-user sequences -> packed rows with segment ids, positions, loss mask (Numba)."""
-    _run_stage("pack", spec, force)
+    _run_stage("pack", spec, force, sets)
 
 
 @app.command()
-def pretrain(spec: Path = SpecArg, force: bool = ForceOpt,
+def pretrain(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt,
              resume: bool = typer.Option(False, "--resume", help="continue from the newest step checkpoint"),
              until_step: int = typer.Option(None, "--until-step", help="stop after this step (resume later)")):
     """Train the LUM user encoder on packed rows (next-condition-item InfoNCE)."""
-    _run_stage("pretrain", spec, force, resume=resume, until_step=until_step)
+    _run_stage("pretrain", spec, force, sets, resume=resume, until_step=until_step)
 
 
 @app.command()
-def query(spec: Path = SpecArg, force: bool = ForceOpt,
+def query(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt,
           users: str = typer.Option(None, "--users", help="limit the run to some users: tokenize-store user "
                                     "indices such as 0-99 or 1,5,7")):
     """Grouped conditional queries of the pretrained LUM at point-in-time snapshots -> feature store."""
-    _run_stage("query", spec, force, users=users)
+    _run_stage("query", spec, force, sets, users=users)
 
 
 @app.command()
-def fuse(spec: Path = SpecArg, force: bool = ForceOpt,
+def fuse(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt,
          seeds: int = typer.Option(None, "--seeds", min=1, help="independent runs (overrides the spec's fuse seeds)")):
     """Train a DLRM backbone on the CTR protocol, with the LUM answers of the query store fused in."""
-    _run_stage("fuse", spec, force, seeds=seeds)
+    _run_stage("fuse", spec, force, sets, seeds=seeds)
 
 
 @app.command("eval")
 def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [report] section)", show_default=False),
-          force: bool = ForceOpt,
+          force: bool = typer.Option(False, "--force", help="rebuild the report (with --train: retrain every "
+                                     "selected run) even when up to date"),
+          sets: list[str] = SetOpt,
           out: Path = typer.Option(None, "--out", help="also write OUT/results.md and OUT/results/ (plots, JSON), "
                                    "e.g. --out docs"),
           allow_missing: bool = typer.Option(False, "--allow-missing", help="show rows whose stores are missing or "
-                                             "stale as 'not run' instead of failing")):
-    """Results report from finished stores (never trains): tables, significance tests, scaling fits, plots."""
-    _run_stage("eval", spec, force, out=out, allow_missing=allow_missing)
+                                             "stale as 'not run' instead of failing"),
+          train: bool = typer.Option(False, "--train", help="first train the runs whose stores are missing or "
+                                     "stale (upstream stores shared where specs agree; logs in "
+                                     "<store_root>/<report>/logs/)"),
+          only: str = typer.Option("", "--only", help="with --train: only these runs (comma-separated experiment "
+                                   "names or globs)"),
+          parallel: int = typer.Option(1, "--parallel", min=1, help="with --train: runs trained at a time"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="list the report's runs and their status; train "
+                                       "and evaluate nothing"),
+          export: Path = typer.Option(None, "--export", help="copy what eval reads of every run (no model weights) "
+                                      "to this folder, e.g. to evaluate a GPU machine's runs elsewhere")):
+    """Results report from finished stores: tables, significance tests, scaling fits, plots. Trains
+    nothing unless --train."""
+    from lumctl.errors import InputError
+
+    def go():
+        from lumctl import runs
+        from lumctl.report_specs import load_report
+        from lumctl.stages import eval as ev
+        rep = load_report(spec, sets)
+        _refuse_torchrun("eval")
+        bad = []
+        if train or dry_run:
+            done = runs.train(rep, str(spec), only=only, parallel=parallel, force=force and train, dry_run=dry_run)
+            bad = [d for d in done if d["returncode"] != 0 or d["status"] != "ok"]
+        elif only or parallel != 1:
+            raise InputError("--only/--parallel", "select and schedule runs to train; add --train")
+        if export is not None:
+            runs.export(runs.select(rep, str(spec), only), Path(rep.store_root), export)
+        if dry_run:
+            return
+        from lumctl.store import store_lock
+        with store_lock(rep.store("eval"), "eval"):
+            ev.run(rep, force=force, out=out, allow_missing=allow_missing or bool(bad), path=str(spec))
+        if bad:
+            raise InputError(str(spec), f"{len(bad)} runs failed to train: " + ", ".join(d["experiment"] for d in bad))
+    _guard(go, spec)
 
 
 @app.command()
-def run(spec: Path = SpecArg, force: bool = ForceOpt):
-    """Every implemented stage in order, skipping those already up to date."""
+def run(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt):
+    """synth -> tokenize -> pack -> pretrain -> query -> fuse in order (synth, query and fuse when the spec
+    has those sections), skipping stages already up to date. Reports run apart: `lumctl eval`."""
     from lumctl.specs import load_spec
 
     def go():
         _refuse_torchrun("run")
         _threads()
         from lumctl.stages import run_all
-        run_all(load_spec(spec), force=force)
+        run_all(load_spec(spec, sets), force=force)
     _guard(go, spec)
 
 
 @spec_app.command("validate")
-def spec_validate(specs: list[Path] = typer.Argument(..., help="spec files")):
+def spec_validate(specs: list[Path] = typer.Argument(..., help="spec files"), sets: list[str] = SetOpt):
     """Validate spec files; print one line per file."""
     from lumctl.errors import InputError
-    from lumctl.specs import ReportFile, load_any
+    from lumctl.report_specs import ReportFile, load_any
     bad = 0
     for p in specs:
         try:
-            s = load_any(p)
+            s = load_any(p, sets)
             what = "report" if isinstance(s, ReportFile) else "experiment"
             typer.echo(f"{p}: ok ({what} '{s.experiment}')")
         except InputError as e:
@@ -205,10 +271,24 @@ def spec_validate(specs: list[Path] = typer.Argument(..., help="spec files")):
     raise typer.Exit(2 if bad else 0)
 
 
+@spec_app.command("resolve")
+def spec_resolve(spec: Path = typer.Argument(..., help="experiment or report spec", show_default=False),
+                 sets: list[str] = SetOpt):
+    """Print the spec as TOML with its `extends` recipes and --set overrides merged in (validated)."""
+    def go():
+        from lumctl.report_specs import load_any
+        from lumctl.spec_io import dump_toml, load_toml
+        load_any(spec, sets)  # validate first: a resolved spec that would not run is an error
+        typer.echo(f"# {spec} resolved" + "".join(f" --set {s}" for s in sets), nl=True)
+        typer.echo(dump_toml(load_toml(spec, sets)), nl=False)
+    _guard(go, spec)
+
+
 @spec_app.command("schema")
 def spec_schema(report: bool = typer.Option(False, "--report", help="the schema of report specs (lumctl eval)")):
     """Print the JSON schema of the specs."""
-    from lumctl.specs import ReportFile, Spec
+    from lumctl.report_specs import ReportFile
+    from lumctl.specs import Spec
     typer.echo(json.dumps((ReportFile if report else Spec).model_json_schema(), indent=2))
 
 

@@ -2,28 +2,27 @@
 
 Every model forbids unknown keys, documents each field and has defaults that work, so a
 minimal spec is short and a typo fails at validation with a one-line message such as
-`specs/ml-1m.toml: [pack].seq_len: must be > 0 (got -4)`.
+`specs/ml-1m.toml: [pack].seq_len: must be > 0 (got -4)`. Reading files (`extends`, `--set`,
+`${VAR}`) and error lines live in lumctl/spec_io.py; report specs in lumctl/report_specs.py.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import os
 import re
-import sys
 from pathlib import Path
-from typing import Annotated, Literal, get_origin
+from typing import Annotated, ClassVar, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lumctl.errors import InputError
+from lumctl.spec_io import deep_merge, expand_vars, is_report, load_toml, read_toml, validate  # noqa: F401
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+
+def _is_tuple(annotation) -> bool:
+    """tuple[...], or an optional one (tuple[...] | None)."""
+    return get_origin(annotation) is tuple or any(get_origin(a) is tuple for a in get_args(annotation))
 
 
 class Strict(BaseModel):
@@ -38,7 +37,7 @@ class Strict(BaseModel):
         """TOML has arrays, not tuples: accept an array for a tuple field (strict mode alone would not)."""
         if isinstance(data, dict):
             fix = {k: tuple(v) for k, v in data.items() if isinstance(v, list) and k in cls.model_fields
-                   and get_origin(cls.model_fields[k].annotation) is tuple}
+                   and _is_tuple(cls.model_fields[k].annotation)}
             if fix:
                 data = {**data, **fix}
         return data
@@ -46,26 +45,63 @@ class Strict(BaseModel):
 
 # --------------------------------------------------------------------------------------- synth
 class SynthSpec(Strict):
-    """A synthetic behaviour log with known structure (see lumctl/synth.py)."""
+    """A synthetic behaviour log with known structure (see lumctl/synth.py).
 
-    users: int = Field(2000, gt=0, description="number of users")
-    items: int = Field(1000, gt=1, description="number of items")
-    categories: int = Field(20, gt=0, description="item categories (an item attribute)")
-    scenarios: int = Field(3, gt=0, description="scenarios; a user's taste depends on the scenario")
-    events_per_user: tuple[int, int] = Field((20, 120), description="[min, max] events per user")
-    tastes: int = Field(2, gt=0, description="preferred categories per user and scenario")
-    focus: float = Field(0.8, ge=0, le=1, description="share of events drawn from the user's preferred categories")
-    zipf: float = Field(1.1, ge=0, description="popularity skew of items within a category")
+    kind = "scenarios" (default): a small log with scenario-dependent tastes, read by tokenize
+    with format = "synth". kind = "taobao": a Taobao UserBehavior-shaped CSV of `rows` events,
+    written in chunks, read by tokenize with format = "taobao" and path = <synth store>/UserBehavior.csv.
+    users / items / categories default by kind: 2000 / 1000 / 20 for scenarios; for taobao
+    they follow `rows` as in the real 100M-row log: rows / 101.4 users, a catalogue of 0.05 * rows
+    items (about 0.0415 * rows of them occur), 9.4k * sqrt(rows / 100M) categories (at least 20)."""
+
+    kind: Literal["scenarios", "taobao"] = Field("scenarios", description="shape of the log (see above)")
+    users: int | None = Field(None, gt=0, description="number of users (default by kind)")
+    items: int | None = Field(None, gt=1, description="number of items; taobao: the catalogue, not all occur (default by kind)")
+    categories: int | None = Field(None, gt=0, description="item categories, an item attribute (default by kind)")
+    scenarios: int = Field(3, gt=0, description="scenarios: a user's taste depends on the scenario")
+    events_per_user: tuple[int, int] = Field((20, 120), description="scenarios: [min, max] events per user")
+    tastes: int = Field(2, gt=0, description="scenarios: preferred categories per user and scenario")
+    focus: float = Field(0.8, ge=0, le=1, description="scenarios: share of events drawn from the user's preferred categories")
+    zipf: float = Field(1.1, ge=0, description="scenarios: popularity skew of items within a category")
+    rows: int | None = Field(None, gt=0, description="taobao: total events in the log (required)")
+    chunk_rows: int = Field(4_000_000, ge=10_000, description=(
+        "taobao: events generated and written per chunk; bounds memory (~100 bytes per row), not the output"))
     seed: int = Field(0, description="random seed; the log is a pure function of the spec")
 
     @model_validator(mode="after")
     def _check(self):
-        lo, hi = self.events_per_user
-        if not 3 <= lo <= hi:
-            raise ValueError(f"events_per_user must be [min, max] with 3 <= min <= max (got {[lo, hi]})")
+        if self.kind == "scenarios":
+            only_taobao = self._changed("rows", "chunk_rows")
+            if only_taobao:
+                raise ValueError(f"{only_taobao[0]} only applies to kind = 'taobao'")
+            self.users = 2000 if self.users is None else self.users
+            self.items = 1000 if self.items is None else self.items
+            self.categories = 20 if self.categories is None else self.categories
+            lo, hi = self.events_per_user
+            if not 3 <= lo <= hi:
+                raise ValueError(f"events_per_user must be [min, max] with 3 <= min <= max (got {[lo, hi]})")
+        else:
+            only_scen = self._changed("scenarios", "events_per_user", "tastes", "focus", "zipf")
+            if only_scen:
+                raise ValueError(f"{only_scen[0]} only applies to kind = 'scenarios'")
+            if self.rows is None:
+                raise ValueError("rows is required for kind = 'taobao'")
+            if self.seed < 0:
+                raise ValueError(f"seed must be >= 0 for kind = 'taobao' (got {self.seed})")
+            n = self.rows
+            self.users = max(1, round(n / 101.4)) if self.users is None else self.users
+            self.items = max(2, round(0.05 * n)) if self.items is None else self.items
+            if self.categories is None:
+                self.categories = min(self.items, max(20, round(9439 * (n / 1e8) ** 0.5)))
+            if self.users > n:
+                raise ValueError(f"users must be <= rows: every user has an event (got {self.users} > {n})")
         if self.categories > self.items:
             raise ValueError(f"categories must be <= items (got {self.categories} > {self.items})")
         return self
+
+    def _changed(self, *names: str) -> list[str]:
+        """Fields given a value other than their default (a resolved dump, all defaults, reads back)."""
+        return [n for n in names if n in self.model_fields_set and getattr(self, n) != type(self).model_fields[n].default]
 
 
 # ------------------------------------------------------------------------------------ tokenize
@@ -151,6 +187,8 @@ class SplitSpec(Strict):
 class TokenizeSpec(Strict):
     """Raw behaviour log -> vocabularies, feature tables, per-user sequences, splits."""
 
+    RESOURCES: ClassVar[tuple[str, ...]] = ("memory_gb", "threads", "batch_events")  # not part of the store's hash
+
     format: Format = Field(description="raw log format")
     path: str = Field("", description="file or folder of the raw log; `${VAR:-default}` is expanded")
     items_path: str = Field("", description="table format: optional item attribute table (CSV/parquet)")
@@ -164,7 +202,18 @@ class TokenizeSpec(Strict):
     min_user_events: int = Field(3, ge=1, description="drop users with fewer events (leave-one-out needs 3)")
     min_item_events: int = Field(1, ge=1, description="drop items with fewer events (one pass)")
     popularity_buckets: int = Field(16, gt=0, description="log2 buckets of item popularity (training events)")
-    strict: bool = Field(False, description="stop at the first malformed row (with its line number) instead of skipping")
+    strict: bool = Field(False, description=(
+        "stop at the first malformed row (with its line number) instead of skipping and counting it; "
+        "also drop events outside `time_range` instead of only counting them"))
+    duplicates: Literal["drop", "keep"] = Field("drop", description=(
+        "events with the same (user, item, timestamp): drop keeps the first in file order (the count is in the "
+        "manifest), keep keeps them all"))
+    time_range: tuple[int, int] | None = Field(None, description=(
+        "[first, last] plausible timestamps: events outside are counted (and dropped with strict = true)"))
+    memory_gb: float = Field(4.0, gt=0, description=(
+        "memory of the relational engine (DuckDB); past it, it spills to disk in the store's temporary folder"))
+    threads: int | None = Field(None, ge=1, description="engine threads (default: the CPUs this process may use)")
+    batch_events: int = Field(1 << 22, ge=1024, description="events per streamed batch (memory: ~40 bytes each)")
 
     @field_validator("path", "items_path")
     @classmethod
@@ -179,6 +228,8 @@ class TokenizeSpec(Strict):
             missing = {"user", "item", "timestamp"} - set(self.columns)
             if missing:
                 raise ValueError(f"columns must map {sorted(missing)} for format 'table'")
+        if self.time_range is not None and self.time_range[0] > self.time_range[1]:
+            raise ValueError(f"time_range must be [first, last] with first <= last (got {list(self.time_range)})")
         names = [c.name for c in self.conditions]
         if len(set(names)) != len(names):
             raise ValueError(f"condition names must be unique (got {names})")
@@ -194,6 +245,10 @@ class PackSpec(Strict):
     conditions: bool = Field(True, description="write condition tokens (false = item-only ablation)")
     strategy: Literal["best_fit", "first_fit"] = Field("best_fit", description="bin packing, longest users first")
     chunk_rows: int = Field(64, gt=0, description="rows per Zarr chunk")
+    block_mib: float = Field(256, gt=0, description=(
+        "memory bound of one block of users packed at a time (MiB): its rows (30 + 4F bytes a token) and its "
+        "events read from the tokenize store (12 + 4F bytes an event) each stay within it; peak memory is about "
+        "3x this plus the per-user arrays, whatever the log size. Smaller blocks cost a little packing efficiency"))
 
     @model_validator(mode="after")
     def _check(self):
@@ -480,6 +535,9 @@ class Spec(Strict):
     def _check(self):
         if self.tokenize.format == "synth" and self.synth is None:
             raise ValueError("tokenize.format = 'synth' needs a [synth] section")
+        if self.tokenize.format == "synth" and self.synth.kind == "taobao":
+            raise ValueError("[synth] kind = 'taobao' writes UserBehavior.csv: read it with tokenize.format = 'taobao' "
+                             f"and path = '{self.store('synth') / 'UserBehavior.csv'}'")
         if self.fuse is not None and self.fuse.lum != "none" and self.query is None:
             raise ValueError(f"[fuse] lum = '{self.fuse.lum}' reads the query store and needs a [query] section")
         self._check_training_positions()
@@ -509,248 +567,28 @@ class Spec(Strict):
         return join(self.inputs_root, self.experiment, stage)
 
     def section_hash(self, *sections: str) -> str:
-        """Identity of spec sections. Where the raw log lies ([tokenize] path, items_path) is left out: the
-        tokenize store records the data files' content hashes as its inputs, so moved data is the same data."""
-        d = {s: getattr(self, s).model_dump(mode="json", exclude=PATH_KEYS.get(s)) if getattr(self, s) is not None
-             else None for s in sections}
+        """Identity of spec sections. Left out: settings that change how, not what, a stage computes
+        (RESOURCES), and where the raw log lies ([tokenize] path, items_path): the tokenize store records the
+        data files' content hashes as its inputs, so moved data is the same data."""
+        def content(s, sec):
+            if sec is None:
+                return None
+            return sec.model_dump(mode="json", exclude=set(getattr(type(sec), "RESOURCES", ())) | PATH_KEYS.get(s, set()))
+        d = {s: content(s, getattr(self, s)) for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
-
-
-# -------------------------------------------------------------------------------------- report
-RETRIEVAL_METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")
-RANKING_METRICS = ("auc", "gauc", "logloss")
-
-
-class RowSpec(Strict):
-    """One row of a report table: the runs of one experiment spec (plus overrides), read from finished stores.
-
-    The run's experiment is `<spec's experiment>[-<name>]`; a retrieval/scaling row with `seeds` has one
-    run per seed, `<...>-s<seed>` with [pretrain] seed = <seed> (rows of any table that resolve to the
-    same experiment share its run). A ranking row is one fuse store whose [fuse] seed/seeds are set from
-    `seeds` (consecutive)."""
-
-    label: str = Field(min_length=1, description="what the row is called in the table, e.g. 'LUM' or 'DIN + LUM'")
-    spec: str = Field(min_length=1, description="experiment spec (TOML) the run starts from, relative to the working directory")
-    name: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", description=(
-        "variant name: the run's experiment is '<spec experiment>-<name>' (empty: the spec's own experiment)"))
-    set: dict = Field(default_factory=dict, description=(
-        "overrides deep-merged into the spec, e.g. { pack = { conditions = false } }; the string '{store_root}' "
-        "in a value is replaced by the report's store_root (for [fuse] init_from)"))
-    seeds: list[int] = Field(default_factory=list, description=(
-        "retrieval/scaling: one run per seed ([pretrain] seed); ranking: [fuse] seed = seeds[0], seeds = len "
-        "(consecutive). Empty: the spec's own seed(s)"))
-    vs: list[str] = Field(default_factory=list, description=(
-        "labels of rows of the same table this row is compared with (delta, per-seed test, paired bootstrap)"))
-    optional: bool = Field(False, description="a missing or stale store shows the row as 'not run' instead of failing")
-
-
-class TableSpec(Strict):
-    """One table of the report (and its plot)."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="id of the table; names its plot file")
-    title: str = Field(min_length=1, description="heading of the table")
-    kind: Literal["retrieval", "ranking", "scaling"] = Field(description=(
-        "retrieval: next-item test metrics of pretrain stores; ranking: test AUC/GAUC/logloss of fuse stores; "
-        "scaling: retrieval rows plus the fit metric = a ln(x) + b"))
-    metrics: list[str] = Field(default_factory=list, description=(
-        "columns (default: hr@10, ndcg@10, hr@50, mrr for retrieval/scaling; auc, gauc, logloss for ranking, "
-        "where a two_tower row also has recall@K of its [fuse] retrieval_ks)"))
-    compare: str = Field("", description=(
-        "metric of the delta / significance columns and of the plot (default: hr@10, or auc for ranking)"))
-    x: Literal["params", "max_items"] = Field("params", description=(
-        "scaling: x of the fit: non-embedding parameters of the model, or [pack] max_items (events per user)"))
-    note: str = Field("", description="a line printed under the table")
-    rows: list[RowSpec] = Field(min_length=1, description="the rows, in table order")
-
-    @model_validator(mode="after")
-    def _check(self):
-        known = RANKING_METRICS if self.kind == "ranking" else None
-        for m in self.metrics + ([self.compare] if self.compare else []):
-            ok = (m in known or bool(re.fullmatch(r"recall@\d+", m))) if known else bool(re.fullmatch(r"(hr|ndcg)@\d+|mrr", m))
-            if not ok:
-                raise ValueError(f"unknown {self.kind} metric {m!r} (use "
-                                 + ("auc, gauc, logloss or recall@K (two_tower)" if known else "hr@K, ndcg@K or mrr") + ")")
-        labels = [r.label for r in self.rows]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise ValueError(f"row labels must be unique within a table (got {dup} twice)")
-        for r in self.rows:
-            for v in r.vs:
-                if v not in labels:
-                    raise ValueError(f"row '{r.label}': vs {v!r} is not a row of this table (rows: {labels})")
-                if v == r.label:
-                    raise ValueError(f"row '{r.label}' is compared with itself")
-            if self.kind == "ranking" and r.seeds and r.seeds != list(range(r.seeds[0], r.seeds[0] + len(r.seeds))):
-                raise ValueError(f"row '{r.label}': ranking seeds must be consecutive (got {r.seeds})")
-        if self.kind == "scaling" and len(self.rows) < 2:
-            raise ValueError("a scaling table needs at least 2 rows to fit a line")
-        return self
-
-    def columns(self) -> list[str]:
-        if self.metrics:
-            return list(self.metrics)
-        return list(RANKING_METRICS) if self.kind == "ranking" else ["hr@10", "ndcg@10", "hr@50", "mrr"]
-
-    def compare_metric(self) -> str:
-        return self.compare or ("auc" if self.kind == "ranking" else "hr@10")
-
-
-class ReportSpec(Strict):
-    """`lumctl eval`: tables, significance tests and plots from finished stores (never trains)."""
-
-    title: str = Field("lumctl results", description="heading of results.md")
-    note: str = Field("", description="a paragraph under the title (data, hardware, caveats)")
-    bootstrap: int = Field(1000, ge=0, description="paired bootstrap replicates over users (0 = off)")
-    seed: int = Field(0, description="seed of the bootstrap")
-    confidence: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap interval")
-    tables: list[TableSpec] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _check(self):
-        names = [t.name for t in self.tables]
-        dup = sorted({x for x in names if names.count(x) > 1})
-        if dup:
-            raise ValueError(f"table names must be unique (got {dup} twice)")
-        return self
-
-
-class ReportFile(Strict):
-    """A report spec: which finished stores make which tables. Outputs go to <store_root>/<experiment>/eval/."""
-
-    experiment: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", description="name of the report; output in <store_root>/<experiment>/eval/")]
-    store_root: str = Field("stores", description=(
-        "root of the runs' stores (replaces each run spec's store_root) and of the report's; `${VAR:-default}` expanded"))
-    report: ReportSpec
-
-    @field_validator("store_root")
-    @classmethod
-    def _expand(cls, v: str) -> str:
-        return expand_vars(v)
-
-    def store(self, stage: str = "eval") -> Path:
-        return Path(self.store_root) / self.experiment / stage
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """`base` with `over` merged in: nested dicts merge key by key, anything else (and an empty dict,
-    which clears a table such as `top_k = {}`) replaces."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        merge = isinstance(v, dict) and v and isinstance(out.get(k), dict)
-        out[k] = deep_merge(out[k], v) if merge else copy.deepcopy(v)
-    return out
-
-
-def toml_value(v) -> str:
-    """One value in TOML: scalars, arrays, inline tables."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-def to_toml(data: dict) -> str:
-    """A spec dict as TOML (what load_spec reads back): top-level scalars, then one [section] per
-    top-level dict, deeper tables inline."""
-    lines = [f"{json.dumps(k)} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines += [f"{json.dumps(kk)} = {toml_value(vv)}" for kk, vv in v.items()]
-    return "\n".join(lines) + "\n"
 
 
 STAGES = ("synth", "tokenize", "pack", "pretrain", "query", "fuse")  # the order `lumctl run` follows
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_vars(value: str) -> str:
-    """Expand `${NAME}` and `${NAME:-default}` from the environment."""
-    return _VAR.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
-
-
-def _format_error(path: str, err: dict) -> str:
-    loc = [str(p) for p in err["loc"]]
-    if not loc:
-        where = ""
-    elif len(loc) == 1:
-        where = loc[0] if loc[0] in Spec.model_fields and loc[0] in ("experiment", "store_root", "inputs_root") else f"[{loc[0]}]"
-    else:
-        where = f"[{loc[0]}]." + ".".join(loc[1:])
-    msg = err["msg"]
-    msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif err["type"] == "missing":
-        msg = "required key is missing"
-    else:
-        msg = msg[0].lower() + msg[1:] if msg else msg
-        if "input" in err and not isinstance(err["input"], dict) and "(got" not in msg:
-            msg += f" (got {err['input']!r})"
-    msg = msg.replace("greater than", ">").replace("less than", "<").replace("Input should be", "must be")
-    msg = msg.replace("input should be", "must be")
-    return f"{path}: {where + ': ' if where else ''}{msg}"
-
-
-def _validate(model, data: dict, path: str):
-    """model.model_validate(data); the first problem becomes one InputError line naming `path`."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise InputError(path, _format_error(path, e.errors()[0]).split(": ", 1)[1]) from None
-
-
 def parse_spec(data: dict, path: str = "<spec>") -> Spec:
-    return _validate(Spec, data, path)
+    return validate(Spec, data, path)
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate a TOML spec; any problem becomes one InputError line."""
-    data = read_toml(path)
+def load_spec(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Read (extends merged, `--set` overrides applied) and validate a TOML spec; any problem becomes
+    one InputError line."""
+    data = load_toml(path, sets)
     if is_report(data):
         raise InputError(str(path), "this is a report spec ([report]); run it with `lumctl eval`")
     return parse_spec(data, str(path))
-
-
-def is_report(data: dict) -> bool:
-    """A TOML spec with a [report] section is a report spec (`lumctl eval`), else an experiment spec."""
-    return "report" in data
-
-
-def read_toml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(str(p), "spec file not found")
-    try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise InputError(str(p), "spec is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as e:
-        raise InputError(str(p), f"invalid TOML: {e}") from None
-
-
-def parse_report(data: dict, path: str = "<report>") -> ReportFile:
-    return _validate(ReportFile, data, path)
-
-
-def load_report(path: str | Path) -> ReportFile:
-    """Read and validate a report spec; any problem becomes one InputError line."""
-    data = read_toml(path)
-    if not is_report(data):
-        raise InputError(str(path), "[report]: section missing; this is an experiment spec, not a report spec")
-    return parse_report(data, str(path))
-
-
-def load_any(path: str | Path) -> Spec | ReportFile:
-    """An experiment spec or a report spec, whichever the file is."""
-    data = read_toml(path)
-    return parse_report(data, str(path)) if is_report(data) else parse_spec(data, str(path))

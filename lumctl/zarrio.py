@@ -41,3 +41,40 @@ def put(group: zarr.Group, name: str, data: np.ndarray, chunk_rows: int | None =
 
 def get(group: zarr.Group, name: str) -> np.ndarray:
     return np.asarray(group[name][...])
+
+
+class Appender:
+    """Fill a zarr array of known shape front to back, whole chunks at a time (memory: about one chunk).
+
+    `write(block)` takes the next rows in order; `close()` writes the last partial chunk and checks
+    that every row was written."""
+
+    def __init__(self, group: zarr.Group, name: str, shape: tuple[int, ...], dtype, chunk_rows: int | None = None):
+        dtype = np.dtype(dtype)
+        if chunk_rows is None:  # ~8 MiB chunks along the first axis, as `put`
+            row_bytes = max(1, dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64)))
+            chunk_rows = max(1, min(max(1, shape[0]), (8 << 20) // row_bytes))
+        self.chunk_rows = chunk_rows
+        self.arr = group.create_array(name, shape=shape, dtype=dtype,
+                                      chunks=(chunk_rows,) + tuple(max(1, n) for n in shape[1:]), overwrite=True)
+        self.done = 0
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+
+    def write(self, block: np.ndarray) -> None:
+        self.pending.append(np.asarray(block, self.arr.dtype))
+        self.n_pending += len(block)
+        if self.n_pending >= self.chunk_rows:
+            buf = np.concatenate(self.pending)
+            n = len(buf) // self.chunk_rows * self.chunk_rows
+            self.arr[self.done:self.done + n] = buf[:n]
+            self.done += n
+            self.pending, self.n_pending = [buf[n:]], len(buf) - n
+
+    def close(self) -> None:
+        if self.n_pending:
+            self.arr[self.done:self.done + self.n_pending] = np.concatenate(self.pending)
+            self.done += self.n_pending
+            self.pending, self.n_pending = [], 0
+        if self.done != self.arr.shape[0]:
+            raise RuntimeError(f"{self.arr.name}: wrote {self.done} of {self.arr.shape[0]} rows")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lumctl.specs import to_toml
+from lumctl.spec_io import dump_toml
 
 REPO = Path(__file__).resolve().parents[1]
 # the real datasets, found as the shipped specs find them: $LUMCTL_DATA, else ../shared/data beside the clone
@@ -16,7 +16,7 @@ DATA = Path(os.environ.get("LUMCTL_DATA") or REPO.parent / "shared" / "data").re
 def write_toml(path: Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_toml(data), encoding="utf-8")
+    path.write_text(dump_toml(data), encoding="utf-8")
     return path
 
 

@@ -1,20 +1,19 @@
-"""`lumctl eval` and examples/run_report.py: report specs, how rows resolve to runs, missing and stale
-stores, and tiny end-to-end reports (runs trained by the runner, then the report through the CLI)."""
+"""`lumctl eval`: report specs, how rows resolve to runs, missing and stale stores, sweeps, and tiny
+end-to-end reports (runs trained by `lumctl eval --train`, then the report through the CLI)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from conftest import TINY
-from helpers import REPO, invoke, to_toml
+from helpers import REPO, invoke
 
 from lumctl.errors import InputError
-from lumctl.specs import deep_merge, load_report, parse_report, toml_value
+from lumctl.report_specs import load_report, parse_report
+from lumctl.spec_io import deep_merge, dump_toml
 from lumctl.stages import eval as ev
 from lumctl.stages import run_all
 
@@ -30,21 +29,8 @@ def report_in(tmp_path, tables: list[dict], **report) -> str:
     data = {"experiment": "rep", "store_root": str(tmp_path / "stores"),
             "report": {"title": "tiny report", "bootstrap": 200, **report, "tables": tables}}
     p = tmp_path / "report.toml"
-    p.write_text(to_toml({k: v for k, v in data.items() if k != "report"}) + _report_toml(data["report"]))
+    p.write_text(dump_toml(data))
     return str(p)
-
-
-def _report_toml(r: dict) -> str:
-    lines = ["\n[report]"] + [f"{k} = {toml_value(v)}" for k, v in r.items() if k != "tables"]
-    for t in r["tables"]:
-        lines.append("\n[[report.tables]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in t.items()]
-    return "\n".join(lines) + "\n"
-
-
-def run_runner(report: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "examples" / "run_report.py"), report, *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
 # ------------------------------------------------------------------------------ report specs
@@ -141,7 +127,7 @@ def test_missing_store_fails_with_one_line_naming_row_store_and_command(tmp_path
     assert "\n" not in err
     assert err == (f"error: {rep}: table 'r' row 'LUM' ({spec}): no finished pretrain store at "
                    f"{tmp_path / 'stores' / 'tiny' / 'pretrain'}; make it with "
-                   f"`python examples/run_report.py {rep} --only tiny`")
+                   f"`lumctl eval {rep} --train --only tiny`")
     # --allow-missing: the report is written, the row says why it is missing
     r = invoke("eval", rep, "--allow-missing")
     assert r.exit_code == 0, r.output
@@ -150,8 +136,8 @@ def test_missing_store_fails_with_one_line_naming_row_store_and_command(tmp_path
 
 
 # ------------------------------------------------------------------------------ end to end
-def test_sweep_report_end_to_end(tmp_path):
-    """A tiny size sweep (width 8 and 32, two seeds each) on the synthetic spec, trained as the runner would;
+def test_size_report_end_to_end(tmp_path):
+    """A tiny size sweep (width 8 and 32, two seeds each) on the synthetic spec, trained in-process;
     `lumctl eval` writes the tables, the paired comparison, the fit and the plots; a changed spec
     makes the report refuse."""
     spec = tiny_experiment(tmp_path)
@@ -162,9 +148,9 @@ def test_sweep_report_end_to_end(tmp_path):
         {"name": "cmp", "title": "Widths", "kind": "retrieval", "metrics": ["hr@10", "mrr"],
          "rows": [d32, {**d8, "vs": ["d32"]}]},
         {"name": "size", "title": "Sizes", "kind": "scaling", "x": "params", "rows": [d8, d32]}])
-    r = run_runner(rep, "--dry-run")
-    assert r.returncode == 0 and r.stdout.count("no finished pretrain store") == 4, r.stdout + r.stderr
-    for run in ev.unique_runs(ev.plan(load_report(rep), rep)):   # what the runner does, in-process
+    r = invoke("eval", rep, "--dry-run")
+    assert r.exit_code == 0 and r.stderr.count("no finished pretrain store") == 4, r.output
+    for run in ev.unique_runs(ev.plan(load_report(rep), rep)):   # what --train does, in-process
         run_all(run.spec)
     out = tmp_path / "docs"
     r = invoke("eval", rep, "--out", out)
@@ -196,7 +182,7 @@ def test_sweep_report_end_to_end(tmp_path):
     md = (out / "results.md").read_text()
     assert "### Widths" in md and "| d8 | d32 |" in md and f"R² = {size['fit']['r2']:.3f}" in md
     assert "![Sizes](results/size.png)" in md and (out / "results" / "size.png").stat().st_size > 1000
-    assert f"`python examples/run_report.py {rep} --only tiny-d8-s1`" in md
+    assert f"`lumctl eval {rep} --train --only tiny-d8-s1`" in md
     m = json.loads((tmp_path / "stores" / "tiny-d8-s1" / "pretrain" / "manifest.json").read_text())
     assert m["spec_hash"][:12] in md
     # a row missing one seed: an error, or with --allow-missing a "partial" row of the other seed
@@ -221,7 +207,7 @@ def test_sweep_report_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_runner_trains_ranking_rows_sharing_upstream_and_exports(tmp_path, monkeypatch):
-    """examples/run_report.py on ranking rows: base, + LUM and a warm start share one LUM (links), a row
+    """`lumctl eval --train` on ranking rows: base, + LUM and a warm start share one LUM (links), a row
     with another [query] shares it up to pretrain and queries it itself, the export holds what eval reads
     and no weights, and eval on the export gives the same report."""
     qf = '\n[query]\neach = ["scenario"]\nsnapshot = "every_n_events"\nevery_n_events = 5\n' \
@@ -234,9 +220,9 @@ def test_runner_trains_ranking_rows_sharing_upstream_and_exports(tmp_path, monke
             {"label": "q7", "spec": spec, "name": "din-q7", "seeds": [0, 1], "set": {"query": {"every_n_events": 7}}}]
     rep = report_in(tmp_path, [{"name": "rank", "title": "Ranking", "kind": "ranking", "rows": rows}])
     export = tmp_path / "export"
-    r = run_runner(rep, "--export", str(export))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "training 4 of 4 runs (1 from scratch, 3 sharing upstream stores)" in r.stdout and "4 ok, 0 failed" in r.stdout
+    r = invoke("eval", rep, "--train", "--parallel", "2", "--export", str(export))
+    assert r.exit_code == 0, r.output
+    assert "training 4 of 4 runs (1 from scratch, 3 sharing upstream stores)" in r.stderr and "4 ok, 0 failed" in r.stderr
     root = tmp_path / "stores"
     assert (root / "tiny-din-lum" / "query").is_symlink() and not (root / "tiny-din" / "query").is_symlink()
     assert (root / "tiny-din-q7" / "pretrain").is_symlink() and not (root / "tiny-din-q7" / "query").is_symlink()
@@ -265,14 +251,14 @@ def test_runner_trains_ranking_rows_sharing_upstream_and_exports(tmp_path, monke
 
 @pytest.mark.slow
 def test_runner_trains_a_retrieval_row_only_up_to_pretrain(tmp_path):
-    """A retrieval row reads a pretrain store: the runner leaves its spec's [query] alone (an item-only
+    """A retrieval row reads a pretrain store: --train leaves its spec's [query] alone (an item-only
     LUM has no conditions to query: running query there failed the row)."""
     spec = tiny_experiment(tmp_path, '\n[query]\neach = ["scenario"]\nsnapshot = "split"\n')
     rows = [{"label": "item only", "spec": spec, "name": "nocond", "seeds": [0], "set": {"pack": {"conditions": False}}}]
     rep = report_in(tmp_path, [{"name": "ret", "title": "Retrieval", "kind": "retrieval", "rows": rows}])
-    r = run_runner(rep)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "1 ok, 0 failed" in r.stdout
+    r = invoke("eval", rep, "--train")
+    assert r.exit_code == 0, r.output
+    assert "1 ok, 0 failed" in r.stderr
     root = tmp_path / "stores" / "tiny-nocond-s0"
     assert (root / "pretrain" / "manifest.json").is_file() and not (root / "query").exists()
 
@@ -289,3 +275,71 @@ def test_docs_results_md_is_the_tools_rendering_of_its_json():
         f"`lumctl eval {res['report_path']} --out docs`")
     for t in res["tables"]:
         assert (REPO / "docs" / "results" / f"{t['name']}.png").is_file()
+
+
+# ------------------------------------------------------------------------------ one seed
+def _comparison(n: int) -> dict:
+    sd = {"seeds": list(range(n)), "n": n, "mean": 0.08, "std": 0.01 if n > 1 else None, "better": n,
+          "t": 13.9 if n > 1 else None, "p": 0.005 if n > 1 else None}
+    return {"row": "A", "vs": "B", "delta": 0.08, "seeds": sd, "bootstrap_note": "",
+            "bootstrap": {"delta": 0.08, "lo": 0.06, "hi": 0.09, "p": 0.0, "reps": 200}}
+
+
+def test_one_seed_comparisons_print_no_spread_or_test():
+    line = ev._compare_line(_comparison(1))
+    assert line == "| A | B | +0.0800 | +0.0800; n/a (1 seed) | +0.0800 [+0.0600, +0.0900], p n/a (1 seed) |"
+    line = ev._compare_line(_comparison(3))
+    assert line == ("| A | B | +0.0800 | +0.0800 ± 0.0100; 3/3 seeds better; t-test p = 0.005 | "
+                    "+0.0800 [+0.0600, +0.0900], p < 0.005 * |")
+
+
+def test_cells_and_plot_labels_of_one_and_several_seeds():
+    one = ev._mean_std([0.25])
+    three = ev._mean_std([0.2, 0.3, 0.4])
+    assert ev._cell(one) == "0.2500" and ev._value_label(one) == "0.2500 (1 seed)"
+    assert ev._cell(three) == "0.3000 ± 0.1000" and ev._value_label(three) == "0.3000 ± 0.1000"
+
+
+# ------------------------------------------------------------------------------ sweeps
+def test_a_sweep_makes_one_row_per_value(tmp_path):
+    spec = tiny_experiment(tmp_path)
+    rep = load_report(report_in(tmp_path, [{
+        "name": "len", "title": "Length", "kind": "scaling", "x": "max_items",
+        "rows": [{"label": "base", "spec": spec, "seeds": [0]}],
+        "sweep": {"spec": spec, "key": "pack.max_items", "values": [8, 16], "seeds": [0],
+                  "set": {"pretrain": {"optim": {"lr": 1e-3}}}}}]))
+    t = rep.report.tables[0]
+    assert [r.label for r in t.rows] == ["base", "max_items = 8", "max_items = 16"]
+    runs = [rp.runs for rp in ev.plan(rep, "r.toml")]
+    assert [r[0].experiment for r in runs] == ["tiny-s0", "tiny-max_items-8-s0", "tiny-max_items-16-s0"]
+    assert [r[0].spec.pack.max_items for r in runs[1:]] == [8, 16]
+    assert {r[0].spec.pretrain.optim.lr for r in runs[1:]} == {1e-3}
+    with pytest.raises(InputError, match=r"sweep\.key: string should match pattern"):
+        parse_report({"experiment": "r", "report": {"tables": [{"name": "t", "title": "T", "kind": "retrieval",
+                      "sweep": {"spec": spec, "key": "lr", "values": [1]}}]}}, "r.toml")
+
+
+def test_only_and_parallel_need_train(tmp_path):
+    spec = tiny_experiment(tmp_path)
+    rep = report_in(tmp_path, [{"name": "r", "title": "R", "kind": "retrieval", "rows": [{"label": "LUM", "spec": spec}]}])
+    r = invoke("eval", rep, "--only", "tiny")
+    assert r.exit_code == 2 and "add --train" in r.stderr
+    r = invoke("eval", rep, "--train", "--only", "nothing*")
+    assert r.exit_code == 2 and r.stderr == f"error: {rep}: --only 'nothing*' matches no run of the report\n"
+
+
+def test_train_trains_the_missing_runs_then_evaluates(tmp_path):
+    """`lumctl eval --train`: the missing run trains in its own process (log under the report's store),
+    the report follows; a second --train has nothing to do."""
+    spec = tiny_experiment(tmp_path)
+    rep = report_in(tmp_path, [{"name": "r", "title": "R", "kind": "retrieval", "rows": [
+        {"label": "LUM", "spec": spec}, {"label": "nocond", "spec": spec, "name": "nocond",
+                                          "set": {"pack": {"conditions": False}}, "optional": True}]}])
+    r = invoke("eval", rep, "--train", "--only", "tiny")
+    assert r.exit_code == 0, r.output
+    assert "training 1 of 1 runs (1 from scratch, 0 sharing upstream stores)" in r.stderr and "1 ok, 0 failed" in r.stderr
+    assert "pretrain:" in (tmp_path / "stores" / "rep" / "logs" / "tiny.log").read_text()
+    res = json.loads((tmp_path / "stores" / "rep" / "eval" / "results.json").read_text())
+    assert [row["status"] for row in res["tables"][0]["rows"]] == ["ok", "not run"]
+    r = invoke("eval", rep, "--train", "--only", "tiny")
+    assert r.exit_code == 0 and "training" not in r.stderr and "is up to date" in r.stderr, r.output

@@ -1,8 +1,12 @@
-"""pack_sequences / assign_rows / document_causal_mask: hand-checked examples and properties."""
+"""pack_sequences / assign_rows / document_causal_mask / plan_blocks: hand-checked examples and properties;
+the streamed `lumctl pack` against its in-memory reference."""
 
 from __future__ import annotations
 
 import math
+import tempfile
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +20,12 @@ from lumctl.ops.packing import (
     document_causal_mask_ref,
     pack_sequences,
     pack_sequences_ref,
+    plan_blocks,
 )
+from lumctl import zarrio
+from lumctl.specs import PackSpec, parse_spec
+from lumctl.stages import pack
+from lumctl.store import atomic_dir, read_manifest, write_manifest
 
 KEYS = ("type", "item", "cond", "segment", "pos", "loss_mask", "target", "user", "ts")
 
@@ -301,3 +310,123 @@ def test_mask_on_arbitrary_segments_matches_reference(rows, pad):
     for b, lens in enumerate(rows):
         seg[b, :sum(lens)] = np.repeat(np.arange(len(lens)), lens)
     np.testing.assert_array_equal(document_causal_mask(seg), document_causal_mask_ref(seg))
+
+
+# ------------------------------------------------------------------------------ streaming stage (lumctl pack)
+def test_plan_blocks_by_hand():
+    # users' windows (first, count): tokens 2 per event; spans measured from a block's first event
+    first, count = np.array([0, 5, 6, 20, 30]), np.array([3, 1, 4, 2, 10])
+    # tokens 6, 2, 8, 4, 20; at most 10 tokens: [0, 1] (8), [2] (8), [3] (4 + 20 > 10), [4] (20, alone)
+    np.testing.assert_array_equal(plan_blocks(first, count, 2, 10, 100), [0, 2, 3, 4, 5])
+    # at most 12 events spanned: [0, 1, 2] spans 0..10, [3] spans 20..22 (+ user 4 would span 20..40)
+    np.testing.assert_array_equal(plan_blocks(first, count, 2, 100, 12), [0, 3, 4, 5])
+    np.testing.assert_array_equal(plan_blocks(first, count, 2, 100, 100), [0, 5])
+    np.testing.assert_array_equal(plan_blocks([], [], 2, 10, 10), [0])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 9)), min_size=1, max_size=30),
+       st.integers(1, 40), st.integers(1, 40))
+def test_plan_blocks_cover_users_within_budget(users, max_tokens, max_events):
+    gap, count = np.array(users).T
+    first = np.cumsum(gap + np.append(0, count[:-1]))
+    bounds = plan_blocks(first, count, 2, max_tokens, max_events)
+    assert bounds[0] == 0 and bounds[-1] == len(count) and (np.diff(bounds) > 0).all()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        over = 2 * count[a:b].sum() > max_tokens or first[b - 1] + count[b - 1] - first[a] > max_events
+        assert not over or b - a == 1                        # only a single user may exceed the budget
+        if b < len(count):                                   # greedy: the next user would not have fit
+            assert 2 * count[a:b + 1].sum() > max_tokens or first[b] + count[b] - first[a] > max_events
+
+
+def write_tokenize_store(root: Path, offsets, split, pretrain_end, items, conds, times, chunk: int = 7) -> Path:
+    """A complete tokenize store holding what `pack` reads, events in chunks of `chunk`."""
+    store = root / "t" / "tokenize"
+    with atomic_dir(store) as tmp:
+        g = zarrio.create(tmp / "data.zarr")
+        zarrio.put(g, "users/offsets", offsets)
+        zarrio.put(g, "users/split", split)
+        if pretrain_end is not None:
+            zarrio.put(g, "users/pretrain_end", pretrain_end)
+        for k, a in (("events/item", items), ("events/cond", conds), ("events/timestamp", times)):
+            zarrio.put(g, k, a, chunk_rows=chunk)
+        write_manifest(tmp, stage="tokenize", spec_hash="x", inputs={}, counts={})
+    return store
+
+
+@st.composite
+def tokenize_logs(draw):
+    """A ragged log as a tokenize store's arrays: users with 0..12 events, a split and maybe a cutoff."""
+    n = np.array(draw(st.lists(st.integers(0, 12), min_size=1, max_size=25)), np.int64)
+    offsets = np.append(0, np.cumsum(n))
+    E, F = int(offsets[-1]), draw(st.integers(0, 2))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    train_end = rng.integers(0, n + 1)
+    split = np.stack([train_end, np.minimum(n, train_end + 1)], 1)
+    pretrain_end = rng.integers(0, train_end + 1) if draw(st.booleans()) else None
+    items = rng.integers(2, 50, E).astype(np.int32)
+    conds = rng.integers(2, 9, (E, F)).astype(np.int32)
+    times = np.sort(rng.integers(0, 10 ** 9, E)).astype(np.int64)
+    return offsets, split, pretrain_end, items, conds, times
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tokenize_logs(), st.integers(1, 8), st.booleans(), st.sampled_from(["best_fit", "first_fit"]),
+       st.sampled_from([1e-5, 2e-4, 1e-3, 256.0]), st.integers(1, 5))
+def test_streamed_pack_equals_in_memory_reference(log, max_items, conditions, strategy, block_mib, chunk_rows):
+    """`lumctl pack` (slice reads, blocks, chunk appends) writes byte-equal arrays to `pack_train`
+    (every event in memory, each block by pack_sequences) and to pack_sequences_ref per block;
+    block_mib from one user per block to one block for the whole log."""
+    offsets, split, pretrain_end, items, conds, times = log
+    p = PackSpec(seq_len=2 * max_items + 3, max_items=max_items, conditions=conditions, strategy=strategy,
+                 block_mib=block_mib, chunk_rows=chunk_rows)
+    with tempfile.TemporaryDirectory() as d:
+        write_tokenize_store(Path(d), offsets, split, pretrain_end, items, conds, times)
+        spec = parse_spec({"experiment": "t", "store_root": d, "tokenize": {"format": "taobao", "path": "x"},
+                           "pack": p.model_dump()})
+        out = pack.run(spec)
+        got, counts = pack.load(out), read_manifest(out)["counts"]
+        again = pack.run(spec)                               # up to date: not rewritten
+        assert read_manifest(again)["created"] == read_manifest(out)["created"]
+    data = {"users/offsets": offsets, "users/split": split, "events/item": items, "events/cond": conds,
+            "events/timestamp": times, **({"users/pretrain_end": pretrain_end} if pretrain_end is not None else {})}
+    ref, ref_counts = pack.pack_train(data, p)
+    assert counts == ref_counts
+    for k in pack.ROW_KEYS:
+        assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape, k
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    # the reference, block by block, against the plain Python twin
+    kept, first, count = pack.train_windows(data, p)
+    bounds = pack.blocks(first, count, p, conds.shape[1])
+    assert counts["blocks"] == len(bounds) - 1
+    r0 = 0
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        twin = pack_sequences_ref(items, conds, first[a:b], count[a:b], p.seq_len, conditions, strategy, times)
+        n = len(twin["type"])
+        for k in pack.ROW_KEYS:
+            expect = np.where(twin["user"] >= 0, kept[a:b][twin["user"]], -1) if k == "user" else twin[k]
+            np.testing.assert_array_equal(ref[k][r0:r0 + n], expect, err_msg=k)
+        r0 += n
+    assert r0 == len(ref["type"])
+
+
+def test_streamed_pack_memory_does_not_grow_with_the_log(tmp_path):
+    """Peak Python-traced memory of `lumctl pack` with 0.1 MiB blocks stays far below the rows and
+    events of the whole log (what packing everything at once holds)."""
+    rng = np.random.default_rng(0)
+    n = rng.integers(5, 60, 4000)
+    offsets = np.append(0, np.cumsum(n))
+    E = int(offsets[-1])
+    write_tokenize_store(tmp_path, offsets, np.stack([n, n], 1), None, rng.integers(2, 10 ** 6, E).astype(np.int32),
+                         rng.integers(2, 9, (E, 2)).astype(np.int32), np.arange(E, dtype=np.int64), chunk=4096)
+    spec = parse_spec({"experiment": "t", "store_root": str(tmp_path), "tokenize": {"format": "taobao", "path": "x"},
+                       "pack": {"seq_len": 128, "max_items": 50, "block_mib": 0.1, "chunk_rows": 16}})
+    pack_sequences(ITEMS, CONDS, FIRST, COUNT, seq_len=8, times=TIMES)   # load the compiled kernels first
+    tracemalloc.start()
+    out = pack.run(spec)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    counts = read_manifest(out)["counts"]
+    whole = counts["packed_tokens"] * 38 + E * 20           # every row and event in memory at once
+    assert counts["blocks"] > 50 and whole > 10 * 2 ** 20
+    assert peak < whole / 6, (peak, whole)

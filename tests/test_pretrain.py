@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from lumctl.loss import info_nce, sampling_logq
-from lumctl.metrics import retrieval_metrics
 from lumctl.models.lum import LUM, LUMConfig
 from lumctl.ops.packing import pack_sequences
 from lumctl.specs import load_spec
@@ -127,13 +126,6 @@ def test_outputs_of_one_user_do_not_depend_on_row_neighbours():
         r, s = rows["row"][0], rows["start"][0]
         outs.append(o[r, s:s + 10])
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
-
-
-def test_retrieval_metrics_by_hand():
-    m = retrieval_metrics(np.array([0, 3, 12]), ks=(10,))
-    assert m["hr@10"] == pytest.approx(2 / 3)
-    assert m["ndcg@10"] == pytest.approx((1 / math.log2(2) + 1 / math.log2(5)) / 3)
-    assert m["mrr"] == pytest.approx((1 + 1 / 4 + 1 / 13) / 3)
 
 
 def test_eval_rows_replace_the_held_out_condition_and_filter_history():

@@ -507,3 +507,8 @@ def test_io_error_line():
     assert io_error_line(PermissionError(errno.EACCES, "Permission denied", "/x")) == "/x: permission denied"
     assert io_error_line(OSError(errno.EROFS, "Read-only file system", "/a", None, "/b")) == "/a -> /b: read-only file system"
     assert io_error_line(OSError(errno.EBADF, "Bad file descriptor")) is None   # a bug, not the machine
+
+
+def test_optional_tuple_fields_accept_toml_arrays(tmp_path):
+    p = tiny(tmp_path, tokenize={"time_range": [0, 10**10]})
+    assert load_spec(p).tokenize.time_range == (0, 10**10)

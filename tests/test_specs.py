@@ -1,4 +1,5 @@
-"""Spec validation: shipped specs, properties of parsing, one-line error messages, ${VAR} expansion."""
+"""Spec validation: shipped specs, properties of parsing, one-line error messages, ${VAR} expansion,
+composition (`extends`, `--set`, `lumctl spec resolve`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,16 @@ from hypothesis import strategies as st
 
 from helpers import REPO, invoke, write_toml
 from lumctl.errors import InputError
+from lumctl.report_specs import load_any
+from lumctl.spec_io import dump_toml, parse_set, read_toml
 from lumctl.specs import PackSpec, Spec, SynthSpec, TokenizeSpec, expand_vars, load_spec, parse_spec
 
-SHIPPED = sorted((REPO / "specs").glob("*.toml")) + sorted((REPO / "tests" / "specs").glob("*.toml"))
+SHIPPED = sorted((REPO / "specs").glob("*.toml"))   # recipes (specs/recipes/) are parts, not specs
+# every shipped spec (and every run of a shipped report) as validated before its recipes moved to
+# specs/recipes/: non-default values only, so a field added later at its default changes nothing.
+# A deliberate change of a shipped spec updates it (and makes that spec's stores stale).
+RESOLVED = json.loads((REPO / "tests" / "data" / "shipped_specs_resolved.json").read_text())
+SPEC_VARS = ("LUMCTL_DATA", "LUMCTL_STORES", "LUM_BASE")
 
 
 def minimal(**over) -> dict:
@@ -30,14 +38,40 @@ def error_of(data: dict, path: str = "specs/x.toml") -> str:
 
 
 # ------------------------------------------------------------------------------ shipped specs
-def test_there_are_shipped_specs():
-    assert len(SHIPPED) >= 1
+def test_every_recorded_spec_is_shipped():
+    shipped = {str(p.relative_to(REPO)) for p in SHIPPED}
+    assert set(RESOLVED) <= shipped, sorted(set(RESOLVED) - shipped)
+
+
+@pytest.mark.parametrize("name", sorted(RESOLVED))
+def test_shipped_spec_resolves_as_recorded(name, monkeypatch):
+    """Recipes moved out of the specs; what every spec and report run validates to did not change (so
+    no store made before is stale)."""
+    for v in SPEC_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.chdir(REPO)
+    s = load_any(name)
+    if "runs" in RESOLVED[name]:   # a report: the specs of its runs
+        from lumctl.stages.eval import plan
+        runs = {f"{rp.table.name}/{rp.row.label}": [r.spec.model_dump(mode="json", exclude_defaults=True)
+                                                   for r in rp.runs] for rp in plan(s, name)}
+        assert runs == RESOLVED[name]["runs"]
+    else:
+        assert s.model_dump(mode="json", exclude_defaults=True) == RESOLVED[name]
+
+
+def test_recipes_live_once():
+    """The MovieLens conditions and the item-only baseline recipe are written in specs/recipes/ only."""
+    for p in SHIPPED:
+        text = p.read_text()
+        assert 'column = "genres"' not in text, p.name
+        assert "logq_correction = false" not in text, p.name
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_spec_validates(path):
     if "\n[report]" in path.read_text():  # a report spec (`lumctl eval`): every row resolves to a valid run
-        from lumctl.specs import load_report
+        from lumctl.report_specs import load_report
         from lumctl.stages.eval import plan
         assert plan(load_report(path), str(path))
         return
@@ -46,6 +80,19 @@ def test_shipped_spec_validates(path):
     assert spec.pack.seq_len >= spec.pack.max_items * (2 if spec.pack.conditions else 1)
     if spec.tokenize.format != "synth":
         assert "${" not in spec.tokenize.path  # expanded
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_spec_resolve_round_trips(path, tmp_path, monkeypatch):
+    """`lumctl spec resolve` prints TOML that parses back to the same spec, with no `extends` left."""
+    monkeypatch.chdir(REPO)
+    r = invoke("spec", "resolve", path)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / path.name
+    out.write_text(r.stdout)
+    assert "extends" not in read_toml(out)
+    assert read_toml(out) == read_toml(path)
+    assert load_any(out) == load_any(path)
 
 
 def test_spec_validate_command_accepts_all_shipped_specs():
@@ -230,3 +277,114 @@ def test_spec_schema_prints_valid_json():
     # every documented field carries its description into the schema
     pack = schema["$defs"]["PackSpec"]["properties"]
     assert pack["seq_len"]["description"] and pack["seq_len"]["exclusiveMinimum"] == 0
+
+
+# ------------------------------------------------------------------------------ extends
+def test_extends_merges_parents_in_order_under_the_file(tmp_path):
+    write_toml(tmp_path / "recipes" / "a.toml", {"pack": {"seq_len": 100, "max_items": 10}, "tokenize": {"min_user_events": 4}})
+    write_toml(tmp_path / "recipes" / "b.toml", {"extends": "a.toml", "pack": {"seq_len": 200}})
+    write_toml(tmp_path / "recipes" / "c.toml", {"pack": {"max_items": 20, "chunk_rows": 8}})
+    p = write_toml(tmp_path / "x.toml", {**minimal(pack={"chunk_rows": 16}),
+                                          "extends": ["recipes/b.toml", "recipes/c.toml"]})
+    s = load_spec(p)
+    # a < b (b extends a), then c, then the file's own keys
+    assert (s.pack.seq_len, s.pack.max_items, s.pack.chunk_rows) == (200, 20, 16)
+    assert s.tokenize.min_user_events == 4 and s.tokenize.format == "seq-lines"
+    assert "extends" not in read_toml(p)
+
+
+def test_extends_errors_are_one_line_naming_the_files(tmp_path):
+    p = write_toml(tmp_path / "x.toml", {**minimal(), "extends": "gone.toml"})
+    with pytest.raises(InputError) as e:
+        load_spec(p)
+    assert str(e.value) == f"{p}: extends: {tmp_path / 'gone.toml'}: spec file not found"
+    write_toml(tmp_path / "a.toml", {"extends": "b.toml"})
+    write_toml(tmp_path / "b.toml", {"extends": "a.toml"})
+    p = write_toml(tmp_path / "y.toml", {**minimal(), "extends": "a.toml"})
+    with pytest.raises(InputError) as e:
+        load_spec(p)
+    msg = str(e.value)
+    assert "\n" not in msg and "extends cycle: " in msg
+    assert msg.endswith(f"{(tmp_path / 'a.toml').resolve()} -> {(tmp_path / 'b.toml').resolve()} -> {(tmp_path / 'a.toml').resolve()}")
+    p = write_toml(tmp_path / "z.toml", {**minimal(), "extends": 3})
+    with pytest.raises(InputError, match=r"z\.toml: extends: must be a file name or a list of file names \(got 3\)"):
+        load_spec(p)
+
+
+def test_a_child_value_error_names_the_child(tmp_path):
+    write_toml(tmp_path / "r.toml", {"pack": {"seq_len": 64}})
+    p = write_toml(tmp_path / "x.toml", {**minimal(pack={"max_items": 100}), "extends": "r.toml"})
+    with pytest.raises(InputError) as e:
+        load_spec(p)
+    assert str(e.value) == f"{p}: [pack]: seq_len must be >= 200 tokens to hold max_items = 100 (got 64)"
+
+
+# ------------------------------------------------------------------------------ --set
+TOML_SCALARS = (st.integers(-2**63, 2**63 - 1) | st.booleans()
+                | st.floats(allow_nan=False, allow_infinity=False)
+                | st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12))
+TOML_VALUES = TOML_SCALARS | st.lists(st.integers(-1000, 1000), max_size=4) | st.dictionaries(IDENT, st.integers(), max_size=3)
+
+
+def toml_text(v) -> str:
+    """A value as inline TOML (what a user types after `=`)."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_text(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_text(x) for x in v) + "]"
+    return dump_toml({"v": v}).split("=", 1)[1].strip()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(IDENT, min_size=1, max_size=3), TOML_VALUES)
+def test_set_reads_a_toml_value(keys, value):
+    got = parse_set(".".join(keys) + "=" + toml_text(value))
+    for k in keys:
+        assert list(got) == [k]
+        got = got[k]
+    assert got == value
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.from_regex(r"[A-Za-z][A-Za-z0-9_./:-]{0,20}", fullmatch=True))
+def test_set_reads_a_bare_word_as_a_string(word):
+    if word in ("true", "false", "inf", "nan") or word[0].isdigit():
+        return
+    try:
+        import tomllib
+        tomllib.loads(f"v = {word}")
+        return  # a TOML value after all (e.g. a date)
+    except Exception:
+        pass
+    assert parse_set(f"pretrain.device={word}") == {"pretrain": {"device": word}}
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("pack.seq_len", "--set: expected section.key=value (got 'pack.seq_len')"),
+    ("=3", "--set: expected section.key=value (got '=3')"),
+    ("pack..x=3", "--set: expected section.key=value (got 'pack..x=3')"),
+    ("pack.seq_len=[1, 2", "--set: pack.seq_len: not a TOML value (got '[1, 2')"),
+    ('tokenize.path="a', "--set: tokenize.path: not a TOML value (got '\"a')"),
+])
+def test_set_errors(arg, expected):
+    with pytest.raises(InputError) as e:
+        parse_set(arg)
+    assert str(e.value) == expected
+
+
+def test_set_on_the_cli_is_validated_like_the_file(tmp_path):
+    p = write_toml(tmp_path / "x.toml", minimal())
+    r = invoke("spec", "validate", p, "--set", "pack.seq_len=-4")
+    assert r.exit_code == 2 and r.stderr == f"error: {p}: [pack].seq_len: must be > 0 (got -4)\n"
+    r = invoke("spec", "validate", p, "--set", "pack.seqlen=3")
+    assert r.exit_code == 2 and r.stderr == f"error: {p}: [pack].seqlen: unknown key\n"
+    r = invoke("spec", "resolve", p, "--set", "pack.seq_len=1024", "--set", "pack.strategy=first_fit",
+               "--set", "tokenize.split={ kind = 'fraction' }")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out.toml"
+    out.write_text(r.stdout)
+    s = load_spec(out)
+    assert (s.pack.seq_len, s.pack.strategy, s.tokenize.split.kind) == (1024, "first_fit", "fraction")
+    r = invoke("pack", p, "--set", "pack.seq_len=abc")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    assert "[pack].seq_len: must be a valid integer" in r.stderr

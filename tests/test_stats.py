@@ -1,5 +1,5 @@
-"""Metrics and statistics of the report by hand: AUC with ties, GAUC weighting, HR/NDCG/MRR at the
-cut-off, logloss; Student-t p-values, per-seed paired tests, the paired bootstraps, the log fit."""
+"""Statistics of the report by hand (the metrics themselves: tests/test_metrics.py): per-user values,
+Student-t p-values, per-seed paired tests, the paired bootstraps, the log fit."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lumctl.metrics import auc, ctr_metrics, gauc, logloss, retrieval_metrics
+from lumctl.metrics import auc, retrieval_metrics
 from lumctl.stats import (
     SortedAUC,
     bootstrap_mean_diff,
@@ -22,52 +22,10 @@ from lumctl.stats import (
 )
 
 
-# ------------------------------------------------------------------------------ metrics by hand
-def test_auc_with_tied_groups_by_hand():
-    # scores: pos {3, 2, 2, 1}, neg {2, 1, 0}. Pairs (pos, neg): 3 beats all 3 -> 3; each 2 beats 1, 0
-    # and ties 2 -> 2.5 (twice); 1 beats 0, ties 1 -> 1.5. Total 3 + 2.5 + 2.5 + 1.5 = 9.5 of 12.
-    y = [1, 1, 1, 1, 0, 0, 0]
-    s = [3, 2, 2, 1, 2, 1, 0]
-    assert auc(y, s) == pytest.approx(9.5 / 12)
-    # the same data in another order, and as logits through ctr_metrics
-    perm = [6, 2, 4, 0, 5, 1, 3]
-    assert auc(np.array(y)[perm], np.array(s)[perm]) == pytest.approx(9.5 / 12)
-    assert ctr_metrics(np.zeros(7), y, s)["auc"] == pytest.approx(9.5 / 12)
-
-
-def test_gauc_weights_users_by_impressions_and_skips_one_class_users():
-    # user 0: 4 impressions, pos 0.9, 0.2 vs neg 0.5, 0.2 -> pairs 1, 1, 0, 0.5 -> 2.5/4 = 0.625
-    # user 1: 2 impressions, pos 0.1 vs neg 0.7 -> 0.0
-    # user 2: 3 impressions, all positive -> skipped; user 3: 1 impression -> skipped
-    user = [0, 0, 0, 0, 1, 1, 2, 2, 2, 3]
-    y = [1, 1, 0, 0, 1, 0, 1, 1, 1, 0]
-    s = [0.9, 0.2, 0.5, 0.2, 0.1, 0.7, 0.3, 0.3, 0.3, 0.4]
-    assert gauc(user, y, s) == pytest.approx((4 * 0.625 + 2 * 0.0) / 6)
-    # not the unweighted mean of per-user AUCs (0.3125)
-    assert gauc(user, y, s) != pytest.approx((0.625 + 0.0) / 2)
-
-
-def test_hr_ndcg_mrr_at_the_cut_off_by_hand():
-    # ranks 0 (top), 4 (5th), 5 (6th), 9 (10th), 10 (11th)
-    r = np.array([0, 4, 5, 9, 10])
-    m = retrieval_metrics(r, ks=(5, 10))
-    assert m["hr@5"] == pytest.approx(2 / 5)
-    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(6)) / 5)
-    assert m["hr@10"] == pytest.approx(4 / 5)
-    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(6) + 1 / math.log2(7) + 1 / math.log2(11)) / 5)
-    assert m["mrr"] == pytest.approx((1 + 1 / 5 + 1 / 6 + 1 / 10 + 1 / 11) / 5)
-    assert m["n"] == 5
-
-
 @pytest.mark.parametrize("metric", ["hr@5", "ndcg@5", "hr@10", "ndcg@10", "mrr"])
 def test_per_user_values_average_to_the_metric(metric):
     r = np.array([0, 4, 5, 9, 10, 300])
     assert per_user(r, metric).mean() == pytest.approx(retrieval_metrics(r, ks=(5, 10))[metric])
-
-
-def test_logloss_by_hand_with_clipping():
-    assert logloss([1, 0, 1], [0.5, 0.25, 0.9]) == pytest.approx(-(math.log(0.5) + math.log(0.75) + math.log(0.9)) / 3)
-    assert logloss([1], [0.0]) == pytest.approx(-math.log(1e-7))
 
 
 # ------------------------------------------------------------------------------ t-test

@@ -117,20 +117,13 @@ def assign_rows_ref(lengths, seq_len, strategy="best_fit"):
 
 
 # --------------------------------------------------------------------------- filling rows
-@njit(cache=True)
-def _fill(items, conds, times, first, count, row, start, n_rows, seq_len, with_cond):
-    """Write the tokens of user u (events first[u] : first[u]+count[u]) at row[u], start[u]."""
+@njit(cache=True, nogil=True)
+def _fill(items, conds, times, first, count, row, start, uid, with_cond, typ, item, cond, seg, pos, loss, target,
+          user, ts):
+    """Write the tokens of user u (events first[u] : first[u]+count[u]) at row[u], start[u] of the
+    output arrays (already holding padding), user id uid[u]."""
     n_fields = conds.shape[1]
-    typ = np.zeros((n_rows, seq_len), np.int8)
-    item = np.zeros((n_rows, seq_len), np.int32)
-    cond = np.zeros((n_rows, seq_len, n_fields), np.int32)
-    seg = np.full((n_rows, seq_len), -1, np.int32)
-    pos = np.zeros((n_rows, seq_len), np.int32)
-    loss = np.zeros((n_rows, seq_len), np.bool_)
-    target = np.zeros((n_rows, seq_len), np.int32)
-    user = np.full((n_rows, seq_len), -1, np.int32)
-    ts = np.zeros((n_rows, seq_len), np.int64)
-    slot = np.zeros(n_rows, np.int32)  # next segment number per row, in placement order
+    slot = np.zeros(typ.shape[0], np.int32)  # next segment number per row, in placement order
     order = np.argsort(start)  # segments numbered left to right within each row
     for k in range(len(order)):
         u = order[k]
@@ -154,7 +147,7 @@ def _fill(items, conds, times, first, count, row, start, n_rows, seq_len, with_c
                     ts[r, p + q] = times[ev]
                     seg[r, p + q] = s
                     pos[r, p + q] = 2 * e + q
-                    user[r, p + q] = u
+                    user[r, p + q] = uid[u]
             else:
                 p = t + e
                 typ[r, p] = 2
@@ -162,11 +155,22 @@ def _fill(items, conds, times, first, count, row, start, n_rows, seq_len, with_c
                 ts[r, p] = times[ev]
                 seg[r, p] = s
                 pos[r, p] = e
-                user[r, p] = u
+                user[r, p] = uid[u]
                 if e + 1 < n:
                     loss[r, p] = True
                     target[r, p] = items[ev + 1]
-    return typ, item, cond, seg, pos, loss, target, user, ts
+
+
+PAD_VALUES = {"type": PAD, "item": 0, "cond": 0, "segment": -1, "pos": 0, "loss_mask": False, "target": 0,
+              "user": -1, "ts": 0}   # what a padding position holds in each row array
+
+
+def empty_rows(n_rows: int, seq_len: int, n_fields: int) -> dict[str, np.ndarray]:
+    """n_rows rows of padding: arrays [n_rows, S] (cond [n_rows, S, F]) as in docs/CONTRACTS.md."""
+    dtypes = {"type": np.int8, "item": np.int32, "cond": np.int32, "segment": np.int32, "pos": np.int32,
+              "loss_mask": np.bool_, "target": np.int32, "user": np.int32, "ts": np.int64}
+    return {k: np.full((n_rows, seq_len) + ((n_fields,) if k == "cond" else ()), PAD_VALUES[k], d)
+            for k, d in dtypes.items()}
 
 
 def pack_sequences(items: np.ndarray, conds: np.ndarray, first: np.ndarray, count: np.ndarray, seq_len: int,
@@ -178,15 +182,60 @@ def pack_sequences(items: np.ndarray, conds: np.ndarray, first: np.ndarray, coun
     docs/CONTRACTS.md, plus `row` and `start` per user ([U]).
     """
     count = np.asarray(count, np.int64)
-    lengths = count * (2 if conditions else 1)
-    conds = np.ascontiguousarray(conds, np.int32).reshape(len(items), -1)
-    row, start, n_rows = assign_rows(lengths, seq_len, strategy)
+    row, start, n_rows = assign_rows(count * (2 if conditions else 1), seq_len, strategy)
+    out = fill_rows(items, conds, first, count, row, start, n_rows, seq_len, conditions, times)
+    return {**out, "row": row, "start": start}
+
+
+def fill_rows(items: np.ndarray, conds: np.ndarray, first: np.ndarray, count: np.ndarray, row: np.ndarray,
+              start: np.ndarray, n_rows: int, seq_len: int, conditions: bool = True, times: np.ndarray | None = None,
+              uid: np.ndarray | None = None, head: dict[str, np.ndarray] | None = None,
+              out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The rows of users already placed by `assign_rows` (row [U], start [U], n_rows): arrays
+    [n_rows, S] (cond [n_rows, S, F]) as in docs/CONTRACTS.md. `user` holds uid[u] (default u, the
+    index into first/count). `head` (arrays [H, S, ...]) is copied above the new rows: [H + n_rows, S].
+    `out` (arrays of at least H + n_rows rows, as `empty_rows`) is reused instead of new arrays."""
+    conds = np.ascontiguousarray(conds, np.int32)
+    conds = conds if conds.ndim == 2 else conds.reshape(len(items), -1)   # [E, F]
     times = np.zeros(len(items), np.int64) if times is None else np.asarray(times, np.int64)
-    typ, item, cond, seg, pos, loss, target, user, ts = _fill(
-        np.asarray(items, np.int32), conds, times, np.asarray(first, np.int64), count, row, start, n_rows, seq_len,
-        conditions)
-    return {"type": typ, "item": item, "cond": cond, "segment": seg, "pos": pos, "loss_mask": loss,
-            "target": target, "user": user, "ts": ts, "row": row, "start": start}
+    uid = np.arange(len(count), dtype=np.int32) if uid is None else np.asarray(uid, np.int32)
+    h = 0 if head is None else len(head["type"])
+    if out is None:
+        out = empty_rows(h + n_rows, seq_len, conds.shape[1])
+    else:
+        out = {k: v[:h + n_rows] for k, v in out.items()}
+        for k, v in out.items():
+            v[h:] = PAD_VALUES[k]
+    if h:
+        for k, v in head.items():
+            out[k][:h] = v
+    _fill(np.asarray(items, np.int32), conds, times, np.asarray(first, np.int64), np.asarray(count, np.int64),
+          np.asarray(row, np.int64) + h, np.asarray(start, np.int64), uid, conditions, *out.values())
+    return out
+
+
+def plan_blocks(first: np.ndarray, count: np.ndarray, tokens_per_event: int, max_tokens: int,
+                max_events: int) -> np.ndarray:
+    """Cut users 0..U-1 (in order; user u packs events first[u] : first[u]+count[u], windows in
+    increasing order) into contiguous blocks -> bounds [B+1] (block b = users bounds[b]:bounds[b+1]).
+
+    A block grows while its tokens stay <= max_tokens and the events it spans (first event of its
+    first user to the last event of its last user, what one slice read returns) stay <= max_events;
+    every block holds at least one user, so a block over either limit is a single user."""
+    first, count = np.asarray(first, np.int64), np.asarray(count, np.int64)
+    if len(count) == 0:
+        return np.zeros(1, np.int64)
+    tok_end = np.cumsum(count * tokens_per_event)       # tokens of users 0..u
+    ev_end = first + count                              # non-decreasing
+    bounds = [0]
+    a = 0
+    while a < len(count):
+        before = tok_end[a - 1] if a else 0
+        b = min(np.searchsorted(tok_end, before + max_tokens, side="right"),
+                np.searchsorted(ev_end, first[a] + max_events, side="right"))
+        a = max(a + 1, int(b))
+        bounds.append(a)
+    return np.asarray(bounds, np.int64)
 
 
 def pack_sequences_ref(items, conds, first, count, seq_len, conditions=True, strategy="best_fit", times=None):

@@ -1,14 +1,14 @@
 """Stage `eval`: the results report. Reads finished stores (never trains), writes tables, tests and plots.
 
-A report spec (`[report]`, see `ReportSpec` in lumctl/specs.py and specs/report-*.toml) lists tables;
-each row names an experiment spec plus overrides, which resolve to one or more *runs*:
+A report spec (`[report]`, see `ReportSpec` in lumctl/report_specs.py and specs/report-*.toml) lists tables;
+each row names an experiment spec plus recipes and overrides, which resolve to one or more *runs*:
   retrieval / scaling row  -> one pretrain store per seed: <store_root>/<exp>[-<name>]-s<seed>/pretrain
                               (no `seeds`: the spec's own seed, <store_root>/<exp>[-<name>]/pretrain)
   ranking row              -> one fuse store (all its seeds):  <store_root>/<exp>[-<name>]/fuse
 A run whose store is missing, incomplete or made from other spec sections (stale) stops the report
 with one line naming the row, the store and the command that makes it (`optional = true` rows and
-`--allow-missing` show it as "not run", or "partial" with the seeds that exist). `examples/run_report.py`
-trains the runs.
+`--allow-missing` show it as "not run", or "partial" with the seeds that exist). `lumctl eval REPORT
+--train` trains the missing and stale runs first (lumctl/runs.py).
 
 Per row: mean ± std (n - 1) over seeds of each metric. A row with `vs = ["<label>", ...]` is compared
 with those rows on the table's compare metric: per-seed paired differences (mean, std, t-test, seeds
@@ -41,16 +41,9 @@ import numpy as np
 from lumctl import __version__, stats, zarrio
 from lumctl.errors import InputError
 from lumctl.progress import say
-from lumctl.specs import (
-    ReportFile,
-    RowSpec,
-    Spec,
-    TableSpec,
-    read_toml,
-    deep_merge,
-    is_report,
-    parse_spec,
-)
+from lumctl.report_specs import ReportFile, RowSpec, TableSpec
+from lumctl.spec_io import deep_merge, is_report, read_toml
+from lumctl.specs import Spec, parse_spec
 from lumctl.store import (
     atomic_dir,
     hash_obj,
@@ -60,7 +53,7 @@ from lumctl.store import (
     write_manifest,
 )
 
-RUNNER = "python examples/run_report.py"   # the command that trains a report's runs
+TRAIN = "lumctl eval {path} --train"   # the command that trains a report's missing or stale runs
 RETRIEVAL_SECTIONS = ("synth", "tokenize", "pack", "pretrain")  # what a pretrain store depends on
 MACHINE_KEYS = {"tokenize": ("path", "items_path")}                # differ between machines, not results
 
@@ -72,7 +65,7 @@ class Run:
 
     experiment: str
     stage: str                    # "pretrain" (retrieval, scaling) or "fuse" (ranking)
-    data: dict                    # the resolved spec as a dict: what examples/run_report.py trains
+    data: dict                    # the resolved spec as a dict: what `lumctl eval --train` trains
     spec: Spec
     row: str = ""                 # "<table>/<label>", for messages
 
@@ -101,7 +94,13 @@ def resolve_row(rep: ReportFile, table: TableSpec, row: RowSpec, where: str) -> 
         raise InputError(where, f"spec = {row.spec!r}: {e.what}") from None
     if is_report(base):
         raise InputError(where, f"spec = {row.spec!r} is a report spec, not an experiment spec")
-    d = deep_merge(base, _subst(row.set, rep.store_root))
+    d = base
+    for recipe in row.extends:
+        try:
+            d = deep_merge(d, read_toml(recipe))
+        except InputError as e:
+            raise InputError(where, f"extends {recipe!r}: {e.what}") from None
+    d = deep_merge(d, _subst(row.set, rep.store_root))
     d["store_root"] = rep.store_root
     exp = str(base.get("experiment", "")) + (f"-{row.name}" if row.name else "")
     label = f"{table.name}/{row.label}"
@@ -341,7 +340,8 @@ def evaluate_table(t: TableSpec, rows: list[RowPlan], read: dict[str, dict | str
     for rp in rows:
         res = [read[run.experiment] for run in rp.runs]
         missing = [(run, r) for run, r in zip(rp.runs, res) if isinstance(r, str)]
-        rec = {"label": rp.row.label, "spec": rp.row.spec, "set": rp.row.set, "vs": list(rp.row.vs),
+        rec = {"label": rp.row.label, "spec": rp.row.spec, "extends": list(rp.row.extends), "set": rp.row.set,
+               "vs": list(rp.row.vs),
                "runs": [{"experiment": run.experiment, "stage": run.stage,
                          **({"status": r} if isinstance(r, str) else
                             {"status": "ok", **{k: r[k] for k in ("spec_hash", "store_hash", "seconds", "created")},
@@ -397,10 +397,11 @@ def plot_table(table: dict, png: Path) -> None:
     if table["kind"] == "scaling":
         for r in ok:
             if r.get("x"):
-                vals = r["values"][metric]["values"]
-                ax.scatter([r["x"]] * len(vals), vals, color="C0", s=18, alpha=0.6)
-                ax.annotate(r["label"], (r["x"], r["values"][metric]["mean"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)
+                v = r["values"][metric]
+                ax.scatter([r["x"]] * len(v["values"]), v["values"], color="C0", s=18, alpha=0.6)
+                ax.errorbar([r["x"]], [v["mean"]], yerr=[v["std"] or 0.0], fmt="none", color="C1", capsize=4)
+                ax.annotate(f"{r['label']}: {_value_label(v)}", (r["x"], v["mean"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
         f = table.get("fit")
         if f:
             xs = np.array([r["x"] for r in ok if r.get("x")], np.float64)
@@ -410,11 +411,13 @@ def plot_table(table: dict, png: Path) -> None:
             ax.legend(fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("non-embedding parameters" if table["x"] == "params" else "max items per user (events)")
-    else:  # mean ± std per row, every seed a dot (no bars: a cut y axis would exaggerate gaps)
+    else:  # mean with a ± std error bar across seeds per row, every seed a dot, the value written beside it
         for i, r in enumerate(ok):
             v = r["values"][metric]
             ax.scatter([i] * len(v["values"]), v["values"], color="C0", s=14, alpha=0.5)
             ax.errorbar([i], [v["mean"]], yerr=[v["std"] or 0.0], fmt="o", color="C1", capsize=4, markersize=6)
+            ax.annotate(_value_label(v), (i, v["mean"]), textcoords="offset points", xytext=(8, 0), va="center",
+                        fontsize=7)
         ax.set_xticks(range(len(ok)), [r["label"] for r in ok], rotation=30, ha="right", fontsize=8)
         ax.set_xlim(-0.5, len(ok) - 0.5)
         ax.grid(axis="y", alpha=0.3)
@@ -436,6 +439,11 @@ def _cell(v: dict) -> str:
     return _num(v["mean"]) + (f" ± {v['std']:.4f}" if v["std"] is not None else "")
 
 
+def _value_label(v: dict) -> str:
+    """A plot's label of one row: mean ± std, or the single value and '1 seed'."""
+    return f"{v['mean']:.4f}" + (f" ± {v['std']:.4f}" if v["std"] is not None else f" ({v['n']} seed)")
+
+
 def _signed(v, digits: int = 4) -> str:
     return "—" if v is None else f"{v:+.{digits}f}"
 
@@ -450,13 +458,20 @@ def _compare_line(c: dict) -> str:
     if c.get("status") == "not run":
         return f"| {c['row']} | {c['vs']} | not run | | |"
     sd = c["seeds"]
-    seeds = "—" if sd is None else (f"{_signed(sd['mean'])}" + (f" ± {sd['std']:.4f}" if sd["std"] is not None else "")
-                                    + f"; {sd['better']}/{sd['n']} seeds better"
-                                    + ("" if sd["p"] is None else "; t-test p < 0.001" if sd["p"] < 0.001
-                                       else f"; t-test p = {sd['p']:.3f}"))
+    one = sd is not None and sd["n"] < 2       # one shared seed: no spread, no test (seed noise unmeasured)
+    if sd is None:
+        seeds = "—"
+    elif one:
+        seeds = f"{_signed(sd['mean'])}; n/a (1 seed)"
+    else:
+        seeds = (f"{_signed(sd['mean'])}" + (f" ± {sd['std']:.4f}" if sd["std"] is not None else "")
+                 + f"; {sd['better']}/{sd['n']} seeds better"
+                 + ("" if sd["p"] is None else "; t-test p < 0.001" if sd["p"] < 0.001 else f"; t-test p = {sd['p']:.3f}"))
     b = c["bootstrap"]
     if b is None:
         boot = c["bootstrap_note"] or "—"
+    elif one:   # the interval covers resampled users only; a p-value would claim more than one seed shows
+        boot = f"{b['delta']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}], p n/a (1 seed)"
     else:
         star = " *" if b["lo"] > 0 or b["hi"] < 0 else ""
         p = f"p < {1 / b['reps']:.3f}" if b["p"] == 0 else f"p = {b['p']:.3f}"
@@ -534,8 +549,8 @@ def markdown(res: dict, img_dir: str) -> str:
     if rp["note"]:
         lines += [rp["note"], ""]
     lines += ["Regenerate every number below (train the runs, then rebuild this page):", "", "```bash",
-              f"{RUNNER} {path}            # trains the runs whose stores are missing or stale",
-              f"lumctl eval {path} --out docs", "```", "",
+              f"{TRAIN.format(path=path)} --out docs   # trains the runs whose stores are missing or stale, "
+              "then writes this page", "```", "",
               "Every table cell is a test metric, mean ± std (n − 1) over seeds. Retrieval holds out one item "
               "per user, so HR@K is also Recall@K. The runs, their spec hashes (manifest `spec_hash` of the "
               "stage) and the command that retrains each are listed at the end.", ""]
@@ -550,7 +565,8 @@ def markdown(res: dict, img_dir: str) -> str:
                 if x["experiment"] in done:
                     continue
                 done.add(x["experiment"])
-                over = f" + `{json.dumps(r['set'], separators=(',', ':'))}`" if r["set"] else ""
+                over = "".join(f" + `{e}`" for e in r.get("extends", []))
+                over += f" + `{json.dumps(r['set'], separators=(',', ':'))}`" if r["set"] else ""
                 seeds = x.get("seeds") or ([x["seed"]] if x.get("seed") is not None else [])
                 secs = x.get("seconds")
                 lines.append(f"| `{x['experiment']}` ({x['stage']}) | {t['name']} / {r['label']} | `{r['spec']}`{over} | "
@@ -558,7 +574,7 @@ def markdown(res: dict, img_dir: str) -> str:
                              f"{x['spec_hash'][:12] if x['status'] == 'ok' else x['status']} | "
                              f"{x['store_hash'][:12] if x['status'] == 'ok' else '—'} | "
                              f"{'—' if secs is None else f'{secs:.0f} s'} | "
-                             f"`{RUNNER} {path} --only {x['experiment']}` |")
+                             f"`{TRAIN.format(path=path)} --only {x['experiment']}` |")
     lines.append("")
     return "\n".join(lines)
 
@@ -591,7 +607,7 @@ def run(rep: ReportFile, force: bool = False, out: str | Path | None = None, all
         for r in rp.runs:
             if isinstance(read[r.experiment], str) and not (rp.row.optional or allow_missing):
                 raise InputError(f"{path}: table '{rp.table.name}' row '{rp.row.label}' ({rp.row.spec})",
-                                 f"{read[r.experiment]}; make it with `{RUNNER} {path} --only {r.experiment}`")
+                                 f"{read[r.experiment]}; make it with `{TRAIN.format(path=path)} --only {r.experiment}`")
     inputs = {e: (g["store_hash"] if isinstance(g, dict) else g) for e, g in read.items()}
     spec_hash = hash_obj({"report": rep.report.model_dump(mode="json"), "runs": [hash_obj(r.data) for r in unique_runs(rows)]})
     dest = rep.store("eval")

@@ -369,7 +369,7 @@ def test_two_runs_at_once_equal_one_run(tmp_path):
 
 KILL_AT = {  # stage -> the call that kills the process (SIGKILL to itself) in the stage's write window
     "tokenize": ("lumctl.zarrio", "put", 3),
-    "pack": ("lumctl.zarrio", "put", 2),
+    "pack": ("lumctl.store", "write_manifest", 1),
     "pretrain": ("lumctl.store", "write_manifest", 1),        # final/ exists, the manifest not yet
     "query": ("lumctl.store", "write_manifest", 1),
     "fuse": ("lumctl.store", "write_manifest", 1),
@@ -389,8 +389,8 @@ def killing(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*a, **k)
 setattr(m, fn, killing)
-import lumctl.stages.fuse, lumctl.stages.pretrain, lumctl.stages.query  # (they import it by name: patch theirs)
-for s in (lumctl.stages.pretrain, lumctl.stages.query, lumctl.stages.fuse):
+for name in ("pack", "pretrain", "query", "fuse"):  # (they import it by name: patch theirs too)
+    s = importlib.import_module(f"lumctl.stages.{name}")
     if hasattr(s, fn) and mod == "lumctl.store":
         setattr(s, fn, killing)
 from lumctl.cli import app

@@ -250,12 +250,14 @@ def content_checksums(store: str | Path) -> dict[str, str]:
             except ValueError:
                 pass
     hashes: dict[str, hashlib._Hash] = {}
+    buf = bytearray(256 << 10)  # one small buffer, reused: hashing a large store adds no memory
+    view = memoryview(buf)
     for r in rel:
         h = hashes.setdefault(_unit(r, arrays), hashlib.sha256())
         h.update(r.encode() + b"\0")
         with fs.open(f"{root}/{r}", "rb") as f:
-            for block in iter(lambda: f.read(8 << 20), b""):
-                h.update(block)
+            while n := f.readinto(buf):
+                h.update(view[:n])
         h.update(b"\0")
     return {k: v.hexdigest() for k, v in sorted(hashes.items())}
 

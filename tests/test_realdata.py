@@ -6,20 +6,14 @@ path comes from the spec's own `${LUMCTL_DATA:-...}`, with LUMCTL_DATA set to th
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
 from helpers import DATA, REPO
+from lumctl.spec_io import load_toml
 from lumctl.specs import parse_spec
 from lumctl.stages import pack, tokenize
 from lumctl.store import read_manifest
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 pytestmark = [pytest.mark.realdata,
               pytest.mark.skipif(not DATA.is_dir(), reason=f"real data folder {DATA} not found")]
@@ -37,7 +31,7 @@ EXPECTED = {
 
 def shipped_spec(name: str, tmp_path, monkeypatch, **pack_over):
     monkeypatch.setenv("LUMCTL_DATA", str(DATA))
-    data = tomllib.loads((REPO / "specs" / f"{name}.toml").read_text(encoding="utf-8"))
+    data = load_toml(REPO / "specs" / f"{name}.toml")  # `extends` recipes merged in
     data["store_root"] = str(tmp_path / "stores")
     if pack_over:
         data["pack"] = {**data.get("pack", {}), **pack_over}
@@ -126,7 +120,7 @@ def test_same_data_at_another_path_is_up_to_date(tmp_path, monkeypatch):
         (other / "ml-100k" / f.name).symlink_to(f)
     (other / "ml-100k" / "notes.txt").write_text("not an input")           # and an unrelated one
     monkeypatch.setenv("LUMCTL_DATA", str(other))
-    data = tomllib.loads((REPO / "specs" / "ml-100k.toml").read_text(encoding="utf-8"))
+    data = load_toml(REPO / "specs" / "ml-100k.toml")
     moved = parse_spec({**data, "store_root": str(tmp_path / "stores")}, "specs/ml-100k.toml")
     assert moved.tokenize.path.startswith(str(other))
     tokenize.run(moved)

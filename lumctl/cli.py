@@ -1,6 +1,11 @@
 """The `lumctl` command line: one small command per verb; heavy imports happen inside.
 
-Exit codes: 0 ok, 2 bad input (one line naming file and field), 1 internal failure.
+Exit codes: 0 ok, 2 bad input or an I/O failure such as a full disk (one line naming file and field),
+1 internal failure (a bug; LUMCTL_DEBUG=1 prints the traceback).
+
+Environment: LUMCTL_THREADS (threads per run; default the CPUs the process may use), LUMCTL_LOCK_WAIT
+(seconds a second run of a stage on the same store waits for the first; default until it ends),
+LUMCTL_ALLOW_OTHER_CODE=1 (accept stores written by other lumctl code as up to date).
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ class _Group(typer.core.TyperGroup):
         return h
 
 
+# rich_markup_mode=None: help text such as "a [report] section" is printed as written, never as markup
 app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="lumctl: pretrain a Large User Model, query it, fuse its answers into DLRMs, evaluate.")
-spec_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Validate specs, print them resolved, print their schema.")
+                  rich_markup_mode=None, help="lumctl: pretrain a Large User Model, query it, fuse its answers into DLRMs, evaluate.")
+spec_app = typer.Typer(cls=_Group, no_args_is_help=True, rich_markup_mode=None, help="Validate specs, print them resolved, print their schema.")
 app.add_typer(spec_app, name="spec")
 
 
@@ -55,24 +61,37 @@ SetOpt = typer.Option([], "--set", metavar="SECTION.KEY=VALUE", show_default=Fal
     "override one spec key, the value read as TOML (e.g. --set pack.seq_len=1024); repeatable"))
 
 
-def _guard(fn: Callable[[], object]) -> None:
-    """Run `fn`; map errors to one line and an exit code."""
-    from lumctl.errors import InputError
+def _guard(fn: Callable[[], object], spec_path: Path | None = None) -> None:
+    """Run `fn`; map errors to one line and an exit code. A message about a spec field (`[section].key: ...`)
+    is prefixed with the spec file; an I/O failure (permission, disk full, read-only) is bad input, not a bug."""
+    from lumctl.errors import InputError, io_error_line
     try:
         fn()
     except InputError as e:
-        typer.echo(f"error: {e}", err=True)
+        where = f"{spec_path}: " if spec_path is not None and e.where.startswith("[") else ""
+        typer.echo(f"error: {where}{e}", err=True)
+        raise typer.Exit(2)
+    except OSError as e:
+        line = io_error_line(e)
+        if line is None:
+            _internal(e)
+        typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130)
-    except Exception as e:  # internal failure: one line, the traceback only with LUMCTL_DEBUG=1
-        import os
-        import traceback
-        if os.environ.get("LUMCTL_DEBUG"):
-            traceback.print_exc()
-        typer.echo(f"internal error: {type(e).__name__}: {e}", err=True)
-        raise typer.Exit(1)
+    except Exception as e:
+        _internal(e)
+
+
+def _internal(e: BaseException) -> None:
+    """An internal failure (a bug): one line, the traceback only with LUMCTL_DEBUG=1."""
+    import os
+    import traceback
+    if os.environ.get("LUMCTL_DEBUG"):
+        traceback.print_exc()
+    typer.echo(f"internal error: {type(e).__name__}: {e}", err=True)
+    raise typer.Exit(1)
 
 
 # optional spec sections: the verb has nothing to do without them
@@ -89,9 +108,38 @@ def _run_stage(stage: str, spec_path: Path, force: bool, sets: list[str], **kwar
         _refuse_torchrun(stage)
         if stage in NOTHING_TO and getattr(spec, stage) is None:
             raise InputError(str(spec_path), f"[{stage}]: section missing; nothing to {NOTHING_TO[stage]}")
-        from lumctl.stages import stage_module
-        stage_module(stage).run(spec, force=force, **kwargs)
-    _guard(go)
+        from lumctl.store import store_lock
+        with store_lock(spec.store(stage), stage):   # one run of a stage writes a store at a time
+            _threads()
+            if stage in ("pack", "pretrain", "query"):
+                from lumctl.checks import check_vocabularies
+                check_vocabularies(spec)             # before any output folder is made
+            from lumctl.stages import stage_module
+            stage_module(stage).run(spec, force=force, **kwargs)
+    _guard(go, spec_path)
+
+
+def _threads() -> None:
+    """Threads of torch, BLAS and Numba: LUMCTL_THREADS, else the CPUs this process may run on (its
+    affinity, which a container or `taskset` narrows, not every core of the host). Runs sharing a small
+    machine set LUMCTL_THREADS so their threads add up to its cores; idle threads sleep instead of
+    spinning (OMP_WAIT_POLICY=PASSIVE), so an oversubscribed machine slows down instead of stalling."""
+    import os
+
+    from lumctl.errors import InputError
+    v = os.environ.get("LUMCTL_THREADS", "").strip()
+    if v and not (v.isdigit() and int(v) > 0):
+        raise InputError("LUMCTL_THREADS", f"must be a positive number of threads (got {v!r})")
+    n = int(v) if v else len(os.sched_getaffinity(0))
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        if v or k not in os.environ:
+            os.environ[k] = str(n)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" in sys.modules:  # already imported (tests, torchrun): set it directly
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if "numba" in sys.modules:
+        import numba
+        numba.set_num_threads(min(int(os.environ["NUMBA_NUM_THREADS"]), numba.config.NUMBA_NUM_THREADS))
 
 
 def _refuse_torchrun(stage: str) -> None:
@@ -202,10 +250,12 @@ def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [repor
             runs.export(runs.select(rep, str(spec), only), Path(rep.store_root), export)
         if dry_run:
             return
-        ev.run(rep, force=force, out=out, allow_missing=allow_missing or bool(bad), path=str(spec))
+        from lumctl.store import store_lock
+        with store_lock(rep.store("eval"), "eval"):
+            ev.run(rep, force=force, out=out, allow_missing=allow_missing or bool(bad), path=str(spec))
         if bad:
             raise InputError(str(spec), f"{len(bad)} runs failed to train: " + ", ".join(d["experiment"] for d in bad))
-    _guard(go)
+    _guard(go, spec)
 
 
 @app.command()
@@ -216,9 +266,10 @@ def run(spec: Path = SpecArg, force: bool = ForceOpt, sets: list[str] = SetOpt):
 
     def go():
         _refuse_torchrun("run")
+        _threads()
         from lumctl.stages import run_all
         run_all(load_spec(spec, sets), force=force)
-    _guard(go)
+    _guard(go, spec)
 
 
 @spec_app.command("validate")
@@ -248,7 +299,7 @@ def spec_resolve(spec: Path = typer.Argument(..., help="experiment or report spe
         load_any(spec, sets)  # validate first: a resolved spec that would not run is an error
         typer.echo(f"# {spec} resolved" + "".join(f" --set {s}" for s in sets), nl=True)
         typer.echo(dump_toml(load_toml(spec, sets)), nl=False)
-    _guard(go)
+    _guard(go, spec)
 
 
 @spec_app.command("schema")

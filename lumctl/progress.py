@@ -17,8 +17,9 @@ LOG_EVERY = float(os.environ.get("LUMCTL_PROGRESS_EVERY", "5"))
 
 
 def say(msg: str) -> None:
+    """Print one line on stderr; paths such as `run[/old]` or `[bold]` are text, never markup."""
     if not QUIET:
-        console.print(msg)
+        console.print(msg, markup=False)
 
 
 def _hms(seconds: float) -> str:
@@ -82,6 +83,6 @@ def progress(**kw) -> Progress | LogProgress:
     """A progress bar on a terminal; plain log lines every LUMCTL_PROGRESS_EVERY seconds otherwise."""
     if not QUIET and not sys.stderr.isatty():
         return LogProgress()
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console, transient=False, disable=QUIET, **kw)

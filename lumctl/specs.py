@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -20,8 +20,27 @@ from lumctl.errors import InputError
 from lumctl.spec_io import deep_merge, expand_vars, is_report, load_toml, read_toml, validate  # noqa: F401
 
 
+def _is_tuple(annotation) -> bool:
+    """tuple[...], or an optional one (tuple[...] | None)."""
+    return get_origin(annotation) is tuple or any(get_origin(a) is tuple for a in get_args(annotation))
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    """Base of every spec model: unknown keys are errors, and types are strict, so `max_items = true`
+    or `lr = "3e-3"` is an error rather than 1 or 0.003 (an integer is still a valid float)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _arrays_to_tuples(cls, data):
+        """TOML has arrays, not tuples: accept an array for a tuple field (strict mode alone would not)."""
+        if isinstance(data, dict):
+            fix = {k: tuple(v) for k, v in data.items() if isinstance(v, list) and k in cls.model_fields
+                   and _is_tuple(cls.model_fields[k].annotation)}
+            if fix:
+                data = {**data, **fix}
+        return data
 
 
 # --------------------------------------------------------------------------------------- synth
@@ -584,6 +603,9 @@ class FuseSpec(Strict):
 
 
 # ---------------------------------------------------------------------------------------- spec
+PATH_KEYS = {"tokenize": {"path", "items_path"}}  # where the inputs lie, not what they are
+
+
 class Spec(Strict):
     """One experiment."""
 
@@ -614,7 +636,21 @@ class Spec(Strict):
                              f"and path = '{self.store('synth') / 'UserBehavior.csv'}'")
         if self.fuse is not None and self.fuse.lum != "none" and self.query is None:
             raise ValueError(f"[fuse] lum = '{self.fuse.lum}' reads the query store and needs a [query] section")
+        self._check_training_positions()
         return self
+
+    def _check_training_positions(self) -> None:
+        """Cross-section: the packed rows must hold at least one trained position. With conditions an event is
+        two tokens (c_l, i_l) and the loss sits at c_l; item-only (sasrec, hstu, [pack] conditions = false) the
+        loss at i_l predicts i_(l+1), so a row needs two events of one user."""
+        pk = self.pack
+        item_only = not pk.conditions or self.pretrain.model.kind != "lum"
+        if item_only and pk.max_items < 2:
+            raise ValueError(f"[pack].max_items: item-only rows need >= 2 events per user to train on "
+                             f"(got {pk.max_items}); no row would have a loss position")
+        if pk.seq_len < 2:  # one trained position: (c_1, i_1) or (i_1, i_2)
+            raise ValueError(f"[pack].seq_len: must be >= 2 tokens to hold one trained position "
+                             f"(got {pk.seq_len})")
 
     def store(self, stage: str) -> Path:
         return Path(self.store_root) / self.experiment / stage
@@ -627,9 +663,14 @@ class Spec(Strict):
         return join(self.inputs_root, self.experiment, stage)
 
     def section_hash(self, *sections: str) -> str:
-        def content(sec):  # settings that change how, not what, a stage computes are left out
-            return sec.model_dump(mode="json", exclude=set(getattr(type(sec), "RESOURCES", ()))) if sec is not None else None
-        d = {s: content(getattr(self, s)) for s in sections}
+        """Identity of spec sections. Left out: settings that change how, not what, a stage computes
+        (RESOURCES), and where the raw log lies ([tokenize] path, items_path): the tokenize store records the
+        data files' content hashes as its inputs, so moved data is the same data."""
+        def content(s, sec):
+            if sec is None:
+                return None
+            return sec.model_dump(mode="json", exclude=set(getattr(type(sec), "RESOURCES", ())) | PATH_KEYS.get(s, set()))
+        d = {s: content(s, getattr(self, s)) for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

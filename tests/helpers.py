@@ -3,13 +3,14 @@ into tmp_path, running the CLI, locating real data. Imported as `from helpers im
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lumctl.spec_io import dump_toml
 
 REPO = Path(__file__).resolve().parents[1]
-# CI clones the repository with `shared/` beside it
-DATA = REPO.parent / "shared" / "data"
+# the real datasets, found as the shipped specs find them: $LUMCTL_DATA, else ../shared/data beside the clone
+DATA = Path(os.environ.get("LUMCTL_DATA") or REPO.parent / "shared" / "data").resolve()
 
 
 def write_toml(path: Path, data: dict) -> Path:

@@ -6,21 +6,14 @@ path comes from the spec's own `${LUMCTL_DATA:-...}`, with LUMCTL_DATA set to th
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
 from helpers import DATA, REPO
-from lumctl.spec_io import read_toml
+from lumctl.spec_io import load_toml
 from lumctl.specs import parse_spec
 from lumctl.stages import pack, tokenize
 from lumctl.store import read_manifest
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 pytestmark = [pytest.mark.realdata,
               pytest.mark.skipif(not DATA.is_dir(), reason=f"real data folder {DATA} not found")]
@@ -38,7 +31,7 @@ EXPECTED = {
 
 def shipped_spec(name: str, tmp_path, monkeypatch, **pack_over):
     monkeypatch.setenv("LUMCTL_DATA", str(DATA))
-    data = read_toml(REPO / "specs" / f"{name}.toml")      # extends resolved
+    data = load_toml(REPO / "specs" / f"{name}.toml")  # `extends` recipes merged in
     data["store_root"] = str(tmp_path / "stores")
     if pack_over:
         data["pack"] = {**data.get("pack", {}), **pack_over}
@@ -112,3 +105,23 @@ def test_seq_pairs_real_file():
     ev = log.events
     assert ev.num_rows == 287_107
     assert len(set(ev["user"].to_pylist())) == 31_013 and len(set(ev["item"].to_pylist())) == 23_715
+
+
+def test_same_data_at_another_path_is_up_to_date(tmp_path, monkeypatch):
+    """The tokenize store knows its inputs by content: ML-100K reached through another path (links to the
+    same files) with an unrelated file added to the folder leaves the store up to date."""
+    spec = shipped_spec("ml-100k", tmp_path, monkeypatch)
+    store = tokenize.run(spec)
+    before = read_manifest(store)
+    assert set(before["inputs"]) == {"u.data", "u.item", "u.user"}
+    other = tmp_path / "elsewhere"
+    (other / "ml-100k").mkdir(parents=True)
+    for f in (DATA / "ml-100k").iterdir():                                  # the same files, linked
+        (other / "ml-100k" / f.name).symlink_to(f)
+    (other / "ml-100k" / "notes.txt").write_text("not an input")           # and an unrelated one
+    monkeypatch.setenv("LUMCTL_DATA", str(other))
+    data = load_toml(REPO / "specs" / "ml-100k.toml")
+    moved = parse_spec({**data, "store_root": str(tmp_path / "stores")}, "specs/ml-100k.toml")
+    assert moved.tokenize.path.startswith(str(other))
+    tokenize.run(moved)
+    assert read_manifest(store)["created"] == before["created"]  # not rewritten

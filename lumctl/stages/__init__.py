@@ -24,9 +24,15 @@ def stage_module(stage: str):
 
 
 def run_all(spec, upto: str | None = None, force: bool = False) -> None:
-    """Run every stage the spec has, in order, up to and including `upto`; up-to-date ones skip."""
+    """Run every stage the spec has, in order, up to and including `upto`; up-to-date ones skip. Each stage
+    holds its store's lock; the spec is checked against the vocabularies right after tokenize."""
+    from lumctl.checks import check_vocabularies
+    from lumctl.store import store_lock
     for stage in ORDER:
         if getattr(spec, stage, None) is not None:
-            stage_module(stage).run(spec, force=force)
+            with store_lock(spec.store(stage), stage):
+                stage_module(stage).run(spec, force=force)
+            if stage == "tokenize":
+                check_vocabularies(spec)
         if stage == upto:
             break

@@ -222,7 +222,8 @@ def read_pretrain(run: Run) -> dict:
             "best_step": met.get("best_step"), "n_params": cfg.get("n_params"), "max_items": cfg.get("max_items"),
             "kind": cfg.get("kind"), "spec_hash": m["spec_hash"], "store_hash": store_hash(m),
             "tokenize": m["inputs"].get("tokenize"), "seconds": m.get("seconds"), "created": m.get("created"),
-            "versions": m.get("versions", {}), "rank": np.load(rank_f) if rank_f.is_file() else None,
+            "versions": m.get("versions", {}), "code": (m.get("code") or {}).get("hash"),
+            "rank": np.load(rank_f) if rank_f.is_file() else None,
             "target": np.load(target_f) if target_f.is_file() else None}
 
 
@@ -251,7 +252,7 @@ def read_fuse(run: Run) -> dict:
            "backbone": met.get("backbone"), "lum": met.get("lum"), "lum_coverage": met.get("lum_coverage"),
            "spec_hash": m["spec_hash"], "store_hash": store_hash(m), "tokenize": m["inputs"].get("tokenize"),
            "seconds": m.get("seconds"), "created": m.get("created"), "versions": m.get("versions", {}),
-           "pred": None}
+           "code": (m.get("code") or {}).get("hash"), "pred": None}
     pz = store / "predictions.zarr"
     if pz.exists():
         g = zarrio.open_read(pz)
@@ -369,6 +370,9 @@ def evaluate_table(t: TableSpec, rows: list[RowPlan], read: dict[str, dict | str
             comparisons.append(c)
     table = {"name": t.name, "title": t.title, "kind": t.kind, "columns": cols, "compare": metric, "note": t.note,
              "rows": out_rows, "comparisons": comparisons}
+    codes = mixed_code([read[run.experiment] for rp in rows for run in rp.runs])
+    if codes:
+        table["mixed_code"] = codes
     if t.kind == "scaling":
         table["x"] = t.x
         pts = [(r["x"], v) for r in out_rows if r["status"] != "not run" and r.get("x")
@@ -475,11 +479,21 @@ def _compare_line(c: dict) -> str:
     return f"| {c['row']} | {c['vs']} | {_signed(c['delta'])} | {seeds} | {boot} |"
 
 
+def mixed_code(results: list) -> list[str]:
+    """The code identities (short hashes) of finished runs when they are not all the same, else []."""
+    codes = sorted({(r.get("code") or "unknown")[:12] for r in results if not isinstance(r, str)})
+    return codes if len(codes) > 1 else []
+
+
 def table_markdown(t: dict, img: str, confidence: float) -> list[str]:
     cols, metric, scaling = t["columns"], t["compare"], t["kind"] == "scaling"
     head = ["row"] + (["x"] if scaling else []) + [f"test {c}" for c in cols] + ["seeds"]
     head += ["store"] if t["kind"] == "ranking" else ["params"]
-    lines = [f"### {t['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"### {t['title']}", ""]
+    if t.get("mixed_code"):
+        lines += [f"**Rows from different code** ({', '.join(t['mixed_code'])}): the stores of this table were "
+                  "written by different lumctl code; rerun the older ones to compare like with like.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in t["rows"]:
         why = "; ".join(f"`{x['experiment']}`: {x['status']}" for x in r["runs"] if x["status"] != "ok")
         if r["status"] == "not run":

@@ -39,6 +39,7 @@ import torch
 from lumctl import dist, models
 from lumctl.attention import make_mask
 from lumctl.batch import TENSOR_KEYS, to_batch  # noqa: F401  (TENSOR_KEYS: read by benchmarks from here)
+from lumctl.checks import check_vocabularies
 from lumctl.errors import InputError
 from lumctl.evaluation import eval_rows, evaluate, open_store  # noqa: F401  (eval_rows: read by tests from here)
 from lumctl.loss import info_nce, sampling_logq
@@ -47,6 +48,7 @@ from lumctl.specs import PretrainSpec, Spec
 from lumctl.stages import pack as pack_stage
 from lumctl.store import (
     atomic_dir,
+    begin_store,
     hash_file,
     is_up_to_date,
     join,
@@ -285,6 +287,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     if not force and is_up_to_date(out, spec_hash, inputs):
         say(f"pretrain: {out} is up to date")
         return out
+    check_vocabularies(spec)  # a bad [pretrain.eval].condition fails before the store is touched
     started = time.time()
     ckpt_dir = out / "checkpoints"
     resume_from = newest_checkpoint(ckpt_dir) if resume else None
@@ -296,12 +299,17 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
         shutil.rmtree(out)  # a fresh run never mixes with an older one
     dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        begin_store(out, "pretrain")  # final/ and the rest are not usable downstream until the manifest says so
 
     torch.manual_seed(p.seed)
     data = open_store(tok_store)  # events stay on disk: the evaluation reads its users' slices
     cond_names = [c["name"] for c in _cond_fields(tok_store)]
     # rows_from = "store": only the small columns in memory; each rank reads the rest of its own rows per batch
     rows = pack_stage.load(pack_store, lazy=("item", "cond", "pos", "ts", "user") if p.rows_from == "store" else ())
+    if not rows["loss_mask"].any():
+        raise InputError(str(pack_store), "the packed rows have no loss position: nothing to train on (see [pack] "
+                         "seq_len, max_items, conditions)")
     conditions = bool(rows["type"].max() == 2 and (rows["type"] == 1).any())
     if not conditions:
         rows["cond"] = rows["cond"][..., :0]
@@ -356,6 +364,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
         step, best, best_step = st["step"], st["best"], st["best_step"]
         log_tau.data.fill_(st["log_tau"])
         say(f"pretrain: resuming from {resume_from.name} (step {step})")
+        if dist.is_main():
+            truncate_metrics(out / "metrics.jsonl", step)  # the replayed steps are logged again
     say(f"pretrain: {p.model.kind} {p.model.preset} ({n_params / 1e6:.2f}M non-embedding params, d={cfg['d_model']}, "
         f"L={cfg['n_layers']}), {len(micro.rows['type'])} rows x {spec.pack.seq_len}, {total} steps, "
         f"{cfg['attention']} attention, {'bf16' if bf16 else 'fp32'}, {device}")
@@ -408,6 +418,9 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 loss_sum = float(loss_sum)  # the only host sync of a step, every log_every steps
                 dt = max(1e-9, time.time() - t_last)
                 loss_sum = dist.all_reduce_sum(loss_sum)  # metrics of all ranks together
+                if not math.isfinite(loss_sum):
+                    raise InputError("[pretrain.optim].lr", f"the loss is {loss_sum} at step {step}: training "
+                                     "diverged (try a lower lr, warmup_steps or clip); no model is published")
                 tok_last, flops_last = dist.all_reduce_sum(tok_last), dist.all_reduce_sum(flops_last)
                 rec = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
                        "lr": opt.param_groups[0]["lr"], "tau": float(log_tau.exp()), "tokens_per_s": round(tok_last / dt, 1),
@@ -477,6 +490,23 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     say(f"pretrain: test hr@10={t['hr@10']:.4f} ndcg@10={t['ndcg@10']:.4f} mrr={t['mrr']:.4f} "
         f"(best step {best_step}) in {time.time() - started:.0f}s -> {out}")
     return out
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of metrics.jsonl up to `step` (those the checkpoint had seen); a killed run may
+    have logged later steps, which the resumed run logs again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:  # a line cut short by the kill
+            pass
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
 
 
 def global_loss_terms(rows: dict, idx: np.ndarray, negatives: str, device: torch.device) -> tuple[dict, int]:

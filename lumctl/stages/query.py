@@ -98,6 +98,7 @@ from lumctl.store import (
     store_hash,
     write_manifest,
 )
+from lumctl.store import join  # noqa: E402  (fsspec-aware path join)
 
 BATCH_KEYS = {"type": torch.int8, "item": torch.long, "cond": torch.long, "pos": torch.int32}
 
@@ -569,7 +570,7 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
     tok_store = spec.input_store("tokenize")  # a path or an fsspec URL
     tok_manifest = require_store(tok_store, "tokenize")
     ckpt = checkpoint_dir(spec)
-    n_users = int(tok_manifest["counts"]["users"])
+    n_users = int(zarrio.open_read(join(tok_store, "data.zarr"))["users/offsets"].shape[0]) - 1  # from the array
     user_idx = parse_users(users, n_users)
     inputs = {"tokenize": store_hash(tok_manifest),
               "checkpoint": hash_obj({f: hash_file(ckpt / f) for f in ("config.json", "model.pt")}),

@@ -34,7 +34,7 @@ from lumctl.errors import InputError
 from lumctl.progress import progress, say
 from lumctl.readers import RawLog, read_log
 from lumctl.specs import Spec, TokenizeSpec
-from lumctl.store import atomic_dir, hash_file, is_up_to_date, join, require_store, store_hash, write_manifest
+from lumctl.store import atomic_dir, input_files_hashes, is_up_to_date, join, require_store, store_hash, write_manifest
 
 USER_ATTRS = ("gender", "age", "occupation")
 
@@ -343,18 +343,30 @@ def tokenize_log(spec: TokenizeSpec, log: RawLog, where: str = "[tokenize]") -> 
 
 
 def input_hashes(spec: Spec) -> dict[str, str]:
+    """The raw log's identity by content: {file name relative to the data path: sha256}. Moving the data
+    elsewhere or adding a file the reader does not read leaves it unchanged."""
     t = spec.tokenize
     if t.format == "synth":
         return {"synth": store_hash(require_store(spec.store("synth"), "synth"))}
-    log_files = _raw_files(t)
-    return {str(p): hash_file(p) for p in log_files}
+    return input_files_hashes(_raw_files(t), Path(t.path), Path(t.items_path) if t.items_path else None)
+
+
+# the files a folder format's reader may read (lumctl.readers); other files in the folder are not inputs
+READ_BY_FORMAT = {
+    "movielens-1m": ("ratings*.dat", "ratings*.dat.gz", "movies.dat", "users.dat"),
+    "movielens-100k": ("u.data", "u.item", "u.user"),
+    "movielens-csv": ("ratings.csv", "ratings.csv.gz", "movies.csv"),
+}
 
 
 def _raw_files(t: TokenizeSpec) -> list[Path]:
     p = Path(t.path)
     if not p.exists():
         raise InputError(str(p), "data path not found")
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    if p.is_dir() and t.format in READ_BY_FORMAT:
+        files = sorted({f for pat in READ_BY_FORMAT[t.format] for f in p.glob(pat) if f.is_file()})
+    else:
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
     if t.items_path:
         files.append(Path(t.items_path))
     return files

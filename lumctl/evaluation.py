@@ -45,13 +45,7 @@ def open_store(store) -> dict:
     from lumctl.store import join, require_store
     require_store(store, "tokenize")
     g = zarrio.open_read(join(store, "data.zarr"))  # a path or an fsspec URL
-    out = {}
-    for group in ("events", "users", "items", "vocab"):
-        if group in g:
-            for name in g[group].array_keys():
-                key = f"{group}/{name}"
-                out[key] = g[key] if group == "events" else zarrio.get(g, key)
-    return out
+    return zarrio.load_groups(g, ("events", "users", "items", "vocab"), lazy=("events",))
 
 
 def held_out_users(data: dict, split: str) -> tuple[np.ndarray, np.ndarray]:

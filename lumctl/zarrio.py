@@ -43,6 +43,18 @@ def get(group: zarr.Group, name: str) -> np.ndarray:
     return np.asarray(group[name][...])
 
 
+def load_groups(group: zarr.Group, names: tuple[str, ...], lazy: tuple[str, ...] = ()) -> dict:
+    """The arrays of the sub-groups `names` keyed by path ("events/item"); those of the `lazy`
+    sub-groups stay Zarr arrays (read in slices when indexed), the rest are loaded as numpy."""
+    out = {}
+    for sub in names:
+        if sub in group:
+            for name in group[sub].array_keys():
+                key = f"{sub}/{name}"
+                out[key] = group[key] if sub in lazy else get(group, key)
+    return out
+
+
 class Appender:
     """Fill a zarr array of known shape front to back, whole chunks at a time (memory: about one chunk).
 

@@ -615,9 +615,4 @@ def load(store: Path) -> dict[str, np.ndarray]:
     """Every array of a tokenize store, as numpy, keyed by path."""
     require_store(store, "tokenize")
     g = zarrio.open_read(join(store, "data.zarr"))  # a path or an fsspec URL
-    out = {}
-    for group in ("events", "users", "items", "vocab"):
-        if group in g:
-            for name in g[group].array_keys():
-                out[f"{group}/{name}"] = zarrio.get(g, f"{group}/{name}")
-    return out
+    return zarrio.load_groups(g, ("events", "users", "items", "vocab"))

@@ -1,7 +1,7 @@
 """The results of a finished `lumctl run`, as a few plain lines: read from the stores' metrics files,
 never recomputed.
 
-  pretrain  test next-item retrieval (HR@10, NDCG@10) with the query condition of [pretrain.eval], and with
+  pretrain  test next-item retrieval (HR@10, NDCG@10; the smallest K when ks has no 10) with the query condition of [pretrain.eval], and with
             the held-out event's own condition when [pretrain.eval] oracle = true
   fuse      test AUC of the model; with [fuse] compare_base = true also the base (lum = "none") and the gain
   plots     every *.png in the experiment's stores
@@ -30,7 +30,7 @@ def _auc(block: dict) -> str:
     return f"{a['mean']:.4f}" + (f" ± {a['std']:.4f}" if len(block.get("seeds", [])) > 1 else "")
 
 
-W = 50  # width of a row's label
+W = 56  # width of a row's label
 
 
 def _row(label: str, *cells: str) -> str:
@@ -43,14 +43,17 @@ def lines(spec) -> list[str]:
     pre = _read(spec.store("pretrain") / "final" / "metrics.json")
     if pre is not None:
         t = pre["test"]
+        ks = sorted(int(k[3:]) for k in t if k.startswith("hr@"))
+        k = 10 if 10 in ks else ks[0]                                   # [pretrain.eval] ks
         out.append(f"  pretrain: next-item retrieval over all items, {t.get('n', '?')} users")
-        out.append(_row("", "HR@10", "NDCG@10"))
+        out.append(_row("", f"HR@{k}", f"NDCG@{k}"))
         out.append(_row(f"query condition {_condition(pre.get('query_condition', {}))}",
-                        f"{t['hr@10']:.4f}", f"{t['ndcg@10']:.4f}"))
+                        f"{t[f'hr@{k}']:.4f}", f"{t[f'ndcg@{k}']:.4f}"))
         o = pre.get("test_oracle_condition")
         if o is not None:
             fields = ", ".join(pre.get("query_condition", {})) or "condition"
-            out.append(_row(f"oracle: the held-out event's own {fields}", f"{o['hr@10']:.4f}", f"{o['ndcg@10']:.4f}"))
+            out.append(_row(f"oracle: the held-out event's own {fields}", f"{o[f'hr@{k}']:.4f}",
+                            f"{o[f'ndcg@{k}']:.4f}"))
     fu = _read(spec.store("fuse") / "metrics.json") if spec.fuse is not None else None
     if fu is not None:
         base = fu.get("base")

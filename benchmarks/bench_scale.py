@@ -37,6 +37,7 @@ FLOOR = """
 import duckdb, os
 con = duckdb.connect(sys.argv[2])
 con.execute("SET memory_limit = '{memory_gb}GB'; SET threads = {threads}; SET preserve_insertion_order = true")
+con.execute("SET enable_progress_bar = false")
 con.execute(f\"\"\"CREATE TABLE raw AS SELECT * FROM read_csv('{{sys.argv[1]}}', header = false, auto_detect = false,
     columns = {{{{'user': 'BIGINT', 'item': 'BIGINT', 'category': 'BIGINT', 'behavior': 'VARCHAR', 'timestamp': 'BIGINT'}}}},
     ignore_errors = true)\"\"\")
@@ -58,7 +59,7 @@ def step(body: str, *args: str) -> dict:
                        capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise SystemExit(f"step failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def spec_text(work: Path, rows: int, log: str | None, memory_gb: float) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from lumctl import evaluation
 from lumctl.specs import OptimSpec, PackSpec, PretrainSpec
 from lumctl.stages import pretrain as pt
 
@@ -73,9 +74,9 @@ DATA = {
 def test_history_weights_by_hand():
     # user 0 before its valid event: values 3, 3, 3, 4, 4, 2 -> counts (v2, v3, v4) = (1, 3, 2), + 1 each
     # user 1: 2, 2, 2, 3 -> (3, 1, 0) + 1
-    w = pt.history_weights(DATA, "valid", 0, 5, 1.0)
+    w = evaluation.history_weights(DATA, "valid", 0, 5, 1.0)
     assert w == pytest.approx(np.array([[2 / 9, 4 / 9, 3 / 9], [4 / 7, 2 / 7, 1 / 7]]))
-    w = pt.history_weights(DATA, "valid", 0, 5, 0.5)
+    w = evaluation.history_weights(DATA, "valid", 0, 5, 0.5)
     assert w[1] == pytest.approx(np.array([3.5, 1.5, 0.5]) / 5.5)
 
 
@@ -89,10 +90,10 @@ class CondModel(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.config = SimpleNamespace(attention="sdpa", d_model=2, cond_vocab=[5])
+        self.config = SimpleNamespace(attention="sdpa", d_model=2, cond_vocab=[5], n_items=len(self.KEYS))
 
-    def item_table(self, _):
-        return self.KEYS
+    def item_table(self, ids=None):
+        return self.KEYS if ids is None else self.KEYS[ids]
 
     def forward(self, batch, mask):
         return self.OUT[batch["cond"][..., 0]]                                      # (B, S, D)

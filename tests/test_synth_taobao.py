@@ -264,7 +264,7 @@ def test_synth_then_tokenize_through_the_cli(tmp_path):
     assert tok["events"] == per_user[per_user >= 5].sum()
     assert tok["events"] + tok["dropped_events"] + tok.get("duplicate_events", 0) == 20_000
     assert tok["malformed_rows"] == 0
-    spec.write_text(spec.read_text().replace('"chunk_rows" = 10000', '"chunk_rows" = 20000'))
-    assert '"chunk_rows" = 20000' in spec.read_text()
+    spec.write_text(spec.read_text().replace('chunk_rows = 10000', 'chunk_rows = 20000'))
+    assert 'chunk_rows = 20000' in spec.read_text()
     r = invoke("synth", spec)
     assert r.exit_code == 0 and "up to date" in r.output  # chunk_rows does not change the log

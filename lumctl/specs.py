@@ -585,6 +585,9 @@ class FuseSpec(Strict):
         "impression, label = rating >= 4; behavior = one sample per (user, item, split part) at the pair's "
         "first event, label 1 when the user took a `positive` behaviour on it in that part, 0 when it was "
         "only viewed (Taobao: pv vs cart / fav / buy)"))
+    compare_base: bool = Field(False, description=(
+        "also train the same backbone with lum = 'none' on the same samples and seeds; metrics.json then holds "
+        "the base's metrics under `base` beside this model's (the store's models and predictions stay this model's)"))
     behavior_field: str = Field("behavior", min_length=1, description=(
         "behavior: the condition field of [tokenize] holding the behaviour type"))
     positive: list[str] = Field(["cart", "fav", "buy"], min_length=1, description=(
@@ -599,6 +602,10 @@ class FuseSpec(Strict):
     def _check(self):
         if self.samples is not None and self.backbone == "two_tower":
             raise ValueError("two_tower ranks the catalogue from the derived samples; it does not read a sample table")
+        if self.compare_base and self.lum == "none":
+            raise ValueError("compare_base trains a base beside a model with LUM answers; it needs lum != 'none'")
+        if self.compare_base and self.init_from:
+            raise ValueError("compare_base trains its base from scratch; it does not go with init_from")
         return self
 
 

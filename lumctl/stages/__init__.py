@@ -25,7 +25,9 @@ def stage_module(stage: str):
 
 def run_all(spec, upto: str | None = None, force: bool = False) -> None:
     """Run every stage the spec has, in order, up to and including `upto`; up-to-date ones skip. Each stage
-    holds its store's lock; the spec is checked against the vocabularies right after tokenize."""
+    holds its store's lock; the spec is checked against the vocabularies right after tokenize. A full run ends
+    with the results table of its stores (lumctl.summary)."""
+    from lumctl import summary
     from lumctl.checks import check_vocabularies
     from lumctl.store import store_lock
     for stage in ORDER:
@@ -36,3 +38,5 @@ def run_all(spec, upto: str | None = None, force: bool = False) -> None:
                 check_vocabularies(spec)
         if stage == upto:
             break
+    if upto is None:
+        summary.show(spec)

@@ -34,7 +34,8 @@ train events may be later).
 
 Output (`stores/<experiment>/fuse/`):
   metrics.json        per seed {valid, test: auc, gauc, logloss, n, pos_rate (two_tower: retrieval: recall@K,
-                      users); best_epoch}, and mean / std (recall@K too)
+                      users); best_epoch}, and mean / std (recall@K too); with compare_base also `base`:
+                      the same for the backbone with lum = "none" trained on the same samples and seeds
   predictions.zarr/   event [S] int64 (sample table: its row), user [S] (sample table: unseen users numbered
                       from U by raw id), split [S] int8 (1 valid, 2 test), label [S] int8,
                       logit [seeds, S] float32 (valid + test samples)
@@ -302,6 +303,12 @@ class Features:
             out["lum_missing"] = (~has).astype(np.float32)
         return out
 
+    def without_lum(self) -> Features:
+        """The same samples and features without the LUM answers (the base model's batches)."""
+        base = copy.copy(self)
+        base.fs, base.ans = self.fs.model_copy(update={"lum": "none"}), None
+        return base
+
     def batch(self, idx: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in self.numpy(idx).items()}
 
@@ -481,10 +488,16 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def seed_metrics(runs: list[dict], first_seed: int) -> list[dict]:
+    """metrics.json "seeds": each run's best epoch, valid and test metrics and epoch history."""
+    return [{"seed": first_seed + k, "best_epoch": r["best_epoch"], "valid": r["valid"], "test": r["test"],
+             "epochs": r["epochs"]} for k, r in enumerate(runs)]
+
+
 # keys that do not change what fuse computes, and keys added later that leave, at their default, the
 # spec hash of older stores as it was (so they stay up to date)
 NO_HASH = ("cache_mib",)
-LATER_KEYS = ("samples", "protocol", "behavior_field", "positive")
+LATER_KEYS = ("samples", "protocol", "behavior_field", "positive", "compare_base")
 
 
 def fuse_spec_hash(fs: FuseSpec) -> str:
@@ -534,7 +547,7 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
     if table is not None:  # the sample table's own feature columns
         cfg = dataclasses.replace(cfg, extra_cat=table.cat_vocab, extra_multi=table.multi_vocab,
                                   extra_numeric=len(fs.samples.numeric))
-    runs, models = [], []
+    runs, models, base_runs = [], [], []
     for k in range(fs.seeds):
         seed = fs.seed + k
         torch.manual_seed(seed)
@@ -545,15 +558,25 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
         model, res = train(model, feats, fs, seed, device)
         runs.append(res)
         models.append({k_: v.cpu() for k_, v in model.state_dict().items()})
+    if fs.compare_base:  # the same backbone, samples and seeds without the LUM answers
+        base_feats = feats.without_lum()
+        base_cfg = dataclasses.replace(cfg, lum="none", n_queries=0, d_lum=0)
+        for k in range(fs.seeds):
+            seed = fs.seed + k
+            torch.manual_seed(seed)
+            say(f"fuse: seed {seed} base ({fs.backbone}, lum=none)")
+            _, res = train(build_model(base_cfg, data).to(device), base_feats, base_feats.fs, seed, device)
+            base_runs.append(res)
     s = feats.s
     ev = np.concatenate([np.flatnonzero(s["split"] == 1), np.flatnonzero(s["split"] == 2)])
     logit = np.stack([np.concatenate([r["valid_logit"], r["test_logit"]]) for r in runs]).astype(np.float32)
-    metrics = {"seeds": [{"seed": fs.seed + k, "best_epoch": r["best_epoch"], "valid": r["valid"], "test": r["test"],
-                          "epochs": r["epochs"]} for k, r in enumerate(runs)],
-               **summarize(runs), "backbone": fs.backbone, "lum": fs.lum,
+    metrics = {"seeds": seed_metrics(runs, fs.seed), **summarize(runs), "backbone": fs.backbone, "lum": fs.lum,
                "samples": table.counts if table is not None else {"protocol": fs.protocol},
                "lum_coverage": {name: float(feats.lum_has[s["split"] == k].mean()) if ans is not None else 0.0
                                 for k, name in enumerate(("train", "valid", "test"))}}
+    if base_runs:
+        metrics["base"] = {"seeds": seed_metrics(base_runs, fs.seed), **summarize(base_runs),
+                           "backbone": fs.backbone, "lum": "none"}
     config_json = {"model": cfg.to_dict(), "spec": fs.model_dump(mode="json"), "inputs": inputs,
                    "tokenize": spec.tokenize.model_dump(mode="json")}
     with atomic_dir(out) as tmp:
@@ -581,4 +604,7 @@ def run(spec: Spec, force: bool = False, seeds: int | None = None) -> Path:
         f"gauc {t['gauc']['mean']:.4f}, logloss {t['logloss']['mean']:.4f}"
         + "".join(f", {k} {v['mean']:.4f}" for k, v in t.items() if k.startswith("recall@")) +
         f" ({fs.seeds} seed(s), {time.time() - started:.1f}s) -> {out}")
+    if base_runs:
+        b = metrics["base"]["test"]["auc"]["mean"]
+        say(f"fuse: base {fs.backbone} lum=none test auc {b:.4f}; + LUM {t['auc']['mean'] - b:+.4f}")
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, invoke, spec_in
+from helpers import REPO, invoke, spec_in, tiny
 from lumctl.errors import InputError, io_error_line
 from lumctl.specs import load_spec, parse_spec
 from lumctl.store import (
@@ -36,23 +36,6 @@ from lumctl.store import (
 )
 
 PY = sys.executable
-
-
-def tiny(tmp_path: Path, name: str = "tiny.toml", store_root: Path | None = None, **sections) -> Path:
-    """A 50-user synthetic experiment (synth, tokenize, pack); sections override."""
-    data = {
-        "experiment": "tiny",
-        "synth": {"users": 50, "items": 40, "categories": 5, "scenarios": 2, "events_per_user": [4, 25], "seed": 3},
-        "tokenize": {"format": "synth", "conditions": [
-            {"name": "scenario", "source": "column", "column": "scenario"},
-            {"name": "category", "source": "item_attr", "column": "category"}]},
-        "pack": {"seq_len": 64, "max_items": 20},
-    }
-    if store_root is not None:
-        data["store_root"] = str(store_root)
-    for k, v in sections.items():
-        data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
-    return spec_in(tmp_path, data, name)
 
 
 PRETRAIN = {"model": {"preset": "tiny", "d_model": 16, "n_heads": 2, "d_ff": 32},

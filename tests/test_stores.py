@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import invoke, spec_in
+from helpers import invoke, spec_in, tiny
 from lumctl import synth
 from lumctl.errors import InputError
 from lumctl.specs import load_spec
@@ -17,20 +17,6 @@ from lumctl.stages import pack, tokenize
 from lumctl.store import MANIFEST, atomic_dir, is_up_to_date, read_manifest, require_store, store_hash
 
 STAGES = ("synth", "tokenize", "pack")
-
-
-def tiny(tmp_path: Path, **sections) -> Path:
-    data = {
-        "experiment": "tiny",
-        "synth": {"users": 50, "items": 40, "categories": 5, "scenarios": 2, "events_per_user": [4, 25], "seed": 3},
-        "tokenize": {"format": "synth", "conditions": [
-            {"name": "scenario", "source": "column", "column": "scenario"},
-            {"name": "category", "source": "item_attr", "column": "category"}]},
-        "pack": {"seq_len": 64, "max_items": 20},
-    }
-    for k, v in sections.items():
-        data[k] = {**data.get(k, {}), **v}
-    return spec_in(tmp_path, data, "tiny.toml")
 
 
 def build(spec_path: Path, *stages: str, force: bool = False) -> None:

@@ -117,6 +117,7 @@ def copies(con: duckdb.DuckDBPyConnection, table: str) -> None:
                     JOIN {table} f ON f.rowid = g.first
                     WHERE r.rowid <> g.first AND r.user = f.user AND r.item = f.item AND r.timestamp = f.timestamp""")
 
+
 def is_integer_type(con: duckdb.DuckDBPyConnection, table: str, col: str) -> bool:
     typ = con.execute(f"SELECT data_type FROM information_schema.columns WHERE table_name = '{table}' "
                       f"AND column_name = '{col}'").fetchall()[0][0]

@@ -64,6 +64,14 @@ def _col(t: pa.Table, name: str, where: str) -> np.ndarray:
     return t[name].to_numpy(zero_copy_only=False)
 
 
+def first_value(attr: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An item attribute as one value per item: the first of a list ("" for an empty list)."""
+    if pa.types.is_list(attr.type):
+        return pc.list_element(pc.if_else(pc.greater(pc.list_value_length(attr), 0), attr,
+                                          pa.scalar([""], attr.type)), 0)
+    return attr
+
+
 def _condition_codes(spec: TokenizeSpec, log: RawLog, item_raw: np.ndarray, where: str) -> tuple[np.ndarray, dict]:
     """[E, F] condition ids and {field: vocab} for every configured condition field."""
     ev = log.events
@@ -83,10 +91,7 @@ def _condition_codes(spec: TokenizeSpec, log: RawLog, item_raw: np.ndarray, wher
                 have = log.items.column_names if log.items is not None else []
                 raise InputError(f"{where}: [tokenize].conditions.{f}.column",
                                  f"item attribute '{c.column}' not available (item attributes: {have})")
-            attr = log.items[c.column]
-            if pa.types.is_list(attr.type):
-                attr = pc.list_element(pc.if_else(pc.greater(pc.list_value_length(attr), 0), attr,
-                                                  pa.scalar([""], attr.type)), 0)
+            attr = first_value(log.items[c.column])
             attr_items = log.items["item"].to_numpy(zero_copy_only=False).astype(str)
             attr_vals = attr.to_numpy(zero_copy_only=False).astype(str)
             vocab = _sorted_vocab(attr_vals[attr_vals != ""])
@@ -396,21 +401,19 @@ def build(spec: Spec, tmp: Path, where: str = "[tokenize]") -> tuple[dict, list[
     # hygiene: events outside time_range (counted; dropped with strict), duplicates (the first in file order
     # stays); `ev` is what remains, with its file order `ord`
     loaded = int(eventdb.scalar(con, "SELECT count(*) FROM raw"))
-    counts["out_of_range_events"] = counts["duplicate_events"] = 0
-    keep = "true"
+    counts["out_of_range_events"] = counts["duplicate_events"] = deleted = 0
     if t.time_range is not None:
         outside = f"timestamp NOT BETWEEN {int(t.time_range[0])} AND {int(t.time_range[1])}"
         counts["out_of_range_events"] = int(eventdb.scalar(con, f"SELECT count(*) FROM raw WHERE {outside}"))
         if t.strict:
-            keep = f"NOT ({outside})"
-    if keep != "true":
-        con.execute(f"DELETE FROM raw WHERE NOT ({keep})")
+            con.execute(f"DELETE FROM raw WHERE {outside}")
+            deleted += counts["out_of_range_events"]
     if t.duplicates == "drop":
         eventdb.copies(con, "raw")
         counts["duplicate_events"] = int(eventdb.scalar(con, "SELECT count(*) FROM copies"))
         con.execute("DELETE FROM raw WHERE rowid IN (SELECT id FROM copies)")
+        deleted += counts["duplicate_events"]
     con.execute("CREATE VIEW ev AS SELECT rowid AS ord, * FROM raw")   # deleting rows moves no rowid
-    deleted = counts["duplicate_events"] + (counts["out_of_range_events"] if keep != "true" else 0)
 
     # condition codes (vocabularies over every event, as the reference): one SQL expression per field
     cond_sql, joins, cond_vocabs = [], [], {}
@@ -432,10 +435,7 @@ def build(spec: Spec, tmp: Path, where: str = "[tokenize]") -> tuple[dict, list[
             if items is None or c.column not in items.column_names:
                 have = items.column_names if items is not None else []
                 raise InputError(field, f"item attribute '{c.column}' not available (item attributes: {have})")
-            attr = items[c.column]
-            if pa.types.is_list(attr.type):
-                attr = pc.list_element(pc.if_else(pc.greater(pc.list_value_length(attr), 0), attr,
-                                                  pa.scalar([""], attr.type)), 0)
+            attr = first_value(items[c.column])
             eventdb.load_arrow(con, pa.table({"item": pc.cast(items["item"], pa.string()),
                                               "attr": pc.cast(attr, pa.string())}), f"attr{f}")
             # one attribute per item, the last row's (as a dict built from the table)

@@ -552,7 +552,8 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
                 f.unlink()
     return {"users": U, "snapshots": S, "max_snapshots": p.T, "queries": N, "d": d,
             "users_with_snapshots": int((np.diff(so) > 0).sum()), "tokens": tokens, "seq_len": seq_len,
-            "timing": {"answer_s": round(time.time() - started, 2), **{f"{k}_wait_s": round(v, 2) for k, v in wait.items()}}}
+            "timing": {"loop_s": round(time.time() - started, 2), "read_wait_s": round(wait["read"], 2),
+                       "answer_s": round(wait["answer"], 2), "write_wait_s": round(wait["write"], 2)}}
 
 
 # ------------------------------------------------------------------------------------ item embeddings
@@ -668,8 +669,8 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
         write_manifest(tmp, stage="query", spec_hash=spec_hash, inputs=inputs, counts=counts, started=started,
                        extra={"checkpoint": str(ckpt), "items": str(items), "timing": timing})
         replace_dir(tmp, out)
-        say(f"query: answering loop {timing['answer_s']}s: the device waited {timing['read_wait_s']}s on reads and "
-            f"{timing['write_wait_s']}s on writes ({timing['answer_wait_s']}s packing and answering)")
+        say(f"query: answering loop {timing['loop_s']}s: {timing['answer_s']}s packing and answering, "
+            f"{timing['read_wait_s']}s waiting on reads, {timing['write_wait_s']}s on writes")
     dist.barrier()
     took = time.time() - started
     say(f"query: {counts['users']:,} users, {counts['snapshots']:,} snapshots x {counts['queries']} queries "

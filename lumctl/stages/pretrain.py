@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -206,8 +207,13 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a model from a self-describing checkpoint folder (config.json + model.pt)."""
     cfg = json.loads((Path(path) / "config.json").read_text())
-    model = build_model(cfg["kind"], cfg["model"])
-    model.load_state_dict(torch.load(Path(path) / "model.pt", map_location=device, weights_only=True))
+    state = torch.load(Path(path) / "model.pt", map_location=device, weights_only=True, mmap=True)
+    with torch.device("meta"):  # no random init of (and no copy into) weights that are replaced at once
+        model = build_model(cfg["kind"], cfg["model"])
+    model.load_state_dict(state, assign=True)
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):  # state the checkpoint lacks
+        model = build_model(cfg["kind"], cfg["model"])
+        model.load_state_dict(state)
     return model.to(device), cfg
 
 

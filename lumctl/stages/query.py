@@ -579,10 +579,12 @@ def write_items(path: Path, model, src: Source, dtype: str, checkpoint: str, che
         vocab = src["vocab/item"]
         if vocab.shape[0] != I:
             raise InputError(checkpoint, f"checkpoint has {I} items, the tokenize store {vocab.shape[0]}")
-        for a in range(0, I, block):
-            b = min(I, a + block)
-            emb[a:b] = model.item_table(torch.arange(a, b, device=dev)).float().cpu().numpy().astype(dtype)  # (b-a, d)
-            ids[a:b] = _str(vocab[a:b])
+        step = max(block, int(getattr(vocab, "chunks", (block,))[0]))   # ids a whole stored chunk at a time
+        for a in range(0, I, step):
+            ids[a:a + step] = _str(vocab[a:a + step])
+            for c in range(a, min(I, a + step), block):
+                e = min(I, c + block)
+                emb[c:e] = model.item_table(torch.arange(c, e, device=dev)).float().cpu().numpy().astype(dtype)  # (e-c, d)
         export_items(tmp, tmp / "items.parquet", block)
         write_manifest(tmp, stage="query-items", spec_hash=dtype, inputs={"checkpoint": checkpoint_hash},
                        counts={"items": I, "d": d}, started=started, extra={"checkpoint": checkpoint, "dtype": dtype})

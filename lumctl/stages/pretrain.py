@@ -10,6 +10,7 @@ Output (`stores/<experiment>/pretrain/`):
   metrics.jsonl            one JSON object per log/eval step;  loss.png  the loss curve
   manifest.json            written last
 Validation (lumctl.evaluation) picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
+With [pretrain.eval] patience = N the run ends early once N evaluations in a row bring no better score.
 `init_from` starts from another run's weights (continued pretraining, e.g. a LUM refreshed on newer
 events; the model config and vocabularies must match, config.json records `vocab_hash`).
 
@@ -85,7 +86,7 @@ def model_config(p: PretrainSpec, data: dict, cond_names: list[str], device: tor
         "n_categories": int(len(data["vocab/category"])) if feats and "items/category" in data else 0,
         "n_popularity": int(data["items/popularity"].max()) + 1 if feats else 0,
         "d_model": m.d_model or d, "n_layers": m.n_layers or L, "n_heads": m.n_heads or H, "d_ff": m.d_ff or ff,
-        "d_feat": m.d_feat, "dropout": m.dropout, "attention": attention,
+        "d_feat": m.d_feat, "dropout": m.dropout, "embed_dropout": m.embed_dropout, "attention": attention,
     }
 
 
@@ -228,7 +229,7 @@ def init_weights(model: torch.nn.Module, path: Path, kind: str, cfg: dict, vocab
     """Start from another run's weights (init_from): same model family and config (attention kernel and
     dropout may differ), same vocabularies."""
     ck = json.loads((require_checkpoint(path, NO_INIT) / "config.json").read_text())
-    same = ("attention", "dropout")
+    same = ("attention", "dropout", "embed_dropout")
     diff = sorted(k for k in set(cfg) | set(ck["model"]) if k not in same and cfg.get(k) != ck["model"].get(k))
     if ck.get("kind", "lum") != kind or diff:
         raise InputError(str(path), f"[pretrain].init_from: checkpoint is a {ck.get('kind')} model that differs "
@@ -399,6 +400,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                                         negatives=p.loss.negatives, tau=log_tau.exp(), num_sampled=p.loss.num_sampled,
                                         sample_logq=logq, generator=neg_gen or gen,
                                         logq_correction=p.loss.logq_correction, n_items=cfg["n_items"],
+                                        similarity=p.loss.similarity,
                                         item_block=p.loss.item_block, **spread)
                     if world > 1:  # this rank's share of the global micro-batch's mean loss
                         loss = loss / positions
@@ -444,6 +446,10 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 say(f"pretrain: step {step} valid " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
                     + (" (best)" if best_step == step else "") + f" in {t_eval:.1f}s")
                 t_last = time.time()
+                if early_stop(step, best_step, eval_every, p.eval.patience):
+                    say(f"pretrain: early stop at step {step}: {p.eval.patience} evaluations without a better "
+                        f"{p.eval.select} than step {best_step}")
+                    stop = total = step  # the run is complete: the best checkpoint is the model
             if step % ckpt_every == 0 or step == stop:
                 state = {"step": step, "best": best, "best_step": best_step, "log_tau": float(log_tau),
                          "spec_hash": spec_hash, "inputs": inputs}
@@ -490,6 +496,13 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     say(f"pretrain: test hr@10={t['hr@10']:.4f} ndcg@10={t['ndcg@10']:.4f} mrr={t['mrr']:.4f} "
         f"(best step {best_step}) in {time.time() - started:.0f}s -> {out}")
     return out
+
+
+def early_stop(step: int, best_step: int, eval_every: int, patience: int) -> bool:
+    """True when the last `patience` evaluations (one every `eval_every` steps, the latest at `step`)
+    brought no better validation score than the one of `best_step`; never with patience 0. A pure
+    function of the checkpoint's state, so a resumed run stops where an uninterrupted one does."""
+    return patience > 0 and best_step >= 0 and (step - best_step) // eval_every >= patience
 
 
 def truncate_metrics(path: Path, step: int) -> None:

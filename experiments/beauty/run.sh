@@ -36,6 +36,8 @@ import glob, json, os
 for m in sorted(glob.glob("stores/beauty-*/pretrain/manifest.json")):
     d = json.load(open(m)); c = d.get("counts", {}); v, t = c.get("valid", {}), c.get("test", {})
     run = m.split("/")[1]
+    if not t:
+        print(f"{run:32s} not finished"); continue
     print(f"{run:32s} steps {c.get('steps')} best {c.get('best_step')} valid {v.get('hr@10', 0):.4f}/{v.get('ndcg@10', 0):.4f} "
           f"test {t.get('hr@10', 0):.4f}/{t.get('ndcg@10', 0):.4f} {d.get('seconds', '')}")
 PY

@@ -343,6 +343,10 @@ class OptimSpec(Strict):
         "so global rows per optimizer step = batch_rows x grad_accum whatever W is"))
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     clip: float = Field(1.0, ge=0, description="max grad norm (0 = off)")
+    ema: float = Field(0.0, ge=0, lt=1, description=(
+        "exponential moving average of the weights, decay per optimizer step (e.g. 0.999; warmed up as "
+        "min(ema, (1 + t) / (10 + t))): validation, the best checkpoint and the published model use the averaged "
+        "weights, training goes on with the raw ones; one process only. 0 = off"))
 
 
 class EvalSpec(Strict):

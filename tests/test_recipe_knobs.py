@@ -133,3 +133,34 @@ def test_defaults_keep_cosine_no_embed_dropout_no_patience(tiny_spec):
     assert spec.pretrain.loss.similarity == "cosine"
     assert spec.pretrain.model.embed_dropout == 0.0
     assert spec.pretrain.eval.patience == 0
+
+
+def test_ema_update_by_hand():
+    a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        a.weight.fill_(1.0), a.bias.fill_(0.0), b.weight.fill_(3.0), b.bias.fill_(2.0)
+    pt.ema_update(a, b, 0.75)                                   # 0.75 * 1 + 0.25 * 3 = 1.5; 0.25 * 2 = 0.5
+    assert torch.allclose(a.weight, torch.full((1, 2), 1.5)) and torch.allclose(a.bias, torch.tensor([0.5]))
+    assert pt.ema_decay(1, 0.999) == pytest.approx(2 / 11)     # warm-up: (1 + t) / (10 + t)
+    assert pt.ema_decay(100_000, 0.999) == 0.999
+
+
+def test_ema_publishes_the_averaged_weights_and_resumes(tiny_spec):
+    base = read_toml(tiny_spec(steps=6, every=3, ckpt=3))
+    spec = parse_spec(deep_merge(base, {"pretrain": {"optim": {"ema": 0.9}}}))
+    run_all(spec, upto="pretrain")
+    out = spec.store("pretrain")
+    final = torch.load(out / "final" / "model.pt", weights_only=True)
+    raw = torch.load(out / "checkpoints" / "step-00000006" / "model.pt", weights_only=True)
+    avg = torch.load(out / "checkpoints" / "step-00000006" / "ema.pt", weights_only=True)
+    best = json.loads((out / "final" / "metrics.json").read_text())["best_step"]
+    k = "blocks.0.attn.qkv.weight"
+    assert not torch.allclose(avg[k], raw[k])                  # the average is not the raw weights
+    if best == 6:
+        assert torch.equal(final[k], avg[k])
+    # a run stopped at step 3 and resumed ends with the same published weights
+    pt.run(spec, force=True, until_step=3)
+    pt.run(spec, resume=True)
+    again = torch.load(out / "final" / "model.pt", weights_only=True)
+    for name in final:
+        assert torch.equal(final[name], again[name]), name

@@ -23,6 +23,7 @@ FSDP), metrics and the store; a checkpoint resumes on any number of ranks.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -184,12 +185,16 @@ def query_condition(p: PretrainSpec, data: dict, cond_names: list[str]) -> np.nd
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: Path, model, opt=None, state: dict | None = None, config: dict | None = None) -> None:
-    """Rank 0 writes the whole model (every rank calls this: FSDP gathers its shards); the others wait."""
+def save_checkpoint(path: Path, model, opt=None, state: dict | None = None, config: dict | None = None,
+                    ema: torch.nn.Module | None = None) -> None:
+    """Rank 0 writes the whole model (every rank calls this: FSDP gathers its shards); the others wait.
+    `ema`: the weight average, written beside the raw weights as ema.pt (a resume point)."""
     model_sd, optim_sd = dist.full_state(model, opt)
     if dist.is_main():
         with atomic_dir(path) as tmp:
             torch.save(model_sd, tmp / "model.pt")
+            if ema is not None:
+                torch.save(ema.state_dict(), tmp / "ema.pt")
             if opt is not None:
                 torch.save(optim_sd, tmp / "optim.pt")
             if state is not None:
@@ -241,6 +246,19 @@ def init_weights(model: torch.nn.Module, path: Path, kind: str, cfg: dict, vocab
         say(f"pretrain: {path} records no vocabularies; init_from trusts they equal this run's")
     model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
     say(f"pretrain: weights from {path}")
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """Decay of the weight average after optimizer step `step` (1-based): min(decay, (1 + t) / (10 + t)),
+    so the first steps are not averaged with the random initialisation."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are constants)."""
+    for e, q in zip(ema.parameters(), model.parameters()):
+        e.lerp_(q.detach().to(e.dtype), 1 - decay)
 
 
 def lr_at(step: int, total: int, o) -> float:
@@ -320,6 +338,10 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     vocab = vocab_hash(data, cond_names)
     if p.init_from and resume_from is None:
         init_weights(model, Path(p.init_from), p.model.kind, cfg, vocab, device)
+    if p.optim.ema and world > 1:
+        raise InputError("[pretrain.optim].ema", f"the weight average runs in one process (got {world} ranks)")
+    ema = copy.deepcopy(model).requires_grad_(False) if p.optim.ema else None
+    scored = ema if ema is not None else model  # the weights validation scores and the best checkpoint keeps
     wrapped = dist.wrap(model, p.parallel, device)  # world 1: model itself; else DDP or FSDP2 (shards in place)
     if cfg["attention"] == "flex" and device.type == "cpu" and p.model.kind == "lum":
         raise InputError("[pretrain.model].attention", "flex attention has no backward pass on CPU; use 'sdpa' or 'auto'")
@@ -363,6 +385,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                              torch.load(resume_from / "optim.pt", map_location=device, weights_only=True))
         st = json.loads((resume_from / "state.json").read_text())
         step, best, best_step = st["step"], st["best"], st["best_step"]
+        if ema is not None:
+            ema.load_state_dict(torch.load(resume_from / "ema.pt", map_location=device, weights_only=True))
         log_tau.data.fill_(st["log_tau"])
         say(f"pretrain: resuming from {resume_from.name} (step {step})")
         if dist.is_main():
@@ -416,6 +440,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if ema is not None:
+                ema_update(ema, model, ema_decay(step, p.optim.ema))
             if step % p.log_every == 0 or step == stop:
                 loss_sum = float(loss_sum)  # the only host sync of a step, every log_every steps
                 dt = max(1e-9, time.time() - t_last)
@@ -434,7 +460,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 bar.update(task, completed=step)
             if step % eval_every == 0 or step == total:
                 t_eval = time.time()
-                val = evaluate(model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache,
+                val = evaluate(scored, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache,
                                float(log_tau.exp()), cond_names)
                 t_eval = round(time.time() - t_eval, 2)
                 score = dist.broadcast_object(val[p.eval.select])  # every rank takes the same "best" branch
@@ -442,7 +468,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 metrics_f.flush()
                 if score > best:
                     best, best_step = score, step
-                    save_checkpoint(ckpt_dir / "best", model, config={**config_json, "tau": float(log_tau.exp())})
+                    save_checkpoint(ckpt_dir / "best", scored, config={**config_json, "tau": float(log_tau.exp())})
                 say(f"pretrain: step {step} valid " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
                     + (" (best)" if best_step == step else "") + f" in {t_eval:.1f}s")
                 t_last = time.time()
@@ -453,7 +479,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             if step % ckpt_every == 0 or step == stop:
                 state = {"step": step, "best": best, "best_step": best_step, "log_tau": float(log_tau),
                          "spec_hash": spec_hash, "inputs": inputs}
-                save_checkpoint(ckpt_dir / f"step-{step:08d}", model, opt, state, config_json)
+                save_checkpoint(ckpt_dir / f"step-{step:08d}", model, opt, state, config_json, ema)
                 for old in sorted(ckpt_dir.glob("step-*"))[:-p.keep_checkpoints] if dist.is_main() else []:
                     shutil.rmtree(old, ignore_errors=True)
     metrics_f.close()

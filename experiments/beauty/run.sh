@@ -8,7 +8,8 @@
 # The data: Beauty.txt (RUCAIBox/CIKM2020-S3Rec data/Beauty.txt) under $LUMCTL_DATA/amazon/s3rec/, or
 # .data/ or shared/data/ of the checkout.
 #   OUT=/tmp/out bash experiments/beauty/run.sh                                     # everything
-#   ONLY='beauty-sasrec-s*,beauty-hstu-s*,beauty-hstu-large-s*,beauty-lum-s*' PAR=12 OUT=/tmp/out bash experiments/beauty/run.sh
+#   ONLY='beauty-sasrec-s*,beauty-hstu-s*,beauty-hstu-large-s*,beauty-lum-s*' PAR=12 OUT=/tmp/out bash experiments/beauty/run.sh   # main table
+#   ONLY='beauty-sasrec-*-s0,beauty-lum-*-s0' PAR=14 OUT=/tmp/out bash experiments/beauty/run.sh                                      # ablations
 set -u
 [ -d .wheels ] && . experiments/h100/setup.sh
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1

@@ -199,8 +199,9 @@ def eval_rows(data: dict, split: str, max_items: int, seq_len: int, conditions: 
 
 @torch.no_grad()
 def user_vectors(model, ev: HeldOut, plan: RowPlan, seq_len: int, conditions: bool, query_cond,
-                 batch_rows: int, device, autocast) -> torch.Tensor:
-    """The normalised output at each user's held-out position -> (U, D) float32; rows are filled
+                 batch_rows: int, device, autocast, normalize: bool = True) -> torch.Tensor:
+    """The output at each user's held-out position -> (U, D) float32, L2-normalised unless
+    `normalize` is false (a model trained with [pretrain.loss] similarity = 'dot'); rows are filled
     and run `batch_rows` at a time."""
     backend = model.config.attention
     q = torch.empty(len(ev.users), model.config.d_model, device=device)
@@ -215,7 +216,7 @@ def user_vectors(model, ev: HeldOut, plan: RowPlan, seq_len: int, conditions: bo
             out = model(b, make_mask(b, backend))                                     # (B, S, D)
             q[torch.as_tensor(us, device=device)] = out[torch.as_tensor(plan.row[us] - r0),
                                                         torch.as_tensor(plan.out_pos[us])].float()
-    return F.normalize(q, dim=-1)
+    return F.normalize(q, dim=-1) if normalize else q
 
 
 # ------------------------------------------------------------------------------------ ranking
@@ -277,20 +278,22 @@ def rank_full_ref(scores: torch.Tensor, target: np.ndarray, seen: list[np.ndarra
 
 
 @torch.no_grad()
-def item_keys(model, item_block: int, device, autocast) -> torch.Tensor:
-    """The normalised item table (I, D) float32, built `item_block` items at a time (no transient
-    copies of the whole table)."""
+def item_keys(model, item_block: int, device, autocast, normalize: bool = True) -> torch.Tensor:
+    """The item table (I, D) float32, L2-normalised unless `normalize` is false, built `item_block`
+    items at a time (no transient copies of the whole table)."""
     n_items = model.config.n_items
     keys = torch.empty(n_items, model.config.d_model, device=device)
     with autocast():
         for i0 in range(0, n_items, item_block):
             ids = torch.arange(i0, min(n_items, i0 + item_block), device=device)
-            keys[i0:i0 + len(ids)] = F.normalize(model.item_table(ids).float(), dim=-1)
+            k = model.item_table(ids).float()                                       # (B, D)
+            keys[i0:i0 + len(ids)] = F.normalize(k, dim=-1) if normalize else k
     return keys
 
 
 def dot_scores(q: torch.Tensor, keys: torch.Tensor):
-    """score(users, i0, i1) of the cosine similarity: q (U, D), keys (I, D), both normalised."""
+    """score(users, i0, i1) = q . keys: the cosine similarity when both are normalised, else the
+    inner product. q (U, D), keys (I, D)."""
     return lambda users, i0, i1: q[users] @ keys[i0:i1].T                            # (n, B)
 
 
@@ -337,7 +340,8 @@ def evaluate(model, data: dict, split: str, p, pack_spec, device, query_cond, au
     plan = plan_rows(ev, seq_len, conditions)
 
     model.eval()
-    keys = item_keys(model, e.item_block, device, autocast)                           # (I, D)
+    unit = getattr(getattr(p, "loss", None), "similarity", "cosine") == "cosine"     # as the loss scored
+    keys = item_keys(model, e.item_block, device, autocast, unit)                     # (I, D)
     n_items = keys.shape[0]
     mixture = e.mixture if (query_cond is not None and cond_names) else None
     if mixture:
@@ -347,12 +351,12 @@ def evaluate(model, data: dict, split: str, p, pack_spec, device, query_cond, au
         for v in range(FIRST_ITEM, n_values):
             qc = np.array(query_cond, np.int32).copy()
             qc[f] = v
-            qs.append(user_vectors(model, ev, plan, seq_len, conditions, qc, e.batch_rows, device, autocast))
+            qs.append(user_vectors(model, ev, plan, seq_len, conditions, qc, e.batch_rows, device, autocast, unit))
         logw = torch.as_tensor(np.log(history_weights(data, split, f, n_values, e.mixture_smoothing, ev.users)),
                                device=device)
         score = mixture_scores(qs, keys, logw, tau, e.item_block, e.user_batch)
     else:
-        q = user_vectors(model, ev, plan, seq_len, conditions, query_cond, e.batch_rows, device, autocast)
+        q = user_vectors(model, ev, plan, seq_len, conditions, query_cond, e.batch_rows, device, autocast, unit)
         score = dot_scores(q, keys)
     ranks = rank_in_blocks(score, ev.target, ev.seen_off, ev.seen, n_items, e.item_block, e.user_batch, device)
     model.train()

@@ -282,6 +282,9 @@ class ModelSpec(Strict):
     d_feat: int = Field(0, ge=0, description="lum: width of each token feature embedding (0 = d_model)")
     dropout: float = Field(0.0, ge=0, lt=1, description=(
         "lum: residual/attention dropout; sasrec: embedding, attention and FFN dropout; hstu: embedding and linear dropout"))
+    embed_dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "lum: dropout on the token embeddings, the input of the first block (sasrec and hstu drop theirs with "
+        "`dropout`); 0 = none"))
     attention: Literal["auto", "flex", "sdpa"] = Field("auto", description=(
         "auto = flex on CUDA, sdpa elsewhere; hstu's SiLU attention always runs dense (flex: mask from segments)"))
     item_features: bool = Field(True, description="lum: use item side features (genres, category, popularity); baselines ignore it")
@@ -291,6 +294,8 @@ class ModelSpec(Strict):
         if self.preset not in FAMILY_PRESETS[self.kind]:
             raise ValueError(f"preset '{self.preset}' is not a {self.kind} preset "
                              f"({self.kind} presets: {', '.join(FAMILY_PRESETS[self.kind])})")
+        if self.kind != "lum" and self.embed_dropout:
+            raise ValueError(f"embed_dropout is a lum option; {self.kind} drops its embeddings with `dropout`")
         if self.kind != "lum" and self.d_feat:
             raise ValueError(f"d_feat is a lum option; {self.kind} has no token feature encoder")
         if self.kind == "hstu" and self.d_ff is not None:
@@ -315,7 +320,11 @@ class LossSpec(Strict):
     logq_correction: bool = Field(True, description=(
         "sampled: subtract log Q from the negatives' logits (an estimate of the full softmax); false = the "
         "plain (1 + num_sampled)-way softmax of generative-recommenders' SampledSoftmaxLoss"))
-    temperature: float = Field(0.05, gt=0, description="tau of the cosine similarity")
+    similarity: Literal["cosine", "dot"] = Field("cosine", description=(
+        "s(o, e) of the logits s / tau: cosine = the L2-normalised output and item embedding (InfoNCE); dot = "
+        "their plain inner product (the cross-entropy of SASRec / BSARec codebases; use temperature = 1). "
+        "The evaluation ranks items by the same s"))
+    temperature: float = Field(0.05, gt=0, description="tau: the logits are s(o, e) / tau")
     learn_temperature: bool = Field(False, description="learn tau (initialised at `temperature`)")
 
 
@@ -334,6 +343,10 @@ class OptimSpec(Strict):
         "so global rows per optimizer step = batch_rows x grad_accum whatever W is"))
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     clip: float = Field(1.0, ge=0, description="max grad norm (0 = off)")
+    ema: float = Field(0.0, ge=0, lt=1, description=(
+        "exponential moving average of the weights, decay per optimizer step (e.g. 0.999; warmed up as "
+        "min(ema, (1 + t) / (10 + t))): validation, the best checkpoint and the published model use the averaged "
+        "weights, training goes on with the raw ones; one process only. 0 = off"))
 
 
 class EvalSpec(Strict):
@@ -342,6 +355,9 @@ class EvalSpec(Strict):
     every_steps: int = Field(0, ge=0, description="validate every N steps (0 = once per epoch)")
     ks: list[int] = Field([10, 50, 200], min_length=1)
     select: str = Field("ndcg@10", description="validation metric that picks the best checkpoint")
+    patience: int = Field(0, ge=0, description=(
+        "early stopping: stop once this many evaluations in a row bring no better `select` than the best so far "
+        "(the best checkpoint is the model, as always); 0 = train all steps"))
     condition: dict[str, str] = Field(default_factory=dict, description=(
         "query condition at the held-out position, field -> value (e.g. rating = 'high'); "
         "fields not named are '<any>'. Never taken from the held-out interaction."))

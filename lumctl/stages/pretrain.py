@@ -10,6 +10,7 @@ Output (`stores/<experiment>/pretrain/`):
   metrics.jsonl            one JSON object per log/eval step;  loss.png  the loss curve
   manifest.json            written last
 Validation (lumctl.evaluation) picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
+With [pretrain.eval] patience = N the run ends early once N evaluations in a row bring no better score.
 `init_from` starts from another run's weights (continued pretraining, e.g. a LUM refreshed on newer
 events; the model config and vocabularies must match, config.json records `vocab_hash`).
 
@@ -22,6 +23,7 @@ FSDP), metrics and the store; a checkpoint resumes on any number of ranks.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import itertools
@@ -86,7 +88,7 @@ def model_config(p: PretrainSpec, data: dict, cond_names: list[str], device: tor
         "n_categories": int(len(data["vocab/category"])) if feats and "items/category" in data else 0,
         "n_popularity": int(data["items/popularity"].max()) + 1 if feats else 0,
         "d_model": m.d_model or d, "n_layers": m.n_layers or L, "n_heads": m.n_heads or H, "d_ff": m.d_ff or ff,
-        "d_feat": m.d_feat, "dropout": m.dropout, "attention": attention,
+        "d_feat": m.d_feat, "dropout": m.dropout, "embed_dropout": m.embed_dropout, "attention": attention,
     }
 
 
@@ -184,12 +186,16 @@ def query_condition(p: PretrainSpec, data: dict, cond_names: list[str]) -> np.nd
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: Path, model, opt=None, state: dict | None = None, config: dict | None = None) -> None:
-    """Rank 0 writes the whole model (every rank calls this: FSDP gathers its shards); the others wait."""
+def save_checkpoint(path: Path, model, opt=None, state: dict | None = None, config: dict | None = None,
+                    ema: torch.nn.Module | None = None) -> None:
+    """Rank 0 writes the whole model (every rank calls this: FSDP gathers its shards); the others wait.
+    `ema`: the weight average, written beside the raw weights as ema.pt (a resume point)."""
     model_sd, optim_sd = dist.full_state(model, opt)
     if dist.is_main():
         with atomic_dir(path) as tmp:
             torch.save(model_sd, tmp / "model.pt")
+            if ema is not None:
+                torch.save(ema.state_dict(), tmp / "ema.pt")
             if opt is not None:
                 torch.save(optim_sd, tmp / "optim.pt")
             if state is not None:
@@ -234,7 +240,7 @@ def init_weights(model: torch.nn.Module, path: Path, kind: str, cfg: dict, vocab
     """Start from another run's weights (init_from): same model family and config (attention kernel and
     dropout may differ), same vocabularies."""
     ck = json.loads((require_checkpoint(path, NO_INIT) / "config.json").read_text())
-    same = ("attention", "dropout")
+    same = ("attention", "dropout", "embed_dropout")
     diff = sorted(k for k in set(cfg) | set(ck["model"]) if k not in same and cfg.get(k) != ck["model"].get(k))
     if ck.get("kind", "lum") != kind or diff:
         raise InputError(str(path), f"[pretrain].init_from: checkpoint is a {ck.get('kind')} model that differs "
@@ -246,6 +252,19 @@ def init_weights(model: torch.nn.Module, path: Path, kind: str, cfg: dict, vocab
         say(f"pretrain: {path} records no vocabularies; init_from trusts they equal this run's")
     model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
     say(f"pretrain: weights from {path}")
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """Decay of the weight average after optimizer step `step` (1-based): min(decay, (1 + t) / (10 + t)),
+    so the first steps are not averaged with the random initialisation."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are constants)."""
+    for e, q in zip(ema.parameters(), model.parameters()):
+        e.lerp_(q.detach().to(e.dtype), 1 - decay)
 
 
 def lr_at(step: int, total: int, o) -> float:
@@ -328,6 +347,10 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     vocab = vocab_hash(data, cond_names)
     if p.init_from and resume_from is None:
         init_weights(model, Path(p.init_from), p.model.kind, cfg, vocab, device)
+    if p.optim.ema and world > 1:
+        raise InputError("[pretrain.optim].ema", f"the weight average runs in one process (got {world} ranks)")
+    ema = copy.deepcopy(model).requires_grad_(False) if p.optim.ema else None
+    scored = ema if ema is not None else model  # the weights validation scores and the best checkpoint keeps
     wrapped = dist.wrap(model, p.parallel, device)  # world 1: model itself; else DDP or FSDP2 (shards in place)
     if cfg["attention"] == "flex" and device.type == "cpu" and p.model.kind == "lum":
         raise InputError("[pretrain.model].attention", "flex attention has no backward pass on CPU; use 'sdpa' or 'auto'")
@@ -371,6 +394,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                              torch.load(resume_from / "optim.pt", map_location=device, weights_only=True))
         st = json.loads((resume_from / "state.json").read_text())
         step, best, best_step = st["step"], st["best"], st["best_step"]
+        if ema is not None:
+            ema.load_state_dict(torch.load(resume_from / "ema.pt", map_location=device, weights_only=True))
         log_tau.data.fill_(st["log_tau"])
         say(f"pretrain: resuming from {resume_from.name} (step {step})")
         if dist.is_main():
@@ -408,6 +433,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                                         negatives=p.loss.negatives, tau=log_tau.exp(), num_sampled=p.loss.num_sampled,
                                         sample_logq=logq, generator=neg_gen or gen,
                                         logq_correction=p.loss.logq_correction, n_items=cfg["n_items"],
+                                        similarity=p.loss.similarity,
                                         item_block=p.loss.item_block, **spread)
                     if world > 1:  # this rank's share of the global micro-batch's mean loss
                         loss = loss / positions
@@ -423,6 +449,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if ema is not None:
+                ema_update(ema, model, ema_decay(step, p.optim.ema))
             if step % p.log_every == 0 or step == stop:
                 loss_sum = float(loss_sum)  # the only host sync of a step, every log_every steps
                 dt = max(1e-9, time.time() - t_last)
@@ -441,7 +469,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 bar.update(task, completed=step)
             if step % eval_every == 0 or step == total:
                 t_eval = time.time()
-                val = evaluate(model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache,
+                val = evaluate(scored, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache,
                                float(log_tau.exp()), cond_names)
                 t_eval = round(time.time() - t_eval, 2)
                 score = dist.broadcast_object(val[p.eval.select])  # every rank takes the same "best" branch
@@ -449,14 +477,18 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 metrics_f.flush()
                 if score > best:
                     best, best_step = score, step
-                    save_checkpoint(ckpt_dir / "best", model, config={**config_json, "tau": float(log_tau.exp())})
+                    save_checkpoint(ckpt_dir / "best", scored, config={**config_json, "tau": float(log_tau.exp())})
                 say(f"pretrain: step {step} valid " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
                     + (" (best)" if best_step == step else "") + f" in {t_eval:.1f}s")
                 t_last = time.time()
+                if early_stop(step, best_step, eval_every, p.eval.patience):
+                    say(f"pretrain: early stop at step {step}: {p.eval.patience} evaluations without a better "
+                        f"{p.eval.select} than step {best_step}")
+                    stop = total = step  # the run is complete: the best checkpoint is the model
             if p.keep_checkpoints and (step % ckpt_every == 0 or step == stop):
                 state = {"step": step, "best": best, "best_step": best_step, "log_tau": float(log_tau),
                          "spec_hash": spec_hash, "inputs": inputs}
-                save_checkpoint(ckpt_dir / f"step-{step:08d}", model, opt, state, config_json)
+                save_checkpoint(ckpt_dir / f"step-{step:08d}", model, opt, state, config_json, ema)
                 for old in sorted(ckpt_dir.glob("step-*"))[:-p.keep_checkpoints] if dist.is_main() else []:
                     shutil.rmtree(old, ignore_errors=True)
     metrics_f.close()
@@ -508,6 +540,13 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
+
+
+def early_stop(step: int, best_step: int, eval_every: int, patience: int) -> bool:
+    """True when the last `patience` evaluations (one every `eval_every` steps, the latest at `step`)
+    brought no better validation score than the one of `best_step`; never with patience 0. A pure
+    function of the checkpoint's state, so a resumed run stops where an uninterrupted one does."""
+    return patience > 0 and best_step >= 0 and (step - best_step) // eval_every >= patience
 
 
 def truncate_metrics(path: Path, step: int) -> None:

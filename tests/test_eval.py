@@ -125,14 +125,40 @@ def test_missing_store_fails_with_one_line_naming_row_store_and_command(tmp_path
     assert r.exit_code == 2
     err = r.stderr.strip()
     assert "\n" not in err
-    assert err == (f"error: {rep}: table 'r' row 'LUM' ({spec}): no finished pretrain store at "
-                   f"{tmp_path / 'stores' / 'tiny' / 'pretrain'}; make it with "
-                   f"`lumctl eval {rep} --train --only tiny`")
+    assert err == (f"error: {rep}: table 'r' row 'LUM' ({spec}): no finished pretrain store (tiny/pretrain); "
+                   f"make it with `lumctl eval {rep} --train --only tiny`")
     # --allow-missing: the report is written, the row says why it is missing
     r = invoke("eval", rep, "--allow-missing")
     assert r.exit_code == 0, r.output
     md = (tmp_path / "stores" / "rep" / "eval" / "results.md").read_text()
     assert "| LUM | not run: `tiny`: no finished pretrain store" in md
+
+
+def test_keep_previous_keeps_tables_whose_runs_are_elsewhere(tmp_path):
+    """A page assembled from several machines: with --keep-previous a table none of whose rows ran
+    here keeps its previous rows, runs and plot, marked with the previous page's date and commit;
+    without it the table says 'not run'."""
+    spec = tiny_experiment(tmp_path)
+    rep = report_in(tmp_path, [{"name": "r", "title": "R", "kind": "retrieval", "rows": [{"label": "LUM", "spec": spec}]}])
+    run_all(ev.plan(load_report(rep), rep)[0].runs[0].spec)
+    out = tmp_path / "docs"
+    assert invoke("eval", rep, "--out", out).exit_code == 0
+    before = json.loads((out / "results" / "results.json").read_text())
+    png = (out / "results" / "r.png").read_bytes()
+    shutil.rmtree(tmp_path / "stores" / "tiny")                     # its store lives on another machine now
+    assert invoke("eval", rep, "--keep-previous").exit_code == 2     # needs --out
+    r = invoke("eval", rep, "--allow-missing", "--out", out, "--keep-previous")
+    assert r.exit_code == 0 and "1 tables kept from the previous page" in r.stderr, r.output
+    res = json.loads((out / "results" / "results.json").read_text())
+    kept = res["tables"][0]
+    assert kept["rows"] == before["tables"][0]["rows"]
+    assert kept["kept_from"] == {"generated": before["generated"], "commit": before["commit"]}
+    assert (out / "results" / "r.png").read_bytes() == png
+    md = (out / "results.md").read_text()
+    assert md == ev.markdown(res, "results/") and f"*Kept from the page generated on {before['generated']}" in md
+    assert "| LUM | not run" not in md
+    r = invoke("eval", rep, "--allow-missing", "--out", out, "--force")
+    assert r.exit_code == 0 and "| LUM | not run: `tiny`: no finished pretrain store" in (out / "results.md").read_text()
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -212,7 +212,7 @@ def read_pretrain(run: Run) -> dict:
     m = read_manifest(store)
     final = store / "final"
     if m is None or not (final / "metrics.json").is_file():
-        raise NotReady(f"no finished pretrain store at {store}")
+        raise NotReady(f"no finished pretrain store ({store.parent.name}/{store.name})")
     cfg = json.loads((final / "config.json").read_text())
     _check_sections(cfg.get("spec", {}), run.spec, RETRIEVAL_SECTIONS)
     _check_inputs(m, run.spec)
@@ -233,7 +233,7 @@ def read_fuse(run: Run) -> dict:
     store = spec.store("fuse")
     m = read_manifest(store)
     if m is None or not (store / "metrics.json").is_file():
-        raise NotReady(f"no finished fuse store at {store}")
+        raise NotReady(f"no finished fuse store ({store.parent.name}/{store.name})")
     cfg = json.loads((store / "final" / "config.json").read_text())
     _check_sections({"fuse": cfg.get("spec"), "tokenize": cfg.get("tokenize")}, spec,
                     ("fuse", "tokenize") if cfg.get("tokenize") is not None else ("fuse",))
@@ -490,6 +490,10 @@ def table_markdown(t: dict, img: str, confidence: float) -> list[str]:
     head = ["row"] + (["x"] if scaling else []) + [f"test {c}" for c in cols] + ["seeds"]
     head += ["store"] if t["kind"] == "ranking" else ["params"]
     lines = [f"### {t['title']}", ""]
+    if t.get("kept_from"):
+        k = t["kept_from"]
+        lines += [f"*Kept from the page generated on {k['generated']} (commit {k['commit']}): these runs' stores "
+                  "were not under the store root of this page's report; rows, runs and plot are that page's.*", ""]
     if t.get("mixed_code"):
         lines += [f"**Rows from different code** ({', '.join(t['mixed_code'])}): the stores of this table were "
                   "written by different lumctl code; rerun the older ones to compare like with like.", ""]
@@ -594,7 +598,7 @@ def _clean(x):
 
 
 def run(rep: ReportFile, force: bool = False, out: str | Path | None = None, allow_missing: bool = False,
-        path: str = "<report>") -> Path:
+        path: str = "<report>", keep_previous: bool = False) -> Path:
     started = time.time()
     rows = plan(rep, path)
     read: dict[str, dict | str] = {}
@@ -631,19 +635,39 @@ def run(rep: ReportFile, force: bool = False, out: str | Path | None = None, all
     else:
         say(f"eval: {dest} is up to date")
     if out is not None:
-        export(dest, Path(out))
+        export(dest, Path(out), keep_previous)
     return dest
 
 
-def export(dest: Path, out: Path) -> None:
-    """Write <out>/results.md (images under <out>/results/) and <out>/results/results.json."""
+def export(dest: Path, out: Path, keep_previous: bool = False) -> None:
+    """Write <out>/results.md (images under <out>/results/) and <out>/results/results.json.
+    keep_previous: a table none of whose rows ran here keeps its rendering from the previous
+    <out>/results/results.json (rows, runs and plot), marked with that report's date and commit: a
+    page assembled from runs made on several machines."""
     res = json.loads((dest / "results.json").read_text())
     img = out / "results"
+    plots = {t["name"]: dest / f"{t['name']}.png" for t in res["tables"]}
+    old_plots: dict[str, bytes] = {}
+    prev_f = img / "results.json"
+    if keep_previous and prev_f.is_file():
+        prev = json.loads(prev_f.read_text())
+        before = {t["name"]: t for t in prev["tables"] if any(r["status"] != "not run" for r in t["rows"])}
+        for i, t in enumerate(res["tables"]):
+            if all(r["status"] == "not run" for r in t["rows"]) and t["name"] in before \
+                    and (img / f"{t['name']}.png").is_file():
+                kept = before[t["name"]]
+                kept["kept_from"] = kept.get("kept_from") or {"generated": prev["generated"], "commit": prev["commit"]}
+                res["tables"][i] = kept
+                old_plots[t["name"]] = (img / f"{t['name']}.png").read_bytes()
     if img.exists():
         shutil.rmtree(img)
     img.mkdir(parents=True)
-    for t in res["tables"]:
-        shutil.copy2(dest / f"{t['name']}.png", img / f"{t['name']}.png")
-    shutil.copy2(dest / "results.json", img / "results.json")
+    for name, png in plots.items():
+        if name in old_plots:
+            (img / f"{name}.png").write_bytes(old_plots[name])
+        else:
+            shutil.copy2(png, img / f"{name}.png")
+    (img / "results.json").write_text(json.dumps(res, indent=2))
     (out / "results.md").write_text(markdown(res, "results/"))
-    say(f"eval: wrote {out / 'results.md'} and {img}/")
+    kept = [t["name"] for t in res["tables"] if t.get("kept_from")]
+    say(f"eval: wrote {out / 'results.md'} and {img}/" + (f" ({len(kept)} tables kept from the previous page)" if kept else ""))

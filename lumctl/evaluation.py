@@ -447,7 +447,7 @@ def item_values(data: dict, field: int, n_items: int, window: int = 1 << 22) -> 
     from the events `window` at a time: the value is the item's, the same in every event."""
     out = np.zeros(n_items, np.int64)
     items, conds = data["events/item"], data["events/cond"]
-    for a in range(0, len(items), window):
+    for a in range(0, items.shape[0], window):
         out[np.asarray(items[a:a + window])] = np.asarray(conds[a:a + window])[:, field]
     return out
 

@@ -210,3 +210,44 @@ def test_conditioned_queries_differ_by_request_and_item_only_do_not():
     # sampled users: a subset of the requests
     some, some_out = _requests(_tiny_model(True), data, True, task, users=10)
     assert some["users_sampled"].startswith("10 of ") and set(some_out["user"]) < set(cond_out["user"])
+
+
+# ------------------------------------------------------------------------------------ end to end
+def test_request_table_end_to_end(tmp_path):
+    """A fraction split, [pretrain.eval].requests on an item attribute, LUM with conditions vs item-only
+    (one seed each), trained in-process; the report table reads test_requests.<field> and pairs the
+    runs request by request."""
+    import json
+
+    from conftest import TINY
+    from test_eval import report_in
+
+    from lumctl.report_specs import load_report
+    from lumctl.stages import eval as rep_eval
+    from lumctl.stages import run_all
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY.format(root=tmp_path / "unused", steps=4, every=4, ckpt=4, conditions="true")
+                    + '\n[tokenize.split]\nkind = "fraction"\n')
+    req = {"pretrain": {"eval": {"requests": [{"field": "category", "window": 5}, {"field": "scenario", "values": "all"}]}}}
+    lum = {"label": "LUM", "spec": str(spec), "name": "req", "seeds": [0], "set": req}
+    item = {"label": "item-only", "spec": str(spec), "name": "req-nocond", "seeds": [0], "vs": ["LUM"],
+            "set": {**req, "pack": {"conditions": False}}}
+    rep = report_in(tmp_path, [{"name": "req", "title": "Requests", "kind": "retrieval", "source": "test_requests.category",
+                                "metrics": ["hr@10", "ndcg@10"], "rows": [lum, item]}])
+    for run in rep_eval.unique_runs(rep_eval.plan(load_report(rep), rep)):
+        run_all(run.spec)
+    rep_eval.run(load_report(rep), path=rep)
+    res = json.loads((tmp_path / "stores" / "rep" / "eval" / "results.json").read_text())
+    t = res["tables"][0]
+    final = [tmp_path / "stores" / f"tiny-req{v}-s0" / "pretrain" / "final" for v in ("", "-nocond")]
+    met = [json.loads((f / "metrics.json").read_text())["test_requests"] for f in final]
+    assert set(met[0]) == {"category", "scenario"} and met[0]["scenario"]["candidates"] == "all items"
+    assert [r["values"]["ndcg@10"]["mean"] for r in t["rows"]] == pytest.approx([m["category"]["ndcg@10"] for m in met])
+    arr = dict(np.load(final[0] / "test_requests_category.npz"))
+    assert metrics.request_metrics(arr["rank"], arr["pos_off"], arr["user"])["hr@10"] == pytest.approx(met[0]["category"]["hr@10"])
+    assert t["requests"]["requests"] == met[0]["category"]["requests"] == len(arr["user"]) > 0
+    c = t["comparisons"][0]
+    assert (c["row"], c["vs"]) == ("item-only", "LUM") and c["bootstrap"] is not None
+    assert c["bootstrap"]["delta"] == pytest.approx(c["delta"])                    # paired on the same requests
+    md = (tmp_path / "stores" / "rep" / "eval" / "results.md").read_text()
+    assert "Conditioned requests on `category` (metrics.json `test_requests.category`)" in md

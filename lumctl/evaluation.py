@@ -17,6 +17,14 @@ users x items:
 `[pretrain.eval] users = N` scores a fixed random sample of N users (seeded by `sample_seed`: the
 same users at every evaluation and in every run on the same data); the metrics then say
 `users_sampled: "N of M"`.
+
+Conditioned requests (`evaluate_requests`, `[pretrain.eval] requests`): the condition is part of the
+request, as in a search or browse setting. Each user makes requests (user, c) for values c of one
+condition field, chosen from the events before the test split only; the positives of a request are
+the user's test-window events with value c, ranked among the request's candidates (an item-attribute
+field restricts every model's candidates to the items with value c). The same blocks as above: user
+vectors `batch_rows` rows at a time (for each value, only the users that request it), scores
+`user_batch` (request, positive) pairs x `item_block` items at a time.
 """
 
 from __future__ import annotations
@@ -122,6 +130,15 @@ def read_held_out(data: dict, split: str, max_items: int, n_users: int = 0, seed
     seen = read_ranges(data["events/item"], base, end)
     return HeldOut(users, count, items, conds, ts, items[np.cumsum(count) - 1] if len(users) else items[:0],
                    np.r_[0, np.cumsum(end)].astype(np.int64), seen, n_total)
+
+
+def take_users(ev: HeldOut, keep: np.ndarray) -> HeldOut:
+    """The held-out events of the users ev.users[keep] (keep: increasing indices)."""
+    first = np.cumsum(ev.count) - ev.count
+    idx = _ranges(first[keep], ev.count[keep])
+    lens = np.diff(ev.seen_off)[keep]
+    return HeldOut(ev.users[keep], ev.count[keep], ev.items[idx], ev.conds[idx], ev.ts[idx], ev.target[keep],
+                   np.r_[0, np.cumsum(lens)].astype(np.int64), ev.seen[_ranges(ev.seen_off[:-1][keep], lens)], ev.n_total)
 
 
 def history_weights(data: dict, split: str, field: int, n_values: int, alpha: float,
@@ -510,13 +527,17 @@ def evaluate_requests(model, data: dict, task, p, pack_spec, device, query_cond,
                             item_value)
     seq_len = pack_spec.seq_len
     if conditions:
-        plan = plan_rows(ev, seq_len, True)
         base = np.ones(len(names), np.int32) if query_cond is None else np.asarray(query_cond, np.int32)
 
-        def q_of(c):
+        def q_of(c):  # only the users that request c are run
             qc = base.copy()
             qc[f] = c                                                                 # the request's value, never the held-out one
-            return user_vectors(model, ev, plan, seq_len, True, qc, e.batch_rows, device, autocast)
+            keep = np.unique(req.user[req.value == c])
+            sub = take_users(ev, keep)
+            q = torch.zeros(len(ev.users), keys.shape[1], device=device)             # (U, D), rows of other users unused
+            q[torch.as_tensor(keep, device=device)] = user_vectors(model, sub, plan_rows(sub, seq_len, True), seq_len, True,
+                                                                   qc, e.batch_rows, device, autocast)
+            return q
     else:
         ev_items = replace(ev, conds=ev.conds[:, :0])                                 # an item-only model reads no condition
         q = user_vectors(model, ev_items, plan_rows(ev_items, seq_len, False), seq_len, False, None, e.batch_rows,

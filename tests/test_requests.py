@@ -251,3 +251,12 @@ def test_request_table_end_to_end(tmp_path):
     assert c["bootstrap"]["delta"] == pytest.approx(c["delta"])                    # paired on the same requests
     md = (tmp_path / "stores" / "rep" / "eval" / "results.md").read_text()
     assert "Conditioned requests on `category` (metrics.json `test_requests.category`)" in md
+
+
+def test_take_users_reads_what_a_sample_reads():
+    data = _log(np.random.default_rng(7))
+    held = ev.read_held_out(data, "test", 8)
+    some = ev.read_held_out(data, "test", 8, n_users=9, seed=1)
+    sub = ev.take_users(held, np.searchsorted(held.users, some.users))
+    for k in ("users", "count", "items", "conds", "ts", "target", "seen_off", "seen"):
+        assert np.array_equal(getattr(sub, k), getattr(some, k)), k

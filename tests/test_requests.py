@@ -251,6 +251,13 @@ def test_request_table_end_to_end(tmp_path):
     assert c["bootstrap"]["delta"] == pytest.approx(c["delta"])                    # paired on the same requests
     md = (tmp_path / "stores" / "rep" / "eval" / "results.md").read_text()
     assert "Conditioned requests on `category` (metrics.json `test_requests.category`)" in md
+    # `lumctl run`'s summary names the task; --export carries the per-request ranks
+    from lumctl import runs
+    from lumctl.summary import lines
+    runs_ = rep_eval.unique_runs(rep_eval.plan(load_report(rep), rep))
+    assert any(x.strip().startswith(f"requests by category: {len(arr['user'])} of ") for x in lines(runs_[0].spec))
+    runs.export(runs_, tmp_path / "stores", tmp_path / "export")
+    assert (tmp_path / "export" / "tiny-req-s0" / "pretrain" / "final" / "test_requests_scenario.npz").is_file()
 
 
 def test_take_users_reads_what_a_sample_reads():

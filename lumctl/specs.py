@@ -349,6 +349,24 @@ class OptimSpec(Strict):
         "weights, training goes on with the raw ones; one process only. 0 = off"))
 
 
+class RequestSpec(Strict):
+    """A retrieval task whose condition is part of the request (a search or browse filter): for each
+    evaluated user, requests `(user, c)` for values c of one condition field chosen from the user's
+    history only; the positives of a request are the user's test-window events whose condition is c.
+    LUM with conditions queries with c; an item-only model scores with its unconditioned user vector.
+    An item-attribute field (`source = "item_attr"`, e.g. genre) also restricts the candidates of every
+    model to the items with value c; an event field (e.g. rating bucket) keeps every item a candidate.
+    See lumctl/evaluation.py (`evaluate_requests`)."""
+
+    field: str = Field(min_length=1, description="the condition field of the request, e.g. 'genre'")
+    values: Literal["history", "all"] = Field("history", description=(
+        "which values a user requests: those of the field in the user's events before the test window, or every "
+        "value of the field (never read from the test window)"))
+    top_k: int = Field(0, ge=0, description="values = 'history': only the k most frequent values (0 = all)")
+    window: int = Field(10, ge=0, description=(
+        "the positives' pool: the user's first `window` test events (0 = every test event)"))
+
+
 class EvalSpec(Strict):
     """Next-item retrieval: full ranking over all items, items in the history filtered."""
 
@@ -366,6 +384,9 @@ class EvalSpec(Strict):
         "a condition field whose every value is queried; items are scored by sum_v p(v | user history) "
         "p(item | user, v) (history-only weights, no held-out information)"))
     mixture_smoothing: float = Field(1.0, gt=0, description="additive smoothing of p(v | user history)")
+    requests: list[RequestSpec] = Field(default_factory=list, description=(
+        "conditioned-request retrieval tasks scored on the test split with the chosen checkpoint, e.g. "
+        "[{ field = 'genre' }] (metrics.json test_requests.<field>); empty = none"))
     batch_rows: int = Field(16, gt=0, description="packed rows per evaluation batch")
     users: int = Field(0, ge=0, description=(
         "score a fixed random sample of this many users (the same sample at every evaluation, and in every "
@@ -381,6 +402,15 @@ class EvalSpec(Strict):
     def _metric(cls, v: str) -> str:
         if not re.fullmatch(r"(hr|ndcg)@\d+|mrr", v):
             raise ValueError(f"select must be hr@K, ndcg@K or mrr (got {v!r})")
+        return v
+
+    @field_validator("requests")
+    @classmethod
+    def _one_task_per_field(cls, v: list) -> list:
+        fields = [r.field for r in v]
+        dup = sorted({f for f in fields if fields.count(f) > 1})
+        if dup:
+            raise ValueError(f"one request task per field (got {dup} twice)")
         return v
 
 

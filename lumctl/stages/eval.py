@@ -218,13 +218,22 @@ def read_pretrain(run: Run) -> dict:
     _check_inputs(m, run.spec)
     met = json.loads((final / "metrics.json").read_text())
     rank_f, target_f = final / "test_rank.npy", final / "test_target.npy"
+    requests = {f.stem[len("test_requests_"):]: dict(np.load(f)) for f in sorted(final.glob("test_requests_*.npz"))}
     return {"experiment": run.experiment, "seed": run.spec.pretrain.seed, "test": met["test"], "valid": met["valid"],
             "best_step": met.get("best_step"), "n_params": cfg.get("n_params"), "max_items": cfg.get("max_items"),
             "kind": cfg.get("kind"), "spec_hash": m["spec_hash"], "store_hash": store_hash(m),
             "tokenize": m["inputs"].get("tokenize"), "seconds": m.get("seconds"), "created": m.get("created"),
             "versions": m.get("versions", {}), "code": (m.get("code") or {}).get("hash"),
             "rank": np.load(rank_f) if rank_f.is_file() else None,
-            "target": np.load(target_f) if target_f.is_file() else None}
+            "target": np.load(target_f) if target_f.is_file() else None,
+            "test_requests": met.get("test_requests", {}), "request_ranks": requests}
+
+
+def source_metrics(g: dict, source: str) -> dict:
+    """The metrics of a finished pretrain run that a table's `source` names ({} when the run has none)."""
+    if source == "test":
+        return g["test"]
+    return g.get("test_requests", {}).get(source.split(".", 1)[1], {})
 
 
 def read_fuse(run: Run) -> dict:
@@ -278,18 +287,18 @@ def _mean_std(x: list[float]) -> dict:
             "n": len(a), "values": [float(v) for v in a]}
 
 
-def row_values(kind: str, got: list[dict], columns: list[str]) -> dict:
+def row_values(kind: str, got: list[dict], columns: list[str], source: str = "test") -> dict:
     """metric -> mean/std/values over the row's seeds; plus per-seed values of every metric."""
     if kind == "ranking":
         seeds = got[0]["seeds"]
         per_seed = {s: {c: seeds[s].get(c) for c in columns} for s in sorted(seeds)}
     else:
-        per_seed = {g["seed"]: {c: g["test"].get(c) for c in columns} for g in got}
+        per_seed = {g["seed"]: {c: source_metrics(g, source).get(c) for c in columns} for g in got}
     return {"per_seed": per_seed, **{c: _mean_std([v[c] for v in per_seed.values()]) for c in columns}}
 
 
 def compare(kind: str, metric: str, a: list[dict], b: list[dict], va: dict, vb: dict, reps: int, seed: int,
-            confidence: float) -> dict:
+            confidence: float, source: str = "test") -> dict:
     """Row a vs row b on `metric`: per-seed paired differences and, where both keep per-example
     outputs on the same examples, a paired bootstrap over users."""
     out = {"metric": metric, "delta": va[metric]["mean"] - vb[metric]["mean"]
@@ -312,6 +321,8 @@ def compare(kind: str, metric: str, a: list[dict], b: list[dict], va: dict, vb: 
             out["bootstrap"] = stats.bootstrap_ranking_diff(pa["user"], pa["label"], pa["logit"], pb["logit"],
                                                             metric, reps, seed, confidence)
         return out
+    if source != "test":
+        return out | compare_requests(metric, a, b, source.split(".", 1)[1], reps, seed, confidence)
     ra, rb = [g["rank"] for g in a], [g["rank"] for g in b]
     targets = [g["target"] for g in a + b]
     if any(r is None for r in ra + rb + targets):
@@ -322,6 +333,30 @@ def compare(kind: str, metric: str, a: list[dict], b: list[dict], va: dict, vb: 
         d = np.mean([stats.per_user(r, metric) for r in ra], 0) - np.mean([stats.per_user(r, metric) for r in rb], 0)
         out["bootstrap"] = stats.bootstrap_mean_diff(d, reps, seed, confidence)
     return out
+
+
+def compare_requests(metric: str, a: list[dict], b: list[dict], field: str, reps: int, seed: int,
+                     confidence: float) -> dict:
+    """Paired bootstrap over users of a conditioned-request metric (per user: the mean over the user's
+    requests), when every run of both rows scored the same requests and positives."""
+    from lumctl.metrics import per_user_requests
+    arrays = [g["request_ranks"].get(field) for g in a + b]
+    keys = ("user", "value", "pos_off", "item")
+    if any(x is None for x in arrays):
+        return {"bootstrap_note": f"no per-request ranks (final/test_requests_{field}.npz)"}
+    if any(not all(np.array_equal(x[k], arrays[0][k]) for k in keys) for x in arrays):
+        return {"bootstrap_note": "not paired: the runs score different requests"}
+    per = [per_user_requests(x["rank"], x["pos_off"], x["user"], metric) for x in arrays]
+    d = np.mean(per[:len(a)], 0) - np.mean(per[len(a):], 0)
+    return {"bootstrap": stats.bootstrap_mean_diff(d, reps, seed, confidence)}
+
+
+def request_counts(rows: list[dict], field: str) -> dict | None:
+    """Users, requests, positives and skipped requests of a request table's runs (one dict when every
+    run has the same ones, else None)."""
+    keys = ("users", "requests", "positives", "skipped_no_positive", "candidates", "users_sampled")
+    got = [{k: g["test_requests"][field].get(k) for k in keys} for g in rows if field in g.get("test_requests", {})]
+    return got[0] if got and all(x == got[0] for x in got) else None
 
 
 def x_of(table: TableSpec, got: list[dict]) -> float | None:
@@ -353,7 +388,7 @@ def evaluate_table(t: TableSpec, rows: list[RowPlan], read: dict[str, dict | str
             rec["status"] = "not run"
         else:  # "partial": some seeds missing (--allow-missing); the values are those of the others
             rec["status"] = "partial" if missing else "ok"
-            rec["values"] = row_values(t.kind, done, cols)
+            rec["values"] = row_values(t.kind, done, cols, t.source)
             if t.kind == "scaling":
                 rec["x"] = x_of(t, done)
             by_label[rp.row.label] = (done, rec["values"])
@@ -364,7 +399,7 @@ def evaluate_table(t: TableSpec, rows: list[RowPlan], read: dict[str, dict | str
             c = {"row": rec["label"], "vs": other}
             if rec["label"] in by_label and other in by_label:
                 (a, va), (b, vb) = by_label[rec["label"]], by_label[other]
-                c.update(compare(t.kind, metric, a, b, va, vb, rs.bootstrap, rs.seed, rs.confidence))
+                c.update(compare(t.kind, metric, a, b, va, vb, rs.bootstrap, rs.seed, rs.confidence, t.source))
             else:
                 c["status"] = "not run"
             comparisons.append(c)
@@ -373,6 +408,10 @@ def evaluate_table(t: TableSpec, rows: list[RowPlan], read: dict[str, dict | str
     codes = mixed_code([read[run.experiment] for rp in rows for run in rp.runs])
     if codes:
         table["mixed_code"] = codes
+    if t.source != "test":
+        table["source"] = t.source
+        table["requests"] = request_counts([read[run.experiment] for rp in rows for run in rp.runs
+                                            if not isinstance(read[run.experiment], str)], t.source.split(".", 1)[1])
     if t.kind == "scaling":
         table["x"] = t.x
         pts = [(r["x"], v) for r in out_rows if r["status"] != "not run" and r.get("x")
@@ -520,6 +559,15 @@ def table_markdown(t: dict, img: str, confidence: float) -> list[str]:
                       f"{abs(f['b']):.4f}**, R² = {f['r2']:.3f} ({_signed(f['per_10x'])} {metric} per 10× x).", ""]
         else:
             lines += [f"No fit: {t.get('fit_note', '')}", ""]
+    if t.get("source"):
+        field, rq = t["source"].split(".", 1)[1], t.get("requests")
+        lines += [(f"Conditioned requests on `{field}` (metrics.json `{t['source']}`): {rq['users']} users, "
+                   f"{rq['requests']} requests with a positive and {rq['positives']} positives; "
+                   f"{rq['skipped_no_positive']} requests formed from the history had no positive in the test window "
+                   f"and are skipped for every row; candidates: {rq['candidates']}"
+                   + (f"; users sampled: {rq['users_sampled']}" if rq.get("users_sampled") else "") + ".")
+                  if rq else f"Conditioned requests on `{field}` (metrics.json `{t['source']}`); the runs scored "
+                  "different requests.", ""]
     if t["comparisons"]:
         lines += [f"Paired comparisons on test {metric} (Δ = row − vs):", "",
                   f"| row | vs | Δ {metric} (means) | per-seed Δ (mean ± std; seeds better; t-test) | "

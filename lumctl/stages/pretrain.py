@@ -7,6 +7,8 @@ Output (`stores/<experiment>/pretrain/`):
                            model config, upstream store hashes) + metrics.json (valid and test)
                            + test_rank.npy, test_target.npy (int32 [U]: each test user's 0-based
                            rank of the held-out item, and the item; for paired tests in `lumctl eval`)
+                           + test_requests_<field>.npz per [pretrain.eval].requests task (per request:
+                           user, value, pos_off; per positive: item, rank)
   metrics.jsonl            one JSON object per log/eval step;  loss.png  the loss curve
   manifest.json            written last
 Validation (lumctl.evaluation) picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
@@ -44,7 +46,7 @@ from lumctl.attention import make_mask
 from lumctl.batch import TENSOR_KEYS, to_batch  # noqa: F401  (TENSOR_KEYS: read by benchmarks from here)
 from lumctl.checks import check_vocabularies
 from lumctl.errors import InputError
-from lumctl.evaluation import eval_rows, evaluate, open_store  # noqa: F401  (eval_rows: read by tests from here)
+from lumctl.evaluation import eval_rows, evaluate, evaluate_requests, open_store  # noqa: F401  (eval_rows: read by tests from here)
 from lumctl.loss import info_nce, sampling_logq
 from lumctl.progress import progress, say
 from lumctl.specs import PretrainSpec, Spec
@@ -332,7 +334,11 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
 
     torch.manual_seed(p.seed)
     data = open_store(tok_store)  # events stay on disk: the evaluation reads its users' slices
-    cond_names = [c["name"] for c in _cond_fields(tok_store)]
+    cond_fields = _cond_fields(tok_store)
+    cond_names = [c["name"] for c in cond_fields]
+    for task in p.eval.requests:
+        if task.field not in cond_names:
+            raise InputError("[pretrain.eval].requests", f"unknown condition field '{task.field}' (fields: {cond_names})")
     # rows_from = "store": only the small columns in memory; each rank reads the rest of its own rows per batch
     rows = pack_stage.load(pack_store, lazy=("item", "cond", "pos", "ts", "user") if p.rows_from == "store" else ())
     if not rows["loss_mask"].any():
@@ -517,12 +523,19 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                "query_condition": {n: str(data[f"vocab/cond_{n}"][i]) for n, i in zip(cond_names, qcond)} if conditions else {}}
     if p.eval.oracle and conditions:
         results["test_oracle_condition"] = evaluate(best_model, data_c, "test", p, spec.pack, device, None, autocast)
+    request_ranks = {t.field: {} for t in p.eval.requests}  # per request: user, value, positives and their ranks
+    if p.eval.requests:
+        results["test_requests"] = {t.field: evaluate_requests(best_model, data, t, p, spec.pack, device, qcond, autocast,
+                                                               cond_fields, conditions, request_ranks[t.field])
+                                    for t in p.eval.requests}
     with atomic_dir(out / "final") as tmp:
         link_or_copy(ckpt_dir / "best" / "model.pt", tmp / "model.pt")  # the same bytes: no second write
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
         np.save(tmp / "test_rank.npy", test_ranks[0][0].astype(np.int32))   # [U], users in eval_rows order
         np.save(tmp / "test_target.npy", test_ranks[0][1].astype(np.int32))  # [U] held-out item ids
+        for field, arrays in request_ranks.items():
+            np.savez(tmp / f"test_requests_{field}.npz", **arrays)
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     write_manifest(out, stage="pretrain", spec_hash=spec_hash, inputs=inputs, started=started,
                    counts={"steps": total, "best_step": best_step, "n_params": n_params, **speed,

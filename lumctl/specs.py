@@ -411,7 +411,9 @@ class PretrainSpec(Strict):
         "under torchrun: ddp = a full model copy per rank (DistributedDataParallel); fsdp = FSDP2 "
         "(fully_shard) shards parameters, gradients and optimizer state over the ranks (large presets)"))
     checkpoint_every: int = Field(0, ge=0, description="write step-%08d/ every N steps (0 = once per epoch)")
-    keep_checkpoints: int = Field(2, gt=0, description="step checkpoints kept on disk")
+    keep_checkpoints: int = Field(2, ge=0, description=(
+        "step checkpoints kept on disk (model + AdamW state, the resume points); 0 = none: no --resume, but "
+        "no write of the optimizer state (three copies of every parameter: ~25 GB for 19m at 4M items)"))
     log_every: int = Field(10, gt=0)
 
     @field_validator("init_from")
@@ -456,7 +458,8 @@ class QuerySpec(Strict):
     batch_rows: int = Field(8, gt=0, description="packed query rows per forward pass")
     batch_snapshots: int = Field(8192, gt=0, description=(
         "snapshots answered and written per batch (rounded to whole chunks of the store); bounds memory: "
-        "about batch_snapshots x queries x d x 4 bytes plus the events of the batch's users"))
+        "three batches are in flight (read, answered, written), each about batch_snapshots x queries x d x 6 "
+        "bytes plus the events of the batch's users"))
     seq_len: int | None = Field(None, gt=0, description=(
         "tokens per packed query row (default: the checkpoint's seq_len, enlarged to fit the longest prefix "
         "plus all queries)"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -212,8 +213,13 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a model from a self-describing checkpoint folder (config.json + model.pt)."""
     cfg = json.loads((Path(path) / "config.json").read_text())
-    model = build_model(cfg["kind"], cfg["model"])
-    model.load_state_dict(torch.load(Path(path) / "model.pt", map_location=device, weights_only=True))
+    state = torch.load(Path(path) / "model.pt", map_location=device, weights_only=True, mmap=True)
+    with torch.device("meta"):  # no random init of (and no copy into) weights that are replaced at once
+        model = build_model(cfg["kind"], cfg["model"])
+    model.load_state_dict(state, assign=True)
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):  # state the checkpoint lacks
+        model = build_model(cfg["kind"], cfg["model"])
+        model.load_state_dict(state)
     return model.to(device), cfg
 
 
@@ -296,6 +302,9 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     if world > 1 and p.parallel == "fsdp" and (p.loss.learn_temperature or p.model.kind != "lum"):
         raise InputError("[pretrain].parallel", "fsdp is for lum models with a fixed temperature (got kind = "
                          f"'{p.model.kind}', learn_temperature = {p.loss.learn_temperature}); use ddp")
+    if (resume or until_step is not None) and p.keep_checkpoints == 0:
+        raise InputError("[pretrain].keep_checkpoints", "is 0: no step checkpoint is written, so --resume and "
+                         "--until-step have nothing to continue from; set it to >= 1")
     out = spec.store("pretrain")
     tok_store, pack_store = spec.input_store("tokenize"), spec.input_store("pack")  # paths or URLs
     inputs = {"tokenize": store_hash(require_store(tok_store, "tokenize")),
@@ -476,7 +485,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                     say(f"pretrain: early stop at step {step}: {p.eval.patience} evaluations without a better "
                         f"{p.eval.select} than step {best_step}")
                     stop = total = step  # the run is complete: the best checkpoint is the model
-            if step % ckpt_every == 0 or step == stop:
+            if p.keep_checkpoints and (step % ckpt_every == 0 or step == stop):
                 state = {"step": step, "best": best, "best_step": best_step, "log_tau": float(log_tau),
                          "spec_hash": spec_hash, "inputs": inputs}
                 save_checkpoint(ckpt_dir / f"step-{step:08d}", model, opt, state, config_json, ema)
@@ -509,7 +518,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     if p.eval.oracle and conditions:
         results["test_oracle_condition"] = evaluate(best_model, data_c, "test", p, spec.pack, device, None, autocast)
     with atomic_dir(out / "final") as tmp:
-        torch.save(best_model.state_dict(), tmp / "model.pt")
+        link_or_copy(ckpt_dir / "best" / "model.pt", tmp / "model.pt")  # the same bytes: no second write
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
         np.save(tmp / "test_rank.npy", test_ranks[0][0].astype(np.int32))   # [U], users in eval_rows order
@@ -522,6 +531,15 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     say(f"pretrain: test hr@10={t['hr@10']:.4f} ndcg@10={t['ndcg@10']:.4f} mrr={t['mrr']:.4f} "
         f"(best step {best_step}) in {time.time() - started:.0f}s -> {out}")
     return out
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst as a hard link to src (a checkpoint replaced later gets a new file, so the link stays
+    valid), or a copy where the filesystem has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def early_stop(step: int, best_step: int, eval_every: int, patience: int) -> bool:

@@ -229,7 +229,10 @@ def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [repor
           dry_run: bool = typer.Option(False, "--dry-run", help="list the report's runs and their status; train "
                                        "and evaluate nothing"),
           export: Path = typer.Option(None, "--export", help="copy what eval reads of every run (no model weights) "
-                                      "to this folder, e.g. to evaluate a GPU machine's runs elsewhere")):
+                                      "to this folder, e.g. to evaluate a GPU machine's runs elsewhere"),
+          keep_from: Path = typer.Option(None, "--keep-from", help="an earlier results.json (e.g. "
+                                         "docs/results/results.json): tables none of whose stores are here and "
+                                         "that are defined as there are carried from it")):
     """Results report from finished stores: tables, significance tests, scaling fits, plots. Trains
     nothing unless --train."""
     from lumctl.errors import InputError
@@ -252,7 +255,8 @@ def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [repor
             return
         from lumctl.store import store_lock
         with store_lock(rep.store("eval"), "eval"):
-            ev.run(rep, force=force, out=out, allow_missing=allow_missing or bool(bad), path=str(spec))
+            ev.run(rep, force=force, out=out, allow_missing=allow_missing or bool(bad), path=str(spec),
+                   keep_from=keep_from)
         if bad:
             raise InputError(str(spec), f"{len(bad)} runs failed to train: " + ", ".join(d["experiment"] for d in bad))
     _guard(go, spec)

@@ -23,6 +23,10 @@ Output (`<store_root>/<report experiment>/eval/`):
   <table>.png    one plot per table
   manifest.json  inputs = the store hashes of every run read
 `--out DIR` also writes DIR/results.md and DIR/results/ (plots, results.json) for the repository.
+`--keep-from JSON` (an earlier results.json, e.g. docs/results/results.json): a table none of whose runs
+has a store here, defined as in JSON (title, note, columns, row labels, comparisons and runs), is carried from JSON
+as it was, and the page names the carried tables; so a report whose runs were trained on several
+machines renders on each of them.
 """
 
 from __future__ import annotations
@@ -548,6 +552,10 @@ def markdown(res: dict, img_dir: str) -> str:
              f"{res['generated']}, from finished stores under `{res['store_root']}`. Do not edit by hand.", ""]
     if rp["note"]:
         lines += [rp["note"], ""]
+    if res.get("carried"):
+        c = res["carried"]
+        lines += [f"Carried unchanged from `{c['from']}` (rendered earlier from stores that were not under "
+                  f"`{res['store_root']}` this time): " + ", ".join(f"`{n}`" for n in c["tables"]) + ".", ""]
     lines += ["Regenerate every number below (train the runs, then rebuild this page):", "", "```bash",
               f"{TRAIN.format(path=path)} --out docs   # trains the runs whose stores are missing or stale, "
               "then writes this page", "```", "",
@@ -593,8 +601,33 @@ def _clean(x):
     return x
 
 
+def _definition(t: dict) -> dict:
+    """What a table is (not its numbers): heading, note, columns, and per row its label, comparisons and
+    the runs (experiments) it reads; not how a row's spec is written (a row may move its keys to a recipe)."""
+    return {**{k: t.get(k) for k in ("title", "kind", "columns", "compare", "note", "x")},
+            "rows": [{"label": r["label"], "vs": r.get("vs") or [], "runs": [x["experiment"] for x in r["runs"]]}
+                     for r in t["rows"]]}
+
+
+def carried_tables(rep: ReportFile, rows: list[RowPlan], read: dict[str, dict | str], keep_from: Path) -> dict[str, dict]:
+    """The tables of the earlier results.json `keep_from` to carry: those none of whose runs has a store
+    here and that the report defines as they were defined there."""
+    try:
+        old = {t["name"]: t for t in json.loads(Path(keep_from).read_text())["tables"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(str(keep_from), f"--keep-from: not a results.json of lumctl eval ({e})") from None
+    out = {}
+    for t in rep.report.tables:
+        trs = [rp for rp in rows if rp.table is t]
+        if t.name not in old or any(not isinstance(read[r.experiment], str) for rp in trs for r in rp.runs):
+            continue
+        if _definition(_clean(evaluate_table(t, trs, read, rep.report))) == _definition(old[t.name]):
+            out[t.name] = old[t.name]
+    return out
+
+
 def run(rep: ReportFile, force: bool = False, out: str | Path | None = None, allow_missing: bool = False,
-        path: str = "<report>") -> Path:
+        path: str = "<report>", keep_from: str | Path | None = None) -> Path:
     started = time.time()
     rows = plan(rep, path)
     read: dict[str, dict | str] = {}
@@ -603,20 +636,24 @@ def run(rep: ReportFile, force: bool = False, out: str | Path | None = None, all
             read[r.experiment] = (read_pretrain if r.stage == "pretrain" else read_fuse)(r)
         except NotReady as e:
             read[r.experiment] = str(e)
+    carried = carried_tables(rep, rows, read, Path(keep_from)) if keep_from is not None else {}
     for rp in rows:  # a missing or stale store stops the report, unless the row may be missing
         for r in rp.runs:
-            if isinstance(read[r.experiment], str) and not (rp.row.optional or allow_missing):
+            if isinstance(read[r.experiment], str) and not (rp.row.optional or allow_missing or rp.table.name in carried):
                 raise InputError(f"{path}: table '{rp.table.name}' row '{rp.row.label}' ({rp.row.spec})",
                                  f"{read[r.experiment]}; make it with `{TRAIN.format(path=path)} --only {r.experiment}`")
     inputs = {e: (g["store_hash"] if isinstance(g, dict) else g) for e, g in read.items()}
-    spec_hash = hash_obj({"report": rep.report.model_dump(mode="json"), "runs": [hash_obj(r.data) for r in unique_runs(rows)]})
+    spec_hash = hash_obj({"report": rep.report.model_dump(mode="json"), "runs": [hash_obj(r.data) for r in unique_runs(rows)],
+                          **({"carried": carried} if carried else {})})
     dest = rep.store("eval")
     if force or not is_up_to_date(dest, spec_hash, inputs):
         res = {"title": rep.report.title, "report_path": str(path), "report_spec": rep.report.model_dump(mode="json"),
                "store_root": rep.store_root, "lumctl_version": __version__, "commit": git_commit(),
                "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "tables": [evaluate_table(t, [rp for rp in rows if rp.table is t], read, rep.report)
+               "tables": [carried.get(t.name) or evaluate_table(t, [rp for rp in rows if rp.table is t], read, rep.report)
                           for t in rep.report.tables]}
+        if carried:
+            res["carried"] = {"from": str(keep_from), "tables": list(carried)}
         res = _clean(res)
         with atomic_dir(dest) as tmp:
             for t in res["tables"]:

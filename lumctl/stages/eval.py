@@ -644,7 +644,7 @@ def run(rep: ReportFile, force: bool = False, out: str | Path | None = None, all
                                  f"{read[r.experiment]}; make it with `{TRAIN.format(path=path)} --only {r.experiment}`")
     inputs = {e: (g["store_hash"] if isinstance(g, dict) else g) for e, g in read.items()}
     spec_hash = hash_obj({"report": rep.report.model_dump(mode="json"), "runs": [hash_obj(r.data) for r in unique_runs(rows)],
-                          **({"carried": carried} if carried else {})})
+                          **({"carried": carried, "carried_from": str(keep_from)} if carried else {})})
     dest = rep.store("eval")
     if force or not is_up_to_date(dest, spec_hash, inputs):
         res = {"title": rep.report.title, "report_path": str(path), "report_spec": rep.report.model_dump(mode="json"),

@@ -220,6 +220,9 @@ def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [repor
                                    "e.g. --out docs"),
           allow_missing: bool = typer.Option(False, "--allow-missing", help="show rows whose stores are missing or "
                                              "stale as 'not run' instead of failing"),
+          keep_previous: bool = typer.Option(False, "--keep-previous", help="with --out (and --allow-missing): a "
+                                             "table none of whose rows ran here keeps its rendering from the previous "
+                                             "OUT/results/results.json, marked with that page's date and commit"),
           train: bool = typer.Option(False, "--train", help="first train the runs whose stores are missing or "
                                      "stale (upstream stores shared where specs agree; logs in "
                                      "<store_root>/<report>/logs/)"),
@@ -229,10 +232,7 @@ def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [repor
           dry_run: bool = typer.Option(False, "--dry-run", help="list the report's runs and their status; train "
                                        "and evaluate nothing"),
           export: Path = typer.Option(None, "--export", help="copy what eval reads of every run (no model weights) "
-                                      "to this folder, e.g. to evaluate a GPU machine's runs elsewhere"),
-          keep_from: Path = typer.Option(None, "--keep-from", help="an earlier results.json (e.g. "
-                                         "docs/results/results.json): tables none of whose stores are here and "
-                                         "that are defined as there are carried from it")):
+                                      "to this folder, e.g. to evaluate a GPU machine's runs elsewhere")):
     """Results report from finished stores: tables, significance tests, scaling fits, plots. Trains
     nothing unless --train."""
     from lumctl.errors import InputError
@@ -249,6 +249,8 @@ def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [repor
             bad = [d for d in done if d["returncode"] != 0 or d["status"] != "ok"]
         elif only or parallel != 1:
             raise InputError("--only/--parallel", "select and schedule runs to train; add --train")
+        if keep_previous and out is None:
+            raise InputError("--keep-previous", "keeps tables of the page written by --out; add --out DIR")
         if export is not None:
             runs.export(runs.select(rep, str(spec), only), Path(rep.store_root), export)
         if dry_run:
@@ -256,7 +258,7 @@ def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [repor
         from lumctl.store import store_lock
         with store_lock(rep.store("eval"), "eval"):
             ev.run(rep, force=force, out=out, allow_missing=allow_missing or bool(bad), path=str(spec),
-                   keep_from=keep_from)
+                   keep_previous=keep_previous)
         if bad:
             raise InputError(str(spec), f"{len(bad)} runs failed to train: " + ", ".join(d["experiment"] for d in bad))
     _guard(go, spec)

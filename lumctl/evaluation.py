@@ -17,11 +17,19 @@ users x items:
 `[pretrain.eval] users = N` scores a fixed random sample of N users (seeded by `sample_seed`: the
 same users at every evaluation and in every run on the same data); the metrics then say
 `users_sampled: "N of M"`.
+
+Conditioned requests (`evaluate_requests`, `[pretrain.eval] requests`): the condition is part of the
+request, as in a search or browse setting. Each user makes requests (user, c) for values c of one
+condition field, chosen from the events before the test split only; the positives of a request are
+the user's test-window events with value c, ranked among the request's candidates (an item-attribute
+field restricts every model's candidates to the items with value c). The same blocks as above: user
+vectors `batch_rows` rows at a time (for each value, only the users that request it), scores
+`user_batch` (request, positive) pairs x `item_block` items at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,7 +37,7 @@ import torch.nn.functional as F
 
 from lumctl.attention import make_mask
 from lumctl.batch import to_batch
-from lumctl.metrics import retrieval_metrics
+from lumctl.metrics import request_metrics, retrieval_metrics
 from lumctl.ops.packing import assign_rows, pack_sequences
 from lumctl.ops.packing import fill_rows as fill_packed_rows
 
@@ -124,11 +132,27 @@ def read_held_out(data: dict, split: str, max_items: int, n_users: int = 0, seed
                    np.r_[0, np.cumsum(end)].astype(np.int64), seen, n_total)
 
 
+def take_users(ev: HeldOut, keep: np.ndarray) -> HeldOut:
+    """The held-out events of the users ev.users[keep] (keep: increasing indices)."""
+    first = np.cumsum(ev.count) - ev.count
+    idx = _ranges(first[keep], ev.count[keep])
+    lens = np.diff(ev.seen_off)[keep]
+    return HeldOut(ev.users[keep], ev.count[keep], ev.items[idx], ev.conds[idx], ev.ts[idx], ev.target[keep],
+                   np.r_[0, np.cumsum(lens)].astype(np.int64), ev.seen[_ranges(ev.seen_off[:-1][keep], lens)], ev.n_total)
+
+
 def history_weights(data: dict, split: str, field: int, n_values: int, alpha: float,
                     users: np.ndarray | None = None) -> np.ndarray:
     """p(value | user) of one condition field from the user's events before the held-out one, for
     `users` (default: every user with a held-out event, as `held_out_users`), smoothed:
     (count + alpha) / (n + alpha V). Returns (U, V - 2): values from id 2."""
+    w = history_counts(data, split, field, n_values, users)[:, FIRST_ITEM:n_values] + alpha
+    return (w / w.sum(1, keepdims=True)).astype(np.float32)                          # (U, V - 2)
+
+
+def history_counts(data: dict, split: str, field: int, n_values: int, users: np.ndarray | None = None) -> np.ndarray:
+    """How often each value of one condition field occurs in the user's events before the held-out
+    one, for `users` (default: every user with a held-out event, as `held_out_users`) -> (U, V) int64."""
     all_users, end = held_out_users(data, split)
     if users is not None:
         end = end[np.searchsorted(all_users, users)]
@@ -136,9 +160,7 @@ def history_weights(data: dict, split: str, field: int, n_values: int, alpha: fl
     base = np.asarray(data["users/offsets"])[all_users]
     vals = read_ranges(data["events/cond"], base, end)[:, field]
     who = np.repeat(np.arange(len(all_users), dtype=np.int64), end)
-    w = np.bincount(who * n_values + vals, minlength=len(all_users) * n_values).reshape(-1, n_values)
-    w = w[:, FIRST_ITEM:n_values] + alpha
-    return (w / w.sum(1, keepdims=True)).astype(np.float32)                          # (U, V - 2)
+    return np.bincount(who * n_values + vals, minlength=len(all_users) * n_values).reshape(-1, n_values)
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -199,8 +221,9 @@ def eval_rows(data: dict, split: str, max_items: int, seq_len: int, conditions: 
 
 @torch.no_grad()
 def user_vectors(model, ev: HeldOut, plan: RowPlan, seq_len: int, conditions: bool, query_cond,
-                 batch_rows: int, device, autocast) -> torch.Tensor:
-    """The normalised output at each user's held-out position -> (U, D) float32; rows are filled
+                 batch_rows: int, device, autocast, normalize: bool = True) -> torch.Tensor:
+    """The output at each user's held-out position -> (U, D) float32, L2-normalised unless
+    `normalize` is false (a model trained with [pretrain.loss] similarity = 'dot'); rows are filled
     and run `batch_rows` at a time."""
     backend = model.config.attention
     q = torch.empty(len(ev.users), model.config.d_model, device=device)
@@ -215,7 +238,7 @@ def user_vectors(model, ev: HeldOut, plan: RowPlan, seq_len: int, conditions: bo
             out = model(b, make_mask(b, backend))                                     # (B, S, D)
             q[torch.as_tensor(us, device=device)] = out[torch.as_tensor(plan.row[us] - r0),
                                                         torch.as_tensor(plan.out_pos[us])].float()
-    return F.normalize(q, dim=-1)
+    return F.normalize(q, dim=-1) if normalize else q
 
 
 # ------------------------------------------------------------------------------------ ranking
@@ -277,20 +300,22 @@ def rank_full_ref(scores: torch.Tensor, target: np.ndarray, seen: list[np.ndarra
 
 
 @torch.no_grad()
-def item_keys(model, item_block: int, device, autocast) -> torch.Tensor:
-    """The normalised item table (I, D) float32, built `item_block` items at a time (no transient
-    copies of the whole table)."""
+def item_keys(model, item_block: int, device, autocast, normalize: bool = True) -> torch.Tensor:
+    """The item table (I, D) float32, L2-normalised unless `normalize` is false, built `item_block`
+    items at a time (no transient copies of the whole table)."""
     n_items = model.config.n_items
     keys = torch.empty(n_items, model.config.d_model, device=device)
     with autocast():
         for i0 in range(0, n_items, item_block):
             ids = torch.arange(i0, min(n_items, i0 + item_block), device=device)
-            keys[i0:i0 + len(ids)] = F.normalize(model.item_table(ids).float(), dim=-1)
+            k = model.item_table(ids).float()                                       # (B, D)
+            keys[i0:i0 + len(ids)] = F.normalize(k, dim=-1) if normalize else k
     return keys
 
 
 def dot_scores(q: torch.Tensor, keys: torch.Tensor):
-    """score(users, i0, i1) of the cosine similarity: q (U, D), keys (I, D), both normalised."""
+    """score(users, i0, i1) = q . keys: the cosine similarity when both are normalised, else the
+    inner product. q (U, D), keys (I, D)."""
     return lambda users, i0, i1: q[users] @ keys[i0:i1].T                            # (n, B)
 
 
@@ -337,7 +362,8 @@ def evaluate(model, data: dict, split: str, p, pack_spec, device, query_cond, au
     plan = plan_rows(ev, seq_len, conditions)
 
     model.eval()
-    keys = item_keys(model, e.item_block, device, autocast)                           # (I, D)
+    unit = getattr(getattr(p, "loss", None), "similarity", "cosine") == "cosine"     # as the loss scored
+    keys = item_keys(model, e.item_block, device, autocast, unit)                     # (I, D)
     n_items = keys.shape[0]
     mixture = e.mixture if (query_cond is not None and cond_names) else None
     if mixture:
@@ -347,12 +373,12 @@ def evaluate(model, data: dict, split: str, p, pack_spec, device, query_cond, au
         for v in range(FIRST_ITEM, n_values):
             qc = np.array(query_cond, np.int32).copy()
             qc[f] = v
-            qs.append(user_vectors(model, ev, plan, seq_len, conditions, qc, e.batch_rows, device, autocast))
+            qs.append(user_vectors(model, ev, plan, seq_len, conditions, qc, e.batch_rows, device, autocast, unit))
         logw = torch.as_tensor(np.log(history_weights(data, split, f, n_values, e.mixture_smoothing, ev.users)),
                                device=device)
         score = mixture_scores(qs, keys, logw, tau, e.item_block, e.user_batch)
     else:
-        q = user_vectors(model, ev, plan, seq_len, conditions, query_cond, e.batch_rows, device, autocast)
+        q = user_vectors(model, ev, plan, seq_len, conditions, query_cond, e.batch_rows, device, autocast, unit)
         score = dot_scores(q, keys)
     ranks = rank_in_blocks(score, ev.target, ev.seen_off, ev.seen, n_items, e.item_block, e.user_batch, device)
     model.train()
@@ -362,3 +388,172 @@ def evaluate(model, data: dict, split: str, p, pack_spec, device, query_cond, au
     if len(ev.users) < ev.n_total:
         out["users_sampled"] = f"{len(ev.users)} of {ev.n_total}"
     return out
+
+
+# ------------------------------------------------------------------------------------ requests
+@dataclass
+class Requests:
+    """The requests of one task: request r asks for value `value[r]` of the field for user `user[r]`
+    (an index into HeldOut.users); its positives are item[pos_off[r]:pos_off[r + 1]]."""
+
+    user: np.ndarray      # [R]
+    value: np.ndarray     # [R]
+    pos_off: np.ndarray   # [R + 1]
+    item: np.ndarray      # [P] positive items, request after request, ascending within a request
+    formed: int           # requests formed from the history, before those without a positive were skipped
+
+
+def form_requests(data: dict, split: str, field: int, n_values: int, values: str, top_k: int,
+                  users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(user [R] index into `users`, value [R]): each user's requests, sorted by (user, value).
+    values = 'all': every value of the field; 'history': the values of the user's events before the
+    held-out one (the `top_k` most frequent, ties by value id, when top_k > 0). Reads no event from
+    the held-out one on."""
+    U = len(users)
+    if values == "all":
+        vals = np.arange(FIRST_ITEM, n_values, dtype=np.int64)
+        return np.repeat(np.arange(U, dtype=np.int64), len(vals)), np.tile(vals, U)
+    cnt = history_counts(data, split, field, n_values, users)[:, FIRST_ITEM:]        # (U, V - 2)
+    k = cnt.shape[1] if top_k == 0 else min(top_k, cnt.shape[1])
+    top = np.argsort(-cnt, axis=1, kind="stable")[:, :k]                              # (U, k) most frequent first
+    keep = np.take_along_axis(cnt, top, 1) > 0
+    u = np.broadcast_to(np.arange(U, dtype=np.int64)[:, None], top.shape)[keep]
+    v = top[keep].astype(np.int64) + FIRST_ITEM
+    order = np.lexsort((v, u))
+    return u[order], v[order]
+
+
+def window_events(data: dict, split: str, users: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The test window of `users`: their first `window` events from the held-out one on (0 = all of
+    them). Returns (count [U], item [W], cond [W, F]), user after user."""
+    offsets = np.asarray(data["users/offsets"])
+    all_users, end = held_out_users(data, split)
+    end = end[np.searchsorted(all_users, users)]
+    first = offsets[users] + end
+    count = offsets[users + 1] - first
+    if window:
+        count = np.minimum(count, window)
+    return count, read_ranges(data["events/item"], first, count), read_ranges(data["events/cond"], first, count)
+
+
+def request_positives(req_user: np.ndarray, req_value: np.ndarray, win_count: np.ndarray, win_item: np.ndarray,
+                      win_value: np.ndarray, seen_off: np.ndarray, seen: np.ndarray, n_values: int,
+                      item_value: np.ndarray | None) -> Requests:
+    """Join the requests (sorted by user, value) with the window events: the positives of (u, c) are
+    u's window items whose value is c, each once, leaving out items of u's history (they are never
+    candidates) and, with an item-attribute filter `item_value` [I], items whose value is not c.
+    Requests without a positive are skipped."""
+    U = len(win_count)
+    n_items = int(max(win_item.max(initial=0), seen.max(initial=0))) + 1
+    w_user = np.repeat(np.arange(U, dtype=np.int64), win_count)
+    w_item, w_value = win_item.astype(np.int64), win_value.astype(np.int64)
+    h_user = np.repeat(np.arange(U, dtype=np.int64), np.diff(seen_off))
+    ok = ~np.isin(w_user * n_items + w_item, h_user * n_items + seen.astype(np.int64))
+    if item_value is not None:
+        ok &= item_value[w_item] == w_value
+    rkey = req_user.astype(np.int64) * n_values + req_value                           # sorted: (user, value)
+    wkey = w_user * n_values + w_value
+    r = np.searchsorted(rkey, wkey)
+    ok &= (r < len(rkey)) & (rkey[np.minimum(r, len(rkey) - 1)] == wkey) if len(rkey) else np.zeros_like(ok)
+    pairs = np.unique(r[ok] * n_items + w_item[ok])                                   # (request, item), each once
+    pr, pi = pairs // n_items, pairs % n_items
+    n_pos = np.bincount(pr, minlength=len(rkey))
+    kept = np.flatnonzero(n_pos > 0)
+    return Requests(req_user[kept].astype(np.int64), req_value[kept].astype(np.int64),
+                    np.r_[0, np.cumsum(n_pos[kept])].astype(np.int64), pi.astype(np.int64), len(rkey))
+
+
+def item_values(data: dict, field: int, n_items: int, window: int = 1 << 22) -> np.ndarray:
+    """[I] each item's value of an item-attribute condition field (0 for an item in no event), read
+    from the events `window` at a time: the value is the item's, the same in every event."""
+    out = np.zeros(n_items, np.int64)
+    items, conds = data["events/item"], data["events/cond"]
+    for a in range(0, items.shape[0], window):
+        out[np.asarray(items[a:a + window])] = np.asarray(conds[a:a + window])[:, field]
+    return out
+
+
+def rank_positives(q_of, req: Requests, seen_off: np.ndarray, seen: np.ndarray, keys: torch.Tensor,
+                   item_value: np.ndarray | None, item_block: int, user_batch: int, device) -> np.ndarray:
+    """0-based rank [P] of every positive of every request among the request's candidates: the items
+    from id 2 outside the user's history (and, with `item_value`, whose value is the requested one),
+    the request's other positives included; ties count for the positive. `q_of(value)` -> (U, D) the
+    normalised user vectors that answer requests for `value`. Memory: user_batch x item_block scores."""
+    n_pos = np.diff(req.pos_off)
+    pair_req = np.repeat(np.arange(len(req.user)), n_pos)                             # [P]
+    ranks = np.zeros(len(req.item), np.int64)
+    iv = torch.as_tensor(item_value, device=device) if item_value is not None else None
+    for c in np.unique(req.value):
+        q = q_of(int(c))                                                              # (U, D)
+        pairs = np.flatnonzero(req.value[pair_req] == c)
+        for a in range(0, len(pairs), user_batch):
+            p = pairs[a:a + user_batch]
+            pu = req.user[pair_req[p]]                                                # user of each pair
+            lens = seen_off[pu + 1] - seen_off[pu]
+            pu_t = torch.as_tensor(pu, device=device)
+
+            def score(users, i0, i1):
+                s = q[pu_t[users]] @ keys[i0:i1].T                                    # (n, B)
+                if iv is not None:
+                    s[:, iv[i0:i1] != int(c)] = float("-inf")                         # not a candidate of this request
+                return s
+            ranks[p] = rank_in_blocks(score, req.item[p], np.r_[0, np.cumsum(lens)].astype(np.int64),
+                                      seen[_ranges(seen_off[pu], lens)], len(keys), item_block, user_batch, device)
+    return ranks
+
+
+@torch.no_grad()
+def evaluate_requests(model, data: dict, task, p, pack_spec, device, query_cond, autocast,
+                      cond_fields: list[dict], conditions: bool, out: dict | None = None) -> dict:
+    """Conditioned-request retrieval on the test split ([pretrain.eval].requests `task`, a RequestSpec).
+
+    For each evaluated user (all, or the `users` sample), requests (user, c) for values c of
+    `task.field` chosen without reading the test events (`form_requests`); the positives of (user, c)
+    are the user's first `task.window` test events with value c (`request_positives`); a request
+    without a positive is skipped, the same for every model. Candidates: items from id 2 outside the
+    user's history; for an item-attribute field only the items with value c (the request is a filter
+    every model is given). Scores: a model trained with condition tokens answers with its output at a
+    query condition token whose `task.field` is c (the other fields as `query_cond`); an item-only
+    model with its one user vector. HR@K, NDCG@K (several positives: DCG over the positives in the top
+    K / the ideal DCG) and MRR (of the best positive) are averaged over each user's requests, then over
+    users. `out`, when given, receives the per-request arrays (user, value, pos_off, item, rank)."""
+    e = p.eval
+    names = [c["name"] for c in cond_fields]
+    f = names.index(task.field)
+    n_values = len(data[f"vocab/cond_{task.field}"])
+    ev = read_held_out(data, "test", pack_spec.max_items, e.users, e.sample_seed)    # conds: every field, for the requests
+    req_user, req_value = form_requests(data, "test", f, n_values, task.values, task.top_k, ev.users)
+    win_count, win_item, win_cond = window_events(data, "test", ev.users, task.window)
+    model.eval()
+    keys = item_keys(model, e.item_block, device, autocast)                           # (I, D)
+    item_value = item_values(data, f, len(keys)) if cond_fields[f]["source"] == "item_attr" else None
+    req = request_positives(req_user, req_value, win_count, win_item, win_cond[:, f], ev.seen_off, ev.seen, n_values,
+                            item_value)
+    seq_len = pack_spec.seq_len
+    if conditions:
+        base = np.ones(len(names), np.int32) if query_cond is None else np.asarray(query_cond, np.int32)
+
+        def q_of(c):  # only the users that request c are run
+            qc = base.copy()
+            qc[f] = c                                                                 # the request's value, never the held-out one
+            keep = np.unique(req.user[req.value == c])
+            sub = take_users(ev, keep)
+            q = torch.zeros(len(ev.users), keys.shape[1], device=device)             # (U, D), rows of other users unused
+            q[torch.as_tensor(keep, device=device)] = user_vectors(model, sub, plan_rows(sub, seq_len, True), seq_len, True,
+                                                                   qc, e.batch_rows, device, autocast)
+            return q
+    else:
+        ev_items = replace(ev, conds=ev.conds[:, :0])                                 # an item-only model reads no condition
+        q = user_vectors(model, ev_items, plan_rows(ev_items, seq_len, False), seq_len, False, None, e.batch_rows,
+                         device, autocast)
+        q_of = lambda c: q                                                            # noqa: E731  the same vector for every request
+    ranks = rank_positives(q_of, req, ev.seen_off, ev.seen, keys, item_value, e.item_block, e.user_batch, device)
+    model.train()
+    if out is not None:
+        out.update(user=ev.users[req.user], value=req.value, pos_off=req.pos_off, item=req.item, rank=ranks)
+    res = request_metrics(ranks, req.pos_off, req.user, e.ks)
+    res.update(requests=len(req.user), positives=len(req.item), skipped_no_positive=req.formed - len(req.user),
+               candidates="items with the requested value" if item_value is not None else "all items")
+    if len(ev.users) < ev.n_total:
+        res["users_sampled"] = f"{len(ev.users)} of {ev.n_total}"
+    return res

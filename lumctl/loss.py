@@ -2,7 +2,8 @@
 
     L = -mean_l log( exp(s(o_l, e_{i_l})/tau) / (exp(s(o_l, e_{i_l})/tau) + sum_k exp(s(o_l, e_k)/tau)) )
 
-with s the cosine similarity, o_l the output at a trained (condition) position and e the item
+with s the cosine similarity (`similarity = "cosine"`, the default) or the plain inner product
+(`"dot"`, the cross-entropy of the SASRec / BSARec codebases, usually with tau = 1), o_l the output at a trained (condition) position and e the item
 token encoder's embedding. Negatives: the other items of the batch (`in_batch`; each distinct
 item counted once, so a negative equal to the positive — an accidental hit — cannot occur),
 `sampled` items (`num_sampled` per position, log-Q corrected, accidental hits masked), or the
@@ -25,7 +26,7 @@ def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: st
              num_sampled: int = 128, sample_logq: torch.Tensor | None = None,
              generator: torch.Generator | None = None, logq_correction: bool = True,
              candidates: torch.Tensor | None = None, reduction: str = "mean",
-             n_items: int | None = None, item_block: int = 262144) -> torch.Tensor:
+             n_items: int | None = None, item_block: int = 262144, similarity: str = "cosine") -> torch.Tensor:
     """o (N, D) outputs at trained positions, target (N,) item ids; `item_table(ids) -> (M, D)`.
     `sample_logq` (I,) log sampling probability of each item (sampled negatives); negatives are
     drawn on the generator's device. `logq_correction = False` is the plain (1 + K)-way softmax of
@@ -33,12 +34,16 @@ def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: st
     `candidates` (M,) in_batch: the batch's distinct item ids, sorted, when `target` is only part
     of the batch (the targets of all ranks under torchrun); default the distinct `target`s.
     reduction: 'mean' or 'sum' over N.
-    full: `n_items` (the catalogue size) above `item_block` scores the catalogue in blocks."""
-    o = F.normalize(o.float(), dim=-1)
+    full: `n_items` (the catalogue size) above `item_block` scores the catalogue in blocks.
+    similarity: 'cosine' (outputs and item embeddings L2-normalised) or 'dot' (used as they are)."""
+    if similarity not in ("cosine", "dot"):
+        raise ValueError(f"similarity must be 'cosine' or 'dot' (got {similarity!r})")
+    norm = _unit if similarity == "cosine" else _plain
+    o = norm(o)                                                               # (N, D)
     if negatives == "full" and n_items is not None and n_items > item_block:
-        return _full_in_blocks(o, target, item_table, tau, n_items, item_block, reduction)
+        return _full_in_blocks(o, target, lambda ids: norm(item_table(ids)), tau, n_items, item_block, reduction)
     if negatives == "full":
-        keys = F.normalize(item_table(None).float(), dim=-1)                  # (I, D)
+        keys = norm(item_table(None))                                         # (I, D)
         logits = o @ keys.T / tau                                             # (N, I)
         logits[:, :FIRST_ITEM] = float("-inf")
         return F.cross_entropy(logits, target, reduction=reduction)
@@ -48,15 +53,15 @@ def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: st
         else:
             cand = candidates                                                 # (M,) sorted, holds every target
             label = torch.searchsorted(cand, target)                          # (N,)
-        keys = F.normalize(item_table(cand).float(), dim=-1)                  # (M, D)
+        keys = norm(item_table(cand))                                         # (M, D)
         return F.cross_entropy(o @ keys.T / tau, label, reduction=reduction)
     # sampled: K negatives per position from Q, logits corrected by -log Q (Bengio & Senecal; Yi et al. 2019)
     N = len(target)
     where = generator.device if generator is not None else torch.device("cpu")
     neg = torch.multinomial(sample_logq.exp().to(where), N * num_sampled, replacement=True,
                             generator=generator).view(N, num_sampled).to(target.device)  # (N, K)
-    pos_keys = F.normalize(item_table(target).float(), dim=-1)                # (N, D)
-    neg_keys = F.normalize(item_table(neg.flatten()).float(), dim=-1).view(N, num_sampled, -1)  # (N, K, D)
+    pos_keys = norm(item_table(target))                                       # (N, D)
+    neg_keys = norm(item_table(neg.flatten())).view(N, num_sampled, -1)       # (N, K, D)
     pos = (o * pos_keys).sum(-1, keepdim=True) / tau                          # (N, 1)
     neg_logits = torch.einsum("nd,nkd->nk", o, neg_keys) / tau                 # (N, K)
     if logq_correction:
@@ -66,19 +71,28 @@ def info_nce(o: torch.Tensor, target: torch.Tensor, item_table, *, negatives: st
     return F.cross_entropy(logits, torch.zeros_like(target), reduction=reduction)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.float()
+
+
 def _block_lse(o: torch.Tensor, ids: torch.Tensor, tau, item_table) -> torch.Tensor:
-    """log sum_k exp(s(o, e_k) / tau) over the items `ids` -> (N,)."""
-    keys = F.normalize(item_table(ids).float(), dim=-1)                       # (B, D)
+    """log sum_k exp(s(o, e_k) / tau) over the items `ids` -> (N,); item_table(ids) gives the keys as scored."""
+    keys = item_table(ids)                                                    # (B, D)
     return torch.logsumexp((o @ keys.T).float() / tau, -1)                    # (N,)
 
 
 def _full_in_blocks(o, target, item_table, tau, n_items: int, item_block: int, reduction: str) -> torch.Tensor:
-    """The `full` loss with the catalogue in blocks of `item_block` items (ids from FIRST_ITEM)."""
+    """The `full` loss with the catalogue in blocks of `item_block` items (ids from FIRST_ITEM);
+    item_table(ids) gives the keys as scored (normalised or not)."""
     lse = []
     for i0 in range(FIRST_ITEM, n_items, item_block):
         ids = torch.arange(i0, min(n_items, i0 + item_block), device=o.device)
         lse.append(checkpoint(_block_lse, o, ids, tau, item_table, use_reentrant=False))  # (N,)
-    pos_keys = F.normalize(item_table(target).float(), dim=-1)                # (N, D)
+    pos_keys = item_table(target)                                             # (N, D)
     pos = torch.bmm(o[:, None, :], pos_keys[:, :, None])[:, 0, 0].float() / tau  # (N,) at the blocks' precision
     loss = torch.logsumexp(torch.stack(lse, 1), 1) - pos
     return loss.mean() if reduction == "mean" else loss.sum()

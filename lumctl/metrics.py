@@ -19,6 +19,62 @@ def retrieval_metrics(rank: np.ndarray, ks=(10, 50, 200)) -> dict[str, float]:
     return out
 
 
+# ------------------------------------------------------------------------------------ requests
+def request_positions(rank: np.ndarray, pos_off: np.ndarray) -> np.ndarray:
+    """Positions (0 = top) of each request's positives in its ranked list, request after request,
+    ascending within a request. rank [P]: candidates scored strictly higher than each positive (the
+    request's other positives included), so positives of equal score share a rank; they are given
+    consecutive positions: position j = j + max over i <= j of (rank_i - i), ranks ascending."""
+    rank = np.asarray(rank, np.int64)
+    n = np.diff(pos_off)
+    if not len(rank):
+        return rank
+    req = np.repeat(np.arange(len(n), dtype=np.int64), n)
+    srt = rank[np.lexsort((rank, req))]
+    j = np.arange(len(rank)) - np.repeat(np.asarray(pos_off[:-1], np.int64), n)  # index within the request
+    big = int(srt.max()) + int(n.max()) + 1                                     # > any rank_i - i: requests stay apart
+    return j + np.maximum.accumulate(srt - j + req * big) - req * big
+
+
+def request_values(rank: np.ndarray, pos_off: np.ndarray, metric: str) -> np.ndarray:
+    """Per-request value [R] of hr@K (a positive in the top K), ndcg@K (sum of 1/log2(pos + 2) over the
+    positives in the top K, over the same sum for the best possible list of min(P, K) positives) or
+    mrr (1 / (1 + position of the best positive)), from the positives' ranks (`request_positions`)."""
+    pos_off = np.asarray(pos_off, np.int64)
+    pos = request_positions(rank, pos_off).astype(np.float64)
+    n = np.diff(pos_off)
+    first = pos[pos_off[:-1]] if len(n) else np.zeros(0)
+    if metric == "mrr":
+        return 1.0 / (first + 1)
+    kind, k = metric.split("@")
+    k = int(k)
+    if kind == "hr":
+        return (first < k).astype(np.float64)
+    gain = np.where(pos < k, 1.0 / np.log2(pos + 2), 0.0)
+    dcg = np.add.reduceat(gain, pos_off[:-1]) if len(n) else np.zeros(0)
+    ideal = np.r_[0.0, np.cumsum(1.0 / np.log2(np.arange(k) + 2))][np.minimum(n, k)]
+    return dcg / ideal
+
+
+def per_user_requests(rank: np.ndarray, pos_off: np.ndarray, user: np.ndarray, metric: str) -> np.ndarray:
+    """Per-user mean [U'] of a request metric over the user's requests (users in increasing order)."""
+    v = request_values(rank, pos_off, metric)
+    _, inv, cnt = np.unique(user, return_inverse=True, return_counts=True)
+    return np.bincount(inv, v, minlength=len(cnt)) / cnt
+
+
+def request_metrics(rank: np.ndarray, pos_off: np.ndarray, user: np.ndarray, ks=(10, 50, 200)) -> dict:
+    """hr@K, ndcg@K, mrr of conditioned requests: mean over users of the mean over each user's
+    requests; `users` = users with a request."""
+    out = {}
+    for k in ks:
+        for m in (f"hr@{k}", f"ndcg@{k}"):
+            out[m] = float(per_user_requests(rank, pos_off, user, m).mean()) if len(user) else 0.0
+    out["mrr"] = float(per_user_requests(rank, pos_off, user, "mrr").mean()) if len(user) else 0.0
+    out["users"] = int(len(np.unique(user)))
+    return out
+
+
 # ------------------------------------------------------------------------------------ CTR
 def auc(label: np.ndarray, score: np.ndarray) -> float:
     """P(score of a random positive > score of a random negative), ties counted 1/2 (Mann-Whitney

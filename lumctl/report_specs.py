@@ -88,6 +88,9 @@ class TableSpec(Strict):
         "metric of the delta / significance columns and of the plot (default: hr@10, or auc for ranking)"))
     x: Literal["params", "max_items"] = Field("params", description=(
         "scaling: x of the fit: non-embedding parameters of the model, or [pack] max_items (events per user)"))
+    source: str = Field("test", pattern=r"^(test|test_requests\.[A-Za-z0-9_.-]+)$", description=(
+        "retrieval/scaling: the metrics.json entry the columns come from: 'test' (next-item retrieval) or "
+        "'test_requests.<field>' (the conditioned-request task of [pretrain.eval].requests on that field)"))
     note: str = Field("", description="a line printed under the table")
     rows: list[RowSpec] = Field(min_length=1, description="the rows, in table order (a sweep's rows follow)")
     sweep: SweepSpec | None = Field(None, description="rows made by sweeping one key of one spec")
@@ -128,6 +131,8 @@ class TableSpec(Strict):
                     raise ValueError(f"row '{r.label}' is compared with itself")
             if self.kind == "ranking" and r.seeds and r.seeds != list(range(r.seeds[0], r.seeds[0] + len(r.seeds))):
                 raise ValueError(f"row '{r.label}': ranking seeds must be consecutive (got {r.seeds})")
+        if self.kind == "ranking" and self.source != "test":
+            raise ValueError(f"source = {self.source!r} is for retrieval tables (a ranking table reads fuse stores)")
         if self.kind == "scaling" and len(self.rows) < 2:
             raise ValueError("a scaling table needs at least 2 rows to fit a line")
         return self

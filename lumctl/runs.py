@@ -33,7 +33,8 @@ from lumctl.store import hash_obj
 EXPORT = ["synth/manifest.json", "tokenize/manifest.json", "pack/manifest.json", "query/manifest.json",
           "pretrain/manifest.json", "pretrain/metrics.jsonl", "pretrain/loss.png", "pretrain/final/metrics.json",
           "pretrain/final/config.json", "pretrain/final/test_rank.npy", "pretrain/final/test_target.npy",
-          "fuse/manifest.json", "fuse/metrics.json", "fuse/final/config.json", "fuse/predictions.zarr"]
+          "fuse/manifest.json", "fuse/metrics.json", "fuse/final/config.json", "fuse/predictions.zarr",
+          "pretrain/final/test_requests_*.npz"]   # a pattern: one file per [pretrain.eval].requests task
 
 
 # ------------------------------------------------------------------------------------ sharing
@@ -143,11 +144,8 @@ def select(rep: ReportFile, path: str, only: str = "") -> list[ev.Run]:
 def export(runs: list[ev.Run], root: Path, dest: Path) -> None:
     """Copy what `lumctl eval` reads of each run (no model weights) to dest/<experiment>/..."""
     for run in runs:
-        for rel in EXPORT:
-            src = root / run.experiment / rel
-            if not src.exists():
-                continue
-            out = dest / run.experiment / rel
+        for src in (p for rel in EXPORT for p in sorted((root / run.experiment).glob(rel))):
+            out = dest / run.experiment / src.relative_to(root / run.experiment)
             out.parent.mkdir(parents=True, exist_ok=True)
             if src.is_dir():
                 shutil.copytree(src, out, dirs_exist_ok=True)

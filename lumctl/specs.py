@@ -282,6 +282,9 @@ class ModelSpec(Strict):
     d_feat: int = Field(0, ge=0, description="lum: width of each token feature embedding (0 = d_model)")
     dropout: float = Field(0.0, ge=0, lt=1, description=(
         "lum: residual/attention dropout; sasrec: embedding, attention and FFN dropout; hstu: embedding and linear dropout"))
+    embed_dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "lum: dropout on the token embeddings, the input of the first block (sasrec and hstu drop theirs with "
+        "`dropout`); 0 = none"))
     attention: Literal["auto", "flex", "sdpa"] = Field("auto", description=(
         "auto = flex on CUDA, sdpa elsewhere; hstu's SiLU attention always runs dense (flex: mask from segments)"))
     item_features: bool = Field(True, description="lum: use item side features (genres, category, popularity); baselines ignore it")
@@ -291,6 +294,8 @@ class ModelSpec(Strict):
         if self.preset not in FAMILY_PRESETS[self.kind]:
             raise ValueError(f"preset '{self.preset}' is not a {self.kind} preset "
                              f"({self.kind} presets: {', '.join(FAMILY_PRESETS[self.kind])})")
+        if self.kind != "lum" and self.embed_dropout:
+            raise ValueError(f"embed_dropout is a lum option; {self.kind} drops its embeddings with `dropout`")
         if self.kind != "lum" and self.d_feat:
             raise ValueError(f"d_feat is a lum option; {self.kind} has no token feature encoder")
         if self.kind == "hstu" and self.d_ff is not None:
@@ -315,7 +320,11 @@ class LossSpec(Strict):
     logq_correction: bool = Field(True, description=(
         "sampled: subtract log Q from the negatives' logits (an estimate of the full softmax); false = the "
         "plain (1 + num_sampled)-way softmax of generative-recommenders' SampledSoftmaxLoss"))
-    temperature: float = Field(0.05, gt=0, description="tau of the cosine similarity")
+    similarity: Literal["cosine", "dot"] = Field("cosine", description=(
+        "s(o, e) of the logits s / tau: cosine = the L2-normalised output and item embedding (InfoNCE); dot = "
+        "their plain inner product (the cross-entropy of SASRec / BSARec codebases; use temperature = 1). "
+        "The evaluation ranks items by the same s"))
+    temperature: float = Field(0.05, gt=0, description="tau: the logits are s(o, e) / tau")
     learn_temperature: bool = Field(False, description="learn tau (initialised at `temperature`)")
 
 
@@ -334,6 +343,28 @@ class OptimSpec(Strict):
         "so global rows per optimizer step = batch_rows x grad_accum whatever W is"))
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     clip: float = Field(1.0, ge=0, description="max grad norm (0 = off)")
+    ema: float = Field(0.0, ge=0, lt=1, description=(
+        "exponential moving average of the weights, decay per optimizer step (e.g. 0.999; warmed up as "
+        "min(ema, (1 + t) / (10 + t))): validation, the best checkpoint and the published model use the averaged "
+        "weights, training goes on with the raw ones; one process only. 0 = off"))
+
+
+class RequestSpec(Strict):
+    """A retrieval task whose condition is part of the request (a search or browse filter): for each
+    evaluated user, requests `(user, c)` for values c of one condition field chosen from the user's
+    history only; the positives of a request are the user's test-window events whose condition is c.
+    LUM with conditions queries with c; an item-only model scores with its unconditioned user vector.
+    An item-attribute field (`source = "item_attr"`, e.g. genre) also restricts the candidates of every
+    model to the items with value c; an event field (e.g. rating bucket) keeps every item a candidate.
+    See lumctl/evaluation.py (`evaluate_requests`)."""
+
+    field: str = Field(min_length=1, description="the condition field of the request, e.g. 'genre'")
+    values: Literal["history", "all"] = Field("history", description=(
+        "which values a user requests: those of the field in the user's events before the test window, or every "
+        "value of the field (never read from the test window)"))
+    top_k: int = Field(0, ge=0, description="values = 'history': only the k most frequent values (0 = all)")
+    window: int = Field(10, ge=0, description=(
+        "the positives' pool: the user's first `window` test events (0 = every test event)"))
 
 
 class EvalSpec(Strict):
@@ -342,6 +373,9 @@ class EvalSpec(Strict):
     every_steps: int = Field(0, ge=0, description="validate every N steps (0 = once per epoch)")
     ks: list[int] = Field([10, 50, 200], min_length=1)
     select: str = Field("ndcg@10", description="validation metric that picks the best checkpoint")
+    patience: int = Field(0, ge=0, description=(
+        "early stopping: stop once this many evaluations in a row bring no better `select` than the best so far "
+        "(the best checkpoint is the model, as always); 0 = train all steps"))
     condition: dict[str, str] = Field(default_factory=dict, description=(
         "query condition at the held-out position, field -> value (e.g. rating = 'high'); "
         "fields not named are '<any>'. Never taken from the held-out interaction."))
@@ -350,6 +384,9 @@ class EvalSpec(Strict):
         "a condition field whose every value is queried; items are scored by sum_v p(v | user history) "
         "p(item | user, v) (history-only weights, no held-out information)"))
     mixture_smoothing: float = Field(1.0, gt=0, description="additive smoothing of p(v | user history)")
+    requests: list[RequestSpec] = Field(default_factory=list, description=(
+        "conditioned-request retrieval tasks scored on the test split with the chosen checkpoint, e.g. "
+        "[{ field = 'genre' }] (metrics.json test_requests.<field>); empty = none"))
     batch_rows: int = Field(16, gt=0, description="packed rows per evaluation batch")
     users: int = Field(0, ge=0, description=(
         "score a fixed random sample of this many users (the same sample at every evaluation, and in every "
@@ -365,6 +402,15 @@ class EvalSpec(Strict):
     def _metric(cls, v: str) -> str:
         if not re.fullmatch(r"(hr|ndcg)@\d+|mrr", v):
             raise ValueError(f"select must be hr@K, ndcg@K or mrr (got {v!r})")
+        return v
+
+    @field_validator("requests")
+    @classmethod
+    def _one_task_per_field(cls, v: list) -> list:
+        fields = [r.field for r in v]
+        dup = sorted({f for f in fields if fields.count(f) > 1})
+        if dup:
+            raise ValueError(f"one request task per field (got {dup} twice)")
         return v
 
 
@@ -395,7 +441,9 @@ class PretrainSpec(Strict):
         "under torchrun: ddp = a full model copy per rank (DistributedDataParallel); fsdp = FSDP2 "
         "(fully_shard) shards parameters, gradients and optimizer state over the ranks (large presets)"))
     checkpoint_every: int = Field(0, ge=0, description="write step-%08d/ every N steps (0 = once per epoch)")
-    keep_checkpoints: int = Field(2, gt=0, description="step checkpoints kept on disk")
+    keep_checkpoints: int = Field(2, ge=0, description=(
+        "step checkpoints kept on disk (model + AdamW state, the resume points); 0 = none: no --resume, but "
+        "no write of the optimizer state (three copies of every parameter: ~25 GB for 19m at 4M items)"))
     log_every: int = Field(10, gt=0)
 
     @field_validator("init_from")
@@ -440,7 +488,8 @@ class QuerySpec(Strict):
     batch_rows: int = Field(8, gt=0, description="packed query rows per forward pass")
     batch_snapshots: int = Field(8192, gt=0, description=(
         "snapshots answered and written per batch (rounded to whole chunks of the store); bounds memory: "
-        "about batch_snapshots x queries x d x 4 bytes plus the events of the batch's users"))
+        "three batches are in flight (read, answered, written), each about batch_snapshots x queries x d x 6 "
+        "bytes plus the events of the batch's users"))
     seq_len: int | None = Field(None, gt=0, description=(
         "tokens per packed query row (default: the checkpoint's seq_len, enlarged to fit the longest prefix "
         "plus all queries)"))

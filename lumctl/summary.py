@@ -2,7 +2,8 @@
 never recomputed.
 
   pretrain  test next-item retrieval (HR@10, NDCG@10; the smallest K when ks has no 10) with the query condition of [pretrain.eval], and with
-            the held-out event's own condition when [pretrain.eval] oracle = true
+            the held-out event's own condition when [pretrain.eval] oracle = true; each conditioned-request
+            task of [pretrain.eval].requests (its field, users and requests)
   fuse      test AUC of the model; with [fuse] compare_base = true also the base (lum = "none") and the gain
   plots     every *.png in the experiment's stores
 """
@@ -54,6 +55,9 @@ def lines(spec) -> list[str]:
             fields = ", ".join(pre.get("query_condition", {})) or "condition"
             out.append(_row(f"oracle: the held-out event's own {fields}", f"{o[f'hr@{k}']:.4f}",
                             f"{o[f'ndcg@{k}']:.4f}"))
+        for field, r in pre.get("test_requests", {}).items():
+            out.append(_row(f"requests by {field}: {r['requests']} of {r['users']} users", f"{r[f'hr@{k}']:.4f}",
+                            f"{r[f'ndcg@{k}']:.4f}"))
     fu = _read(spec.store("fuse") / "metrics.json") if spec.fuse is not None else None
     if fu is not None:
         base = fu.get("base")

@@ -125,14 +125,40 @@ def test_missing_store_fails_with_one_line_naming_row_store_and_command(tmp_path
     assert r.exit_code == 2
     err = r.stderr.strip()
     assert "\n" not in err
-    assert err == (f"error: {rep}: table 'r' row 'LUM' ({spec}): no finished pretrain store at "
-                   f"{tmp_path / 'stores' / 'tiny' / 'pretrain'}; make it with "
-                   f"`lumctl eval {rep} --train --only tiny`")
+    assert err == (f"error: {rep}: table 'r' row 'LUM' ({spec}): no finished pretrain store (tiny/pretrain); "
+                   f"make it with `lumctl eval {rep} --train --only tiny`")
     # --allow-missing: the report is written, the row says why it is missing
     r = invoke("eval", rep, "--allow-missing")
     assert r.exit_code == 0, r.output
     md = (tmp_path / "stores" / "rep" / "eval" / "results.md").read_text()
     assert "| LUM | not run: `tiny`: no finished pretrain store" in md
+
+
+def test_keep_previous_keeps_tables_whose_runs_are_elsewhere(tmp_path):
+    """A page assembled from several machines: with --keep-previous a table none of whose rows ran
+    here keeps its previous rows, runs and plot, marked with the previous page's date and commit;
+    without it the table says 'not run'."""
+    spec = tiny_experiment(tmp_path)
+    rep = report_in(tmp_path, [{"name": "r", "title": "R", "kind": "retrieval", "rows": [{"label": "LUM", "spec": spec}]}])
+    run_all(ev.plan(load_report(rep), rep)[0].runs[0].spec)
+    out = tmp_path / "docs"
+    assert invoke("eval", rep, "--out", out).exit_code == 0
+    before = json.loads((out / "results" / "results.json").read_text())
+    png = (out / "results" / "r.png").read_bytes()
+    shutil.rmtree(tmp_path / "stores" / "tiny")                     # its store lives on another machine now
+    assert invoke("eval", rep, "--keep-previous").exit_code == 2     # needs --out
+    r = invoke("eval", rep, "--allow-missing", "--out", out, "--keep-previous")
+    assert r.exit_code == 0 and "1 tables kept from the previous page" in r.stderr, r.output
+    res = json.loads((out / "results" / "results.json").read_text())
+    kept = res["tables"][0]
+    assert kept["rows"] == before["tables"][0]["rows"]
+    assert kept["kept_from"] == {"generated": before["generated"], "commit": before["commit"]}
+    assert (out / "results" / "r.png").read_bytes() == png
+    md = (out / "results.md").read_text()
+    assert md == ev.markdown(res, "results/") and f"*Kept from the page generated on {before['generated']}" in md
+    assert "| LUM | not run" not in md
+    r = invoke("eval", rep, "--allow-missing", "--out", out, "--force")
+    assert r.exit_code == 0 and "| LUM | not run: `tiny`: no finished pretrain store" in (out / "results.md").read_text()
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -343,32 +369,3 @@ def test_train_trains_the_missing_runs_then_evaluates(tmp_path):
     assert [row["status"] for row in res["tables"][0]["rows"]] == ["ok", "not run"]
     r = invoke("eval", rep, "--train", "--only", "tiny")
     assert r.exit_code == 0 and "training" not in r.stderr and "is up to date" in r.stderr, r.output
-
-
-def test_keep_from_carries_tables_whose_stores_are_elsewhere(tmp_path):
-    """--keep-from: a table none of whose stores is here and that is defined as in the earlier results.json
-    is carried from it (numbers, runs and a line naming it); a table defined otherwise is not."""
-    spec = tiny_experiment(tmp_path)
-    rows = [{"label": "LUM", "spec": spec, "seeds": [0]}]
-    rep = report_in(tmp_path, [{"name": "r", "title": "R", "kind": "retrieval", "rows": rows}])
-    assert invoke("eval", rep, "--allow-missing").exit_code == 0
-    old = json.loads((tmp_path / "stores" / "rep" / "eval" / "results.json").read_text())
-    row = old["tables"][0]["rows"][0]        # as a report that read the store elsewhere wrote it
-    row.update(status="ok", values={m: {"mean": 0.1234, "std": None, "n": 1, "values": [0.1234]}
-                                    for m in old["tables"][0]["columns"]})
-    row["runs"][0].update(status="ok", spec_hash="a" * 64, store_hash="b" * 64, seconds=12.0, seed=0, n_params=100)
-    kept = tmp_path / "earlier.json"
-    kept.write_text(json.dumps(old))
-    assert invoke("eval", rep).exit_code == 2                  # missing here, and not carried
-    r = invoke("eval", rep, "--keep-from", kept, "--out", tmp_path / "docs")
-    assert r.exit_code == 0, r.output
-    md = (tmp_path / "docs" / "results.md").read_text()
-    assert "| LUM | 0.1234 | 0.1234 | 0.1234 | 0.1234 | 1 | 0.1k |" in md
-    assert f"Carried unchanged from `{kept}`" in md and "`r`." in md and "| aaaaaaaaaaaa | bbbbbbbbbbbb | 12 s |" in md
-    assert (tmp_path / "docs" / "results" / "r.png").is_file()
-    # the table retitled: not the table of the earlier report, so its missing store stops the report
-    rep = report_in(tmp_path, [{"name": "r", "title": "R2", "kind": "retrieval", "rows": rows}])
-    r = invoke("eval", rep, "--keep-from", kept)
-    assert r.exit_code == 2 and "row 'LUM'" in r.stderr and "no finished pretrain store" in r.stderr
-    r = invoke("eval", rep, "--keep-from", tmp_path / "nothing.json")
-    assert r.exit_code == 2 and "--keep-from: not a results.json of lumctl eval" in r.stderr

@@ -166,6 +166,25 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_spec, tmp_pat
     assert json.loads((out / "final" / "metrics.json").read_text()) == full_metrics
 
 
+def test_keep_checkpoints_0_writes_no_step_checkpoint_and_the_same_model(tiny_spec, tmp_path):
+    """keep_checkpoints = 0: no step-* folder (no optimizer state on disk), final/model.pt is the best
+    checkpoint's file (one inode), and the model equals a run that kept checkpoints."""
+    from lumctl.errors import InputError
+    spec = load_spec(tiny_spec(steps=6, every=3, ckpt=2))
+    run_all(spec, upto="pack")
+    want = _final_weights(pt.run(spec))
+    lean = spec.model_copy(update={"pretrain": spec.pretrain.model_copy(update={"keep_checkpoints": 0})})
+    out = pt.run(lean, force=True)
+    assert not list((out / "checkpoints").glob("step-*"))
+    final, best = out / "final" / "model.pt", out / "checkpoints" / "best" / "model.pt"
+    assert final.stat().st_ino == best.stat().st_ino
+    got = _final_weights(out)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    with pytest.raises(InputError, match="keep_checkpoints"):
+        pt.run(lean, resume=True)
+
+
 def test_init_from_starts_from_another_runs_weights(tiny_spec, tmp_path):
     """Continued pretraining: a run with init_from starts at the other run's weights (a 1e-9 lr keeps
     them), records the checkpoint as an input, and refuses a checkpoint of another model config."""

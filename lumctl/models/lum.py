@@ -41,7 +41,8 @@ class LUMConfig:
     n_heads: int = 2
     d_ff: int = 192
     d_feat: int = 0                  # width of each feature embedding (0 = d_model)
-    dropout: float = 0.0
+    dropout: float = 0.0             # residual and attention dropout
+    embed_dropout: float = 0.0       # dropout on the token embeddings (input of the first block)
     rope_base: float = 10000.0
     attention: str = "sdpa"          # "sdpa" (dense mask) | "flex" (block mask)
 
@@ -164,6 +165,7 @@ class LUM(nn.Module):
         self.config = c
         self.items = ItemEncoder(c)
         self.conds = ConditionEncoder(c)
+        self.embed_drop = nn.Dropout(c.embed_dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.d_model)
         self.apply(self._init)
@@ -189,7 +191,7 @@ class LUM(nn.Module):
         return x * (typ > 0)[..., None]                       # padding -> 0
 
     def forward(self, batch, mask) -> torch.Tensor:
-        x = self.embed(batch)
+        x = self.embed_drop(self.embed(batch))                # (B, S, D)
         for block in self.blocks:
             x = block(x, batch["pos"], mask)
         return self.norm(x)                                   # (B, S, D)

@@ -23,10 +23,6 @@ Output (`<store_root>/<report experiment>/eval/`):
   <table>.png    one plot per table
   manifest.json  inputs = the store hashes of every run read
 `--out DIR` also writes DIR/results.md and DIR/results/ (plots, results.json) for the repository.
-`--keep-from JSON` (an earlier results.json, e.g. docs/results/results.json): a table none of whose runs
-has a store here, defined as in JSON (title, note, columns, row labels, comparisons and runs), is carried from JSON
-as it was, and the page names the carried tables; so a report whose runs were trained on several
-machines renders on each of them.
 """
 
 from __future__ import annotations
@@ -216,19 +212,28 @@ def read_pretrain(run: Run) -> dict:
     m = read_manifest(store)
     final = store / "final"
     if m is None or not (final / "metrics.json").is_file():
-        raise NotReady(f"no finished pretrain store at {store}")
+        raise NotReady(f"no finished pretrain store ({store.parent.name}/{store.name})")
     cfg = json.loads((final / "config.json").read_text())
     _check_sections(cfg.get("spec", {}), run.spec, RETRIEVAL_SECTIONS)
     _check_inputs(m, run.spec)
     met = json.loads((final / "metrics.json").read_text())
     rank_f, target_f = final / "test_rank.npy", final / "test_target.npy"
+    requests = {f.stem[len("test_requests_"):]: dict(np.load(f)) for f in sorted(final.glob("test_requests_*.npz"))}
     return {"experiment": run.experiment, "seed": run.spec.pretrain.seed, "test": met["test"], "valid": met["valid"],
             "best_step": met.get("best_step"), "n_params": cfg.get("n_params"), "max_items": cfg.get("max_items"),
             "kind": cfg.get("kind"), "spec_hash": m["spec_hash"], "store_hash": store_hash(m),
             "tokenize": m["inputs"].get("tokenize"), "seconds": m.get("seconds"), "created": m.get("created"),
             "versions": m.get("versions", {}), "code": (m.get("code") or {}).get("hash"),
             "rank": np.load(rank_f) if rank_f.is_file() else None,
-            "target": np.load(target_f) if target_f.is_file() else None}
+            "target": np.load(target_f) if target_f.is_file() else None,
+            "test_requests": met.get("test_requests", {}), "request_ranks": requests}
+
+
+def source_metrics(g: dict, source: str) -> dict:
+    """The metrics of a finished pretrain run that a table's `source` names ({} when the run has none)."""
+    if source == "test":
+        return g["test"]
+    return g.get("test_requests", {}).get(source.split(".", 1)[1], {})
 
 
 def read_fuse(run: Run) -> dict:
@@ -237,7 +242,7 @@ def read_fuse(run: Run) -> dict:
     store = spec.store("fuse")
     m = read_manifest(store)
     if m is None or not (store / "metrics.json").is_file():
-        raise NotReady(f"no finished fuse store at {store}")
+        raise NotReady(f"no finished fuse store ({store.parent.name}/{store.name})")
     cfg = json.loads((store / "final" / "config.json").read_text())
     _check_sections({"fuse": cfg.get("spec"), "tokenize": cfg.get("tokenize")}, spec,
                     ("fuse", "tokenize") if cfg.get("tokenize") is not None else ("fuse",))
@@ -282,18 +287,18 @@ def _mean_std(x: list[float]) -> dict:
             "n": len(a), "values": [float(v) for v in a]}
 
 
-def row_values(kind: str, got: list[dict], columns: list[str]) -> dict:
+def row_values(kind: str, got: list[dict], columns: list[str], source: str = "test") -> dict:
     """metric -> mean/std/values over the row's seeds; plus per-seed values of every metric."""
     if kind == "ranking":
         seeds = got[0]["seeds"]
         per_seed = {s: {c: seeds[s].get(c) for c in columns} for s in sorted(seeds)}
     else:
-        per_seed = {g["seed"]: {c: g["test"].get(c) for c in columns} for g in got}
+        per_seed = {g["seed"]: {c: source_metrics(g, source).get(c) for c in columns} for g in got}
     return {"per_seed": per_seed, **{c: _mean_std([v[c] for v in per_seed.values()]) for c in columns}}
 
 
 def compare(kind: str, metric: str, a: list[dict], b: list[dict], va: dict, vb: dict, reps: int, seed: int,
-            confidence: float) -> dict:
+            confidence: float, source: str = "test") -> dict:
     """Row a vs row b on `metric`: per-seed paired differences and, where both keep per-example
     outputs on the same examples, a paired bootstrap over users."""
     out = {"metric": metric, "delta": va[metric]["mean"] - vb[metric]["mean"]
@@ -316,6 +321,8 @@ def compare(kind: str, metric: str, a: list[dict], b: list[dict], va: dict, vb: 
             out["bootstrap"] = stats.bootstrap_ranking_diff(pa["user"], pa["label"], pa["logit"], pb["logit"],
                                                             metric, reps, seed, confidence)
         return out
+    if source != "test":
+        return out | compare_requests(metric, a, b, source.split(".", 1)[1], reps, seed, confidence)
     ra, rb = [g["rank"] for g in a], [g["rank"] for g in b]
     targets = [g["target"] for g in a + b]
     if any(r is None for r in ra + rb + targets):
@@ -326,6 +333,30 @@ def compare(kind: str, metric: str, a: list[dict], b: list[dict], va: dict, vb: 
         d = np.mean([stats.per_user(r, metric) for r in ra], 0) - np.mean([stats.per_user(r, metric) for r in rb], 0)
         out["bootstrap"] = stats.bootstrap_mean_diff(d, reps, seed, confidence)
     return out
+
+
+def compare_requests(metric: str, a: list[dict], b: list[dict], field: str, reps: int, seed: int,
+                     confidence: float) -> dict:
+    """Paired bootstrap over users of a conditioned-request metric (per user: the mean over the user's
+    requests), when every run of both rows scored the same requests and positives."""
+    from lumctl.metrics import per_user_requests
+    arrays = [g["request_ranks"].get(field) for g in a + b]
+    keys = ("user", "value", "pos_off", "item")
+    if any(x is None for x in arrays):
+        return {"bootstrap_note": f"no per-request ranks (final/test_requests_{field}.npz)"}
+    if any(not all(np.array_equal(x[k], arrays[0][k]) for k in keys) for x in arrays):
+        return {"bootstrap_note": "not paired: the runs score different requests"}
+    per = [per_user_requests(x["rank"], x["pos_off"], x["user"], metric) for x in arrays]
+    d = np.mean(per[:len(a)], 0) - np.mean(per[len(a):], 0)
+    return {"bootstrap": stats.bootstrap_mean_diff(d, reps, seed, confidence)}
+
+
+def request_counts(rows: list[dict], field: str) -> dict | None:
+    """Users, requests, positives and skipped requests of a request table's runs (one dict when every
+    run has the same ones, else None)."""
+    keys = ("users", "requests", "positives", "skipped_no_positive", "candidates", "users_sampled")
+    got = [{k: g["test_requests"][field].get(k) for k in keys} for g in rows if field in g.get("test_requests", {})]
+    return got[0] if got and all(x == got[0] for x in got) else None
 
 
 def x_of(table: TableSpec, got: list[dict]) -> float | None:
@@ -357,7 +388,7 @@ def evaluate_table(t: TableSpec, rows: list[RowPlan], read: dict[str, dict | str
             rec["status"] = "not run"
         else:  # "partial": some seeds missing (--allow-missing); the values are those of the others
             rec["status"] = "partial" if missing else "ok"
-            rec["values"] = row_values(t.kind, done, cols)
+            rec["values"] = row_values(t.kind, done, cols, t.source)
             if t.kind == "scaling":
                 rec["x"] = x_of(t, done)
             by_label[rp.row.label] = (done, rec["values"])
@@ -368,7 +399,7 @@ def evaluate_table(t: TableSpec, rows: list[RowPlan], read: dict[str, dict | str
             c = {"row": rec["label"], "vs": other}
             if rec["label"] in by_label and other in by_label:
                 (a, va), (b, vb) = by_label[rec["label"]], by_label[other]
-                c.update(compare(t.kind, metric, a, b, va, vb, rs.bootstrap, rs.seed, rs.confidence))
+                c.update(compare(t.kind, metric, a, b, va, vb, rs.bootstrap, rs.seed, rs.confidence, t.source))
             else:
                 c["status"] = "not run"
             comparisons.append(c)
@@ -377,6 +408,10 @@ def evaluate_table(t: TableSpec, rows: list[RowPlan], read: dict[str, dict | str
     codes = mixed_code([read[run.experiment] for rp in rows for run in rp.runs])
     if codes:
         table["mixed_code"] = codes
+    if t.source != "test":
+        table["source"] = t.source
+        table["requests"] = request_counts([read[run.experiment] for rp in rows for run in rp.runs
+                                            if not isinstance(read[run.experiment], str)], t.source.split(".", 1)[1])
     if t.kind == "scaling":
         table["x"] = t.x
         pts = [(r["x"], v) for r in out_rows if r["status"] != "not run" and r.get("x")
@@ -494,6 +529,10 @@ def table_markdown(t: dict, img: str, confidence: float) -> list[str]:
     head = ["row"] + (["x"] if scaling else []) + [f"test {c}" for c in cols] + ["seeds"]
     head += ["store"] if t["kind"] == "ranking" else ["params"]
     lines = [f"### {t['title']}", ""]
+    if t.get("kept_from"):
+        k = t["kept_from"]
+        lines += [f"*Kept from the page generated on {k['generated']} (commit {k['commit']}): these runs' stores "
+                  "were not under the store root of this page's report; rows, runs and plot are that page's.*", ""]
     if t.get("mixed_code"):
         lines += [f"**Rows from different code** ({', '.join(t['mixed_code'])}): the stores of this table were "
                   "written by different lumctl code; rerun the older ones to compare like with like.", ""]
@@ -520,6 +559,15 @@ def table_markdown(t: dict, img: str, confidence: float) -> list[str]:
                       f"{abs(f['b']):.4f}**, R² = {f['r2']:.3f} ({_signed(f['per_10x'])} {metric} per 10× x).", ""]
         else:
             lines += [f"No fit: {t.get('fit_note', '')}", ""]
+    if t.get("source"):
+        field, rq = t["source"].split(".", 1)[1], t.get("requests")
+        lines += [(f"Conditioned requests on `{field}` (metrics.json `{t['source']}`): {rq['users']} users, "
+                   f"{rq['requests']} requests with a positive and {rq['positives']} positives; "
+                   f"{rq['skipped_no_positive']} requests formed from the history had no positive in the test window "
+                   f"and are skipped for every row; candidates: {rq['candidates']}"
+                   + (f"; users sampled: {rq['users_sampled']}" if rq.get("users_sampled") else "") + ".")
+                  if rq else f"Conditioned requests on `{field}` (metrics.json `{t['source']}`); the runs scored "
+                  "different requests.", ""]
     if t["comparisons"]:
         lines += [f"Paired comparisons on test {metric} (Δ = row − vs):", "",
                   f"| row | vs | Δ {metric} (means) | per-seed Δ (mean ± std; seeds better; t-test) | "
@@ -552,10 +600,6 @@ def markdown(res: dict, img_dir: str) -> str:
              f"{res['generated']}, from finished stores under `{res['store_root']}`. Do not edit by hand.", ""]
     if rp["note"]:
         lines += [rp["note"], ""]
-    if res.get("carried"):
-        c = res["carried"]
-        lines += [f"Carried unchanged from `{c['from']}` (rendered earlier from stores that were not under "
-                  f"`{res['store_root']}` this time): " + ", ".join(f"`{n}`" for n in c["tables"]) + ".", ""]
     lines += ["Regenerate every number below (train the runs, then rebuild this page):", "", "```bash",
               f"{TRAIN.format(path=path)} --out docs   # trains the runs whose stores are missing or stale, "
               "then writes this page", "```", "",
@@ -601,33 +645,8 @@ def _clean(x):
     return x
 
 
-def _definition(t: dict) -> dict:
-    """What a table is (not its numbers): heading, note, columns, and per row its label, comparisons and
-    the runs (experiments) it reads; not how a row's spec is written (a row may move its keys to a recipe)."""
-    return {**{k: t.get(k) for k in ("title", "kind", "columns", "compare", "note", "x")},
-            "rows": [{"label": r["label"], "vs": r.get("vs") or [], "runs": [x["experiment"] for x in r["runs"]]}
-                     for r in t["rows"]]}
-
-
-def carried_tables(rep: ReportFile, rows: list[RowPlan], read: dict[str, dict | str], keep_from: Path) -> dict[str, dict]:
-    """The tables of the earlier results.json `keep_from` to carry: those none of whose runs has a store
-    here and that the report defines as they were defined there."""
-    try:
-        old = {t["name"]: t for t in json.loads(Path(keep_from).read_text())["tables"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(str(keep_from), f"--keep-from: not a results.json of lumctl eval ({e})") from None
-    out = {}
-    for t in rep.report.tables:
-        trs = [rp for rp in rows if rp.table is t]
-        if t.name not in old or any(not isinstance(read[r.experiment], str) for rp in trs for r in rp.runs):
-            continue
-        if _definition(_clean(evaluate_table(t, trs, read, rep.report))) == _definition(old[t.name]):
-            out[t.name] = old[t.name]
-    return out
-
-
 def run(rep: ReportFile, force: bool = False, out: str | Path | None = None, allow_missing: bool = False,
-        path: str = "<report>", keep_from: str | Path | None = None) -> Path:
+        path: str = "<report>", keep_previous: bool = False) -> Path:
     started = time.time()
     rows = plan(rep, path)
     read: dict[str, dict | str] = {}
@@ -636,24 +655,20 @@ def run(rep: ReportFile, force: bool = False, out: str | Path | None = None, all
             read[r.experiment] = (read_pretrain if r.stage == "pretrain" else read_fuse)(r)
         except NotReady as e:
             read[r.experiment] = str(e)
-    carried = carried_tables(rep, rows, read, Path(keep_from)) if keep_from is not None else {}
     for rp in rows:  # a missing or stale store stops the report, unless the row may be missing
         for r in rp.runs:
-            if isinstance(read[r.experiment], str) and not (rp.row.optional or allow_missing or rp.table.name in carried):
+            if isinstance(read[r.experiment], str) and not (rp.row.optional or allow_missing):
                 raise InputError(f"{path}: table '{rp.table.name}' row '{rp.row.label}' ({rp.row.spec})",
                                  f"{read[r.experiment]}; make it with `{TRAIN.format(path=path)} --only {r.experiment}`")
     inputs = {e: (g["store_hash"] if isinstance(g, dict) else g) for e, g in read.items()}
-    spec_hash = hash_obj({"report": rep.report.model_dump(mode="json"), "runs": [hash_obj(r.data) for r in unique_runs(rows)],
-                          **({"carried": carried, "carried_from": str(keep_from)} if carried else {})})
+    spec_hash = hash_obj({"report": rep.report.model_dump(mode="json"), "runs": [hash_obj(r.data) for r in unique_runs(rows)]})
     dest = rep.store("eval")
     if force or not is_up_to_date(dest, spec_hash, inputs):
         res = {"title": rep.report.title, "report_path": str(path), "report_spec": rep.report.model_dump(mode="json"),
                "store_root": rep.store_root, "lumctl_version": __version__, "commit": git_commit(),
                "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "tables": [carried.get(t.name) or evaluate_table(t, [rp for rp in rows if rp.table is t], read, rep.report)
+               "tables": [evaluate_table(t, [rp for rp in rows if rp.table is t], read, rep.report)
                           for t in rep.report.tables]}
-        if carried:
-            res["carried"] = {"from": str(keep_from), "tables": list(carried)}
         res = _clean(res)
         with atomic_dir(dest) as tmp:
             for t in res["tables"]:
@@ -668,19 +683,39 @@ def run(rep: ReportFile, force: bool = False, out: str | Path | None = None, all
     else:
         say(f"eval: {dest} is up to date")
     if out is not None:
-        export(dest, Path(out))
+        export(dest, Path(out), keep_previous)
     return dest
 
 
-def export(dest: Path, out: Path) -> None:
-    """Write <out>/results.md (images under <out>/results/) and <out>/results/results.json."""
+def export(dest: Path, out: Path, keep_previous: bool = False) -> None:
+    """Write <out>/results.md (images under <out>/results/) and <out>/results/results.json.
+    keep_previous: a table none of whose rows ran here keeps its rendering from the previous
+    <out>/results/results.json (rows, runs and plot), marked with that report's date and commit: a
+    page assembled from runs made on several machines."""
     res = json.loads((dest / "results.json").read_text())
     img = out / "results"
+    plots = {t["name"]: dest / f"{t['name']}.png" for t in res["tables"]}
+    old_plots: dict[str, bytes] = {}
+    prev_f = img / "results.json"
+    if keep_previous and prev_f.is_file():
+        prev = json.loads(prev_f.read_text())
+        before = {t["name"]: t for t in prev["tables"] if any(r["status"] != "not run" for r in t["rows"])}
+        for i, t in enumerate(res["tables"]):
+            if all(r["status"] == "not run" for r in t["rows"]) and t["name"] in before \
+                    and (img / f"{t['name']}.png").is_file():
+                kept = before[t["name"]]
+                kept["kept_from"] = kept.get("kept_from") or {"generated": prev["generated"], "commit": prev["commit"]}
+                res["tables"][i] = kept
+                old_plots[t["name"]] = (img / f"{t['name']}.png").read_bytes()
     if img.exists():
         shutil.rmtree(img)
     img.mkdir(parents=True)
-    for t in res["tables"]:
-        shutil.copy2(dest / f"{t['name']}.png", img / f"{t['name']}.png")
-    shutil.copy2(dest / "results.json", img / "results.json")
+    for name, png in plots.items():
+        if name in old_plots:
+            (img / f"{name}.png").write_bytes(old_plots[name])
+        else:
+            shutil.copy2(png, img / f"{name}.png")
+    (img / "results.json").write_text(json.dumps(res, indent=2))
     (out / "results.md").write_text(markdown(res, "results/"))
-    say(f"eval: wrote {out / 'results.md'} and {img}/")
+    kept = [t["name"] for t in res["tables"] if t.get("kept_from")]
+    say(f"eval: wrote {out / 'results.md'} and {img}/" + (f" ({len(kept)} tables kept from the previous page)" if kept else ""))

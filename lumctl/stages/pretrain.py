@@ -7,9 +7,12 @@ Output (`stores/<experiment>/pretrain/`):
                            model config, upstream store hashes) + metrics.json (valid and test)
                            + test_rank.npy, test_target.npy (int32 [U]: each test user's 0-based
                            rank of the held-out item, and the item; for paired tests in `lumctl eval`)
+                           + test_requests_<field>.npz per [pretrain.eval].requests task (per request:
+                           user, value, pos_off; per positive: item, rank)
   metrics.jsonl            one JSON object per log/eval step;  loss.png  the loss curve
   manifest.json            written last
 Validation (lumctl.evaluation) picks the checkpoint (EvalSpec.select); the test item is scored once at the end.
+With [pretrain.eval] patience = N the run ends early once N evaluations in a row bring no better score.
 `init_from` starts from another run's weights (continued pretraining, e.g. a LUM refreshed on newer
 events; the model config and vocabularies must match, config.json records `vocab_hash`).
 
@@ -22,8 +25,10 @@ FSDP), metrics and the store; a checkpoint resumes on any number of ranks.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -41,7 +46,7 @@ from lumctl.attention import make_mask
 from lumctl.batch import TENSOR_KEYS, to_batch  # noqa: F401  (TENSOR_KEYS: read by benchmarks from here)
 from lumctl.checks import check_vocabularies
 from lumctl.errors import InputError
-from lumctl.evaluation import eval_rows, evaluate, open_store  # noqa: F401  (eval_rows: read by tests from here)
+from lumctl.evaluation import eval_rows, evaluate, evaluate_requests, open_store  # noqa: F401  (eval_rows: read by tests from here)
 from lumctl.loss import info_nce, sampling_logq
 from lumctl.progress import progress, say
 from lumctl.specs import PretrainSpec, Spec
@@ -85,7 +90,7 @@ def model_config(p: PretrainSpec, data: dict, cond_names: list[str], device: tor
         "n_categories": int(len(data["vocab/category"])) if feats and "items/category" in data else 0,
         "n_popularity": int(data["items/popularity"].max()) + 1 if feats else 0,
         "d_model": m.d_model or d, "n_layers": m.n_layers or L, "n_heads": m.n_heads or H, "d_ff": m.d_ff or ff,
-        "d_feat": m.d_feat, "dropout": m.dropout, "attention": attention,
+        "d_feat": m.d_feat, "dropout": m.dropout, "embed_dropout": m.embed_dropout, "attention": attention,
     }
 
 
@@ -183,12 +188,16 @@ def query_condition(p: PretrainSpec, data: dict, cond_names: list[str]) -> np.nd
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: Path, model, opt=None, state: dict | None = None, config: dict | None = None) -> None:
-    """Rank 0 writes the whole model (every rank calls this: FSDP gathers its shards); the others wait."""
+def save_checkpoint(path: Path, model, opt=None, state: dict | None = None, config: dict | None = None,
+                    ema: torch.nn.Module | None = None) -> None:
+    """Rank 0 writes the whole model (every rank calls this: FSDP gathers its shards); the others wait.
+    `ema`: the weight average, written beside the raw weights as ema.pt (a resume point)."""
     model_sd, optim_sd = dist.full_state(model, opt)
     if dist.is_main():
         with atomic_dir(path) as tmp:
             torch.save(model_sd, tmp / "model.pt")
+            if ema is not None:
+                torch.save(ema.state_dict(), tmp / "ema.pt")
             if opt is not None:
                 torch.save(optim_sd, tmp / "optim.pt")
             if state is not None:
@@ -206,8 +215,13 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a model from a self-describing checkpoint folder (config.json + model.pt)."""
     cfg = json.loads((Path(path) / "config.json").read_text())
-    model = build_model(cfg["kind"], cfg["model"])
-    model.load_state_dict(torch.load(Path(path) / "model.pt", map_location=device, weights_only=True))
+    state = torch.load(Path(path) / "model.pt", map_location=device, weights_only=True, mmap=True)
+    with torch.device("meta"):  # no random init of (and no copy into) weights that are replaced at once
+        model = build_model(cfg["kind"], cfg["model"])
+    model.load_state_dict(state, assign=True)
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):  # state the checkpoint lacks
+        model = build_model(cfg["kind"], cfg["model"])
+        model.load_state_dict(state)
     return model.to(device), cfg
 
 
@@ -228,7 +242,7 @@ def init_weights(model: torch.nn.Module, path: Path, kind: str, cfg: dict, vocab
     """Start from another run's weights (init_from): same model family and config (attention kernel and
     dropout may differ), same vocabularies."""
     ck = json.loads((require_checkpoint(path, NO_INIT) / "config.json").read_text())
-    same = ("attention", "dropout")
+    same = ("attention", "dropout", "embed_dropout")
     diff = sorted(k for k in set(cfg) | set(ck["model"]) if k not in same and cfg.get(k) != ck["model"].get(k))
     if ck.get("kind", "lum") != kind or diff:
         raise InputError(str(path), f"[pretrain].init_from: checkpoint is a {ck.get('kind')} model that differs "
@@ -240,6 +254,19 @@ def init_weights(model: torch.nn.Module, path: Path, kind: str, cfg: dict, vocab
         say(f"pretrain: {path} records no vocabularies; init_from trusts they equal this run's")
     model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
     say(f"pretrain: weights from {path}")
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """Decay of the weight average after optimizer step `step` (1-based): min(decay, (1 + t) / (10 + t)),
+    so the first steps are not averaged with the random initialisation."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are constants)."""
+    for e, q in zip(ema.parameters(), model.parameters()):
+        e.lerp_(q.detach().to(e.dtype), 1 - decay)
 
 
 def lr_at(step: int, total: int, o) -> float:
@@ -277,6 +304,9 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     if world > 1 and p.parallel == "fsdp" and (p.loss.learn_temperature or p.model.kind != "lum"):
         raise InputError("[pretrain].parallel", "fsdp is for lum models with a fixed temperature (got kind = "
                          f"'{p.model.kind}', learn_temperature = {p.loss.learn_temperature}); use ddp")
+    if (resume or until_step is not None) and p.keep_checkpoints == 0:
+        raise InputError("[pretrain].keep_checkpoints", "is 0: no step checkpoint is written, so --resume and "
+                         "--until-step have nothing to continue from; set it to >= 1")
     out = spec.store("pretrain")
     tok_store, pack_store = spec.input_store("tokenize"), spec.input_store("pack")  # paths or URLs
     inputs = {"tokenize": store_hash(require_store(tok_store, "tokenize")),
@@ -304,7 +334,11 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
 
     torch.manual_seed(p.seed)
     data = open_store(tok_store)  # events stay on disk: the evaluation reads its users' slices
-    cond_names = [c["name"] for c in _cond_fields(tok_store)]
+    cond_fields = _cond_fields(tok_store)
+    cond_names = [c["name"] for c in cond_fields]
+    for task in p.eval.requests:
+        if task.field not in cond_names:
+            raise InputError("[pretrain.eval].requests", f"unknown condition field '{task.field}' (fields: {cond_names})")
     # rows_from = "store": only the small columns in memory; each rank reads the rest of its own rows per batch
     rows = pack_stage.load(pack_store, lazy=("item", "cond", "pos", "ts", "user") if p.rows_from == "store" else ())
     if not rows["loss_mask"].any():
@@ -319,6 +353,10 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     vocab = vocab_hash(data, cond_names)
     if p.init_from and resume_from is None:
         init_weights(model, Path(p.init_from), p.model.kind, cfg, vocab, device)
+    if p.optim.ema and world > 1:
+        raise InputError("[pretrain.optim].ema", f"the weight average runs in one process (got {world} ranks)")
+    ema = copy.deepcopy(model).requires_grad_(False) if p.optim.ema else None
+    scored = ema if ema is not None else model  # the weights validation scores and the best checkpoint keeps
     wrapped = dist.wrap(model, p.parallel, device)  # world 1: model itself; else DDP or FSDP2 (shards in place)
     if cfg["attention"] == "flex" and device.type == "cpu" and p.model.kind == "lum":
         raise InputError("[pretrain.model].attention", "flex attention has no backward pass on CPU; use 'sdpa' or 'auto'")
@@ -362,6 +400,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                              torch.load(resume_from / "optim.pt", map_location=device, weights_only=True))
         st = json.loads((resume_from / "state.json").read_text())
         step, best, best_step = st["step"], st["best"], st["best_step"]
+        if ema is not None:
+            ema.load_state_dict(torch.load(resume_from / "ema.pt", map_location=device, weights_only=True))
         log_tau.data.fill_(st["log_tau"])
         say(f"pretrain: resuming from {resume_from.name} (step {step})")
         if dist.is_main():
@@ -399,6 +439,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                                         negatives=p.loss.negatives, tau=log_tau.exp(), num_sampled=p.loss.num_sampled,
                                         sample_logq=logq, generator=neg_gen or gen,
                                         logq_correction=p.loss.logq_correction, n_items=cfg["n_items"],
+                                        similarity=p.loss.similarity,
                                         item_block=p.loss.item_block, **spread)
                     if world > 1:  # this rank's share of the global micro-batch's mean loss
                         loss = loss / positions
@@ -414,6 +455,8 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if ema is not None:
+                ema_update(ema, model, ema_decay(step, p.optim.ema))
             if step % p.log_every == 0 or step == stop:
                 loss_sum = float(loss_sum)  # the only host sync of a step, every log_every steps
                 dt = max(1e-9, time.time() - t_last)
@@ -432,7 +475,7 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 bar.update(task, completed=step)
             if step % eval_every == 0 or step == total:
                 t_eval = time.time()
-                val = evaluate(model, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache,
+                val = evaluate(scored, data_c, "valid", p, spec.pack, device, qcond, autocast, eval_cache,
                                float(log_tau.exp()), cond_names)
                 t_eval = round(time.time() - t_eval, 2)
                 score = dist.broadcast_object(val[p.eval.select])  # every rank takes the same "best" branch
@@ -440,14 +483,18 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                 metrics_f.flush()
                 if score > best:
                     best, best_step = score, step
-                    save_checkpoint(ckpt_dir / "best", model, config={**config_json, "tau": float(log_tau.exp())})
+                    save_checkpoint(ckpt_dir / "best", scored, config={**config_json, "tau": float(log_tau.exp())})
                 say(f"pretrain: step {step} valid " + " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float))
                     + (" (best)" if best_step == step else "") + f" in {t_eval:.1f}s")
                 t_last = time.time()
-            if step % ckpt_every == 0 or step == stop:
+                if early_stop(step, best_step, eval_every, p.eval.patience):
+                    say(f"pretrain: early stop at step {step}: {p.eval.patience} evaluations without a better "
+                        f"{p.eval.select} than step {best_step}")
+                    stop = total = step  # the run is complete: the best checkpoint is the model
+            if p.keep_checkpoints and (step % ckpt_every == 0 or step == stop):
                 state = {"step": step, "best": best, "best_step": best_step, "log_tau": float(log_tau),
                          "spec_hash": spec_hash, "inputs": inputs}
-                save_checkpoint(ckpt_dir / f"step-{step:08d}", model, opt, state, config_json)
+                save_checkpoint(ckpt_dir / f"step-{step:08d}", model, opt, state, config_json, ema)
                 for old in sorted(ckpt_dir.glob("step-*"))[:-p.keep_checkpoints] if dist.is_main() else []:
                     shutil.rmtree(old, ignore_errors=True)
     metrics_f.close()
@@ -476,12 +523,19 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
                "query_condition": {n: str(data[f"vocab/cond_{n}"][i]) for n, i in zip(cond_names, qcond)} if conditions else {}}
     if p.eval.oracle and conditions:
         results["test_oracle_condition"] = evaluate(best_model, data_c, "test", p, spec.pack, device, None, autocast)
+    request_ranks = {t.field: {} for t in p.eval.requests}  # per request: user, value, positives and their ranks
+    if p.eval.requests:
+        results["test_requests"] = {t.field: evaluate_requests(best_model, data, t, p, spec.pack, device, qcond, autocast,
+                                                               cond_fields, conditions, request_ranks[t.field])
+                                    for t in p.eval.requests}
     with atomic_dir(out / "final") as tmp:
-        torch.save(best_model.state_dict(), tmp / "model.pt")
+        link_or_copy(ckpt_dir / "best" / "model.pt", tmp / "model.pt")  # the same bytes: no second write
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
         np.save(tmp / "test_rank.npy", test_ranks[0][0].astype(np.int32))   # [U], users in eval_rows order
         np.save(tmp / "test_target.npy", test_ranks[0][1].astype(np.int32))  # [U] held-out item ids
+        for field, arrays in request_ranks.items():
+            np.savez(tmp / f"test_requests_{field}.npz", **arrays)
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     write_manifest(out, stage="pretrain", spec_hash=spec_hash, inputs=inputs, started=started,
                    counts={"steps": total, "best_step": best_step, "n_params": n_params, **speed,
@@ -490,6 +544,22 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     say(f"pretrain: test hr@10={t['hr@10']:.4f} ndcg@10={t['ndcg@10']:.4f} mrr={t['mrr']:.4f} "
         f"(best step {best_step}) in {time.time() - started:.0f}s -> {out}")
     return out
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst as a hard link to src (a checkpoint replaced later gets a new file, so the link stays
+    valid), or a copy where the filesystem has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def early_stop(step: int, best_step: int, eval_every: int, patience: int) -> bool:
+    """True when the last `patience` evaluations (one every `eval_every` steps, the latest at `step`)
+    brought no better validation score than the one of `best_step`; never with patience 0. A pure
+    function of the checkpoint's state, so a resumed run stops where an uninterrupted one does."""
+    return patience > 0 and best_step >= 0 and (step - best_step) // eval_every >= patience
 
 
 def truncate_metrics(path: Path, step: int) -> None:

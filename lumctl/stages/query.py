@@ -36,8 +36,9 @@ Output (`stores/<experiment>/query/`):
     attrs: queries (per query: field -> value, or "top<r>"), condition_fields, snapshot, snapshot_names,
            checkpoint, checkpoint_hash, items (the item store, relative to this folder), model (config)
   latest.parquet   one row per user with a snapshot, its latest one: user_id, user_index, snapshot,
-                   snapshot_ts, snapshot_pos, one fixed-size list<float32>[d] column per query (named
-                   as in `conditions`), and `resolved` (list<string>, the asked conditions) with top_k.
+                   snapshot_ts, snapshot_pos, one fixed-size list<float16|32>[d] column per query (the
+                   store's dtype; named as in `conditions`), and `resolved` (list<string>, the asked
+                   conditions) with top_k.
                    The table an online KV store loads.
   manifest.json    inputs: tokenize store hash, checkpoint file hashes, user selection
 
@@ -46,7 +47,7 @@ per checkpoint (and dtype) and reused by every query of it (other users, other q
 `stores/<experiment>/query-items/<checkpoint hash[:16]>-<dtype>/`
     item_emb.zarr/  item_emb float16|32 [I, d] e^i = model.item_table() of every item vocab id (0 pad,
                     1 unknown);  item_id str [I]
-    items.parquet   item_id (the raw id) and emb (fixed-size list<float32>[d]) of every real item
+    items.parquet   item_id (the raw id) and emb (fixed-size list<float16|32>[d], the store's dtype) of every real item
                     (vocab ids >= 2), the table `export_items` writes
     manifest.json
 
@@ -54,8 +55,11 @@ Streaming. A counting pass reads the selected users' timestamps in blocks and co
 snapshots, so snap_offsets, every array's shape and the packed row length are known before the
 first answer. The snapshot rows are then answered in batches of `batch_snapshots` rows (whole
 chunks of the snap/ arrays): a batch reads only the events of the users it touches (Zarr slices),
-answers them, writes its rows and appends its users' latest snapshots to latest.parquet. Memory
-is bounded by the batch (plus a few int64 per user), not by the number of users or events.
+answers them, writes its rows and appends its users' latest snapshots to latest.parquet. Three
+batches are in flight: a thread reads the next one while the device answers this one and another
+thread writes the last one. Memory is bounded by three batches (plus a few int64 per user), not
+by the number of users or events; the manifest's counts say how long the device waited on reads
+and writes (read_wait_s, write_wait_s).
 Under torchrun each rank takes a contiguous run of batches, so ranks write disjoint whole chunks
 of one store, and writes its latest rows to a part file; rank 0 creates the arrays first and,
 once every rank has written, joins the parts into latest.parquet (row group by row group),
@@ -70,6 +74,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -377,14 +382,29 @@ def _str(a: np.ndarray) -> np.ndarray:
     return np.asarray(np.asarray(a).tolist(), dtype=str)
 
 
-def latest_schema(names: list[str], d: int, top_k: bool, meta: dict[str, str]):
+LATEST_KEYS = ("user_id", "snapshot", "resolved")  # the string columns of latest.parquet (dictionary encoded)
+
+
+def arrow_float(dtype: str):
+    """The Arrow type of stored embeddings: half floats stay half floats in parquet."""
+    import pyarrow as pa
+    return pa.float16() if np.dtype(dtype) == np.float16 else pa.float32()
+
+
+def latest_schema(names: list[str], d: int, top_k: bool, meta: dict[str, str], dtype: str = "float32"):
     import pyarrow as pa
     fields = [("user_id", pa.string()), ("user_index", pa.int64()), ("snapshot", pa.string()),
               ("snapshot_ts", pa.int64()), ("snapshot_pos", pa.int64())]
-    fields += [(n, pa.list_(pa.float32(), d)) for n in names]
+    fields += [(n, pa.list_(arrow_float(dtype), d)) for n in names]
     if top_k:
         fields.append(("resolved", pa.list_(pa.string())))
     return pa.schema(fields, metadata=meta)
+
+
+def latest_compression(schema) -> dict[str, str]:
+    """Snappy for ids and names; none for the embedding columns (dense floats that barely compress)."""
+    import pyarrow as pa
+    return {f.name: "none" if pa.types.is_fixed_size_list(f.type) else "snappy" for f in schema}
 
 
 def latest_table(schema, user_ids: np.ndarray, users: np.ndarray, snap: list[str], ts: np.ndarray, pos: np.ndarray,
@@ -395,7 +415,8 @@ def latest_table(schema, user_ids: np.ndarray, users: np.ndarray, snap: list[str
     cols = [pa.array(_str(user_ids), pa.string()), pa.array(users.astype(np.int64)), pa.array(snap, pa.string()),
             pa.array(ts.astype(np.int64)), pa.array(pos.astype(np.int64))]
     for n in range(emb.shape[1]):
-        cols.append(pa.FixedSizeListArray.from_arrays(pa.array(emb[:, n].astype(np.float32).reshape(-1)), d))
+        value = schema.field(5 + n).type.value_type
+        cols.append(pa.FixedSizeListArray.from_arrays(pa.array(emb[:, n].astype(value.to_pandas_dtype()).reshape(-1)), d))
     if "resolved" in schema.names:
         cols.append(pa.array([[",".join(f"{f}={vocabs[f][v]}" for f, v in zip(cond_names, row) if v != 1) or "<any>"
                                for row in per_user] for per_user in qcond], pa.list_(pa.string())))
@@ -435,7 +456,9 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
         g = zarrio.create(path)
         for name, shape, dt in (("snap/emb", (S, N, d), dtype), ("snap/ts", (S,), np.int64), ("snap/pos", (S,), np.int64),
                                 ("snap/slot", (S,), np.int32), ("snap/query_cond", (S, N, F), np.int32)):
-            g.create_array(name, shape=shape, dtype=dt, chunks=(chunk, *shape[1:]), fill_value=0)
+            # the answers are dense floats that barely compress: stored raw, which spares the writer's CPU
+            g.create_array(name, shape=shape, dtype=dt, chunks=(chunk, *shape[1:]), fill_value=0,
+                           **({"compressors": None} if name == "snap/emb" else {}))
         zarrio.put(g, "users/snap_offsets", so)
         zarrio.put(g, "user_index", users.astype(np.int64))
         zarrio.put(g, "conditions", np.array(queries.names, dtype=str))
@@ -449,44 +472,74 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
     g = zarrio.open_write(path)
     arr = {k: g[f"snap/{k}"] for k in ("emb", "ts", "pos", "slot", "query_cond")}
     meta = {"lumctl.queries": json.dumps(queries.asked), "lumctl.condition_fields": json.dumps(cond_names)}
-    schema = latest_schema(queries.names, d, bool(queries.top_k), meta)
+    schema = latest_schema(queries.names, d, bool(queries.top_k), meta, qs.dtype)
     part = path.parent / ("latest.parquet" if world == 1 else f"latest.part-{rank:05d}.parquet")
-    tokens = 0
+
+    def read(r0: int, r1: int) -> dict:
+        """The inputs of snapshot rows [r0, r1): only the events of the users holding them (Zarr slices)."""
+        ua = int(np.searchsorted(so, r0, "right")) - 1                    # users [ua, ub) hold rows [r0, r1)
+        ub = int(np.searchsorted(so, r1, "left"))
+        keep = np.diff(so[ua:ub + 1]) > 0                                  # (users without snapshots: not read)
+        u = users[ua:ub][keep]
+        lo = src.local_offsets(u)
+        ts = src.events("events/timestamp", u)
+        split = src.per_user("users/split", u) if qs.snapshot == "split" else None
+        count, cut, slot = cuts(u, lo, ts, split)
+        if not np.array_equal(count, np.diff(so[ua:ub + 1])[keep]):
+            raise RuntimeError(f"{path}: snapshots of users {u[0]}-{u[-1]} changed since they were counted")
+        take = slice(r0 - int(so[ua]), r1 - int(so[ua]))
+        row_user = np.repeat(np.arange(len(u)), count)[take]              # (D,) local user of each row
+        cut, slot = cut[take], slot[take]
+        off = lo[row_user]
+        n_in = np.minimum(cut, max_items - 1)
+        cond = src.events("events/cond", u)
+        last = so[ua + 1:ub + 1][keep] - 1                                 # each user's latest row
+        has = (last >= r0) & (last < r1)
+        return {"r0": r0, "r1": r1, "u": u, "cut": cut, "slot": slot, "n_in": n_in, "first": off + cut - n_in,
+                "cond": cond, "items": src.events("events/item", u), "qcond": queries.resolve(cond, off, cut),  # (N, F) | (D, N, F)
+                "snap_ts": ts[off + cut - 1], "has": has, "latest_row": last[has] - r0,
+                "user_id": src.per_user("vocab/user", u[has])}
+
+    def write(b: dict, emb: np.ndarray, latest) -> None:
+        """Rows [r0, r1) of every snap/ array and the latest rows of the batch's users."""
+        r0, r1, i = b["r0"], b["r1"], b["latest_row"]
+        qcond = np.broadcast_to(b["qcond"], (r1 - r0, N, F))
+        for k, v in (("emb", emb), ("ts", b["snap_ts"]), ("pos", b["cut"]), ("slot", b["slot"]), ("query_cond", qcond)):
+            arr[k][r0:r1] = v
+        latest.write_table(latest_table(schema, b["user_id"], b["u"][b["has"]], [names[k] for k in b["slot"][i]],
+                                        b["snap_ts"][i], b["cut"][i], emb[i], qcond[i], cond_names, vocabs))
+
+    # three stages in flight: the next batch is read, this one answered on the device, the last one written
+    tokens, wait = 0, {"read": 0.0, "answer": 0.0, "write": 0.0}
     cuda = device.type == "cuda"
-    with pq.ParquetWriter(part, schema) as latest, progress() as bar:
+    started = time.time()
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer, \
+            pq.ParquetWriter(part, schema, use_dictionary=list(LATEST_KEYS), compression=latest_compression(schema)) as latest, \
+            progress() as bar:
         task = bar.add_task("query", total=len(mine), info="", visible=show)
-        for r0, r1 in mine:
-            ua = int(np.searchsorted(so, r0, "right")) - 1                # users [ua, ub) hold rows [r0, r1)
-            ub = int(np.searchsorted(so, r1, "left"))
-            keep = np.diff(so[ua:ub + 1]) > 0                              # (users without snapshots: not read)
-            u = users[ua:ub][keep]
-            lo = src.local_offsets(u)
-            ts = src.events("events/timestamp", u)
-            split = src.per_user("users/split", u) if qs.snapshot == "split" else None
-            count, cut, slot = cuts(u, lo, ts, split)
-            if not np.array_equal(count, np.diff(so[ua:ub + 1])[keep]):
-                raise RuntimeError(f"{path}: snapshots of users {u[0]}-{u[-1]} changed since they were counted")
-            take = slice(r0 - int(so[ua]), r1 - int(so[ua]))
-            row_user = np.repeat(np.arange(len(u)), count)[take]          # (D,) local user of each row
-            cut, slot = cut[take], slot[take]
-            off = lo[row_user]
-            n_in = np.minimum(cut, max_items - 1)
-            first = off + cut - n_in
-            cond = src.events("events/cond", u)
-            qcond = queries.resolve(cond, off, cut)                        # (N, F) or (D, N, F)
-            emb = answer(model, src.events("events/item", u), cond, first, n_in, qcond, seq_len, qs.batch_rows,
+        nxt = reader.submit(read, *mine[0]) if mine else None
+        written = None
+        for k in range(len(mine)):
+            t = time.time()
+            b = nxt.result()
+            wait["read"] += time.time() - t
+            nxt = reader.submit(read, *mine[k + 1]) if k + 1 < len(mine) else None
+            t = time.time()
+            emb = answer(model, b["items"], b["cond"], b["first"], b["n_in"], b["qcond"], seq_len, qs.batch_rows,
                          device, autocast=cuda).astype(dtype)               # (D, N, d)
-            qcond = np.broadcast_to(qcond, (len(cut), N, F))
-            snap_ts = ts[off + cut - 1]
-            for k, v in (("emb", emb), ("ts", snap_ts), ("pos", cut), ("slot", slot), ("query_cond", qcond)):
-                arr[k][r0:r1] = v
-            tokens += int(2 * n_in.sum() + N * len(cut))
-            last = so[ua + 1:ub + 1][keep] - 1                             # each user's latest row
-            has = (last >= r0) & (last < r1)
-            i = last[has] - r0
-            latest.write_table(latest_table(schema, src.per_user("vocab/user", u)[has], u[has], [names[k] for k in slot[i]],
-                                            snap_ts[i], cut[i], emb[i], qcond[i], cond_names, vocabs))
-            bar.update(task, advance=1, info=f"{r1:,}/{S:,} snapshots")
+            wait["answer"] += time.time() - t
+            t = time.time()
+            if written is not None:
+                written.result()                                           # at most one batch being written
+            wait["write"] += time.time() - t
+            written = writer.submit(write, b, emb, latest)
+            tokens += int(2 * b["n_in"].sum() + N * len(b["cut"]))
+            r1 = b["r1"]
+            bar.update(task, advance=1, info=f"{r1:,}/{S:,} snapshots, {r1 / max(1e-9, time.time() - started):,.0f}/s")
+        if written is not None:
+            t = time.time()
+            written.result()
+            wait["write"] += time.time() - t
     tokens = int(dist.all_reduce_sum(tokens))
     dist.barrier()
     if world > 1 and dist.is_main():  # the ranks' latest rows, in rank (= user) order
@@ -498,7 +551,9 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
                     w.write_table(pf.read_row_group(k))
                 f.unlink()
     return {"users": U, "snapshots": S, "max_snapshots": p.T, "queries": N, "d": d,
-            "users_with_snapshots": int((np.diff(so) > 0).sum()), "tokens": tokens, "seq_len": seq_len}
+            "users_with_snapshots": int((np.diff(so) > 0).sum()), "tokens": tokens, "seq_len": seq_len,
+            "timing": {"loop_s": round(time.time() - started, 2), "read_wait_s": round(wait["read"], 2),
+                       "answer_s": round(wait["answer"], 2), "write_wait_s": round(wait["write"], 2)}}
 
 
 # ------------------------------------------------------------------------------------ item embeddings
@@ -524,10 +579,12 @@ def write_items(path: Path, model, src: Source, dtype: str, checkpoint: str, che
         vocab = src["vocab/item"]
         if vocab.shape[0] != I:
             raise InputError(checkpoint, f"checkpoint has {I} items, the tokenize store {vocab.shape[0]}")
-        for a in range(0, I, block):
-            b = min(I, a + block)
-            emb[a:b] = model.item_table(torch.arange(a, b, device=dev)).float().cpu().numpy().astype(dtype)  # (b-a, d)
-            ids[a:b] = _str(vocab[a:b])
+        step = max(block, int(getattr(vocab, "chunks", (block,))[0]))   # ids a whole stored chunk at a time
+        for a in range(0, I, step):
+            ids[a:a + step] = _str(vocab[a:a + step])
+            for c in range(a, min(I, a + step), block):
+                e = min(I, c + block)
+                emb[c:e] = model.item_table(torch.arange(c, e, device=dev)).float().cpu().numpy().astype(dtype)  # (e-c, d)
         export_items(tmp, tmp / "items.parquet", block)
         write_manifest(tmp, stage="query-items", spec_hash=dtype, inputs={"checkpoint": checkpoint_hash},
                        counts={"items": I, "d": d}, started=started, extra={"checkpoint": checkpoint, "dtype": dtype})
@@ -535,18 +592,19 @@ def write_items(path: Path, model, src: Source, dtype: str, checkpoint: str, che
 
 
 def export_items(path: Path, out: Path, block: int = 1 << 16) -> Path:
-    """items.parquet of an item store (streamed): item_id (raw id) and emb (fixed-size list<float32>[d])
+    """items.parquet of an item store (streamed): item_id (raw id) and emb (fixed-size list<float16|32>[d])
     of every real item (vocab ids >= 2)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     g = zarrio.open_read(Path(path) / "item_emb.zarr")
     emb, ids = g["item_emb"], g["item_id"]
     I, d = emb.shape
-    schema = pa.schema([("item_id", pa.string()), ("emb", pa.list_(pa.float32(), d))])
-    with pq.ParquetWriter(out, schema) as w:
+    value = arrow_float(emb.dtype)
+    schema = pa.schema([("item_id", pa.string()), ("emb", pa.list_(value, d))])
+    with pq.ParquetWriter(out, schema, compression={"item_id": "snappy", "emb": "none"}) as w:
         for a in range(2, I, block):
             b = min(I, a + block)
-            e = np.asarray(emb[a:b], np.float32)                             # (b-a, d)
+            e = np.asarray(emb[a:b], value.to_pandas_dtype())               # (b-a, d)
             w.write_table(pa.Table.from_arrays([pa.array(_str(ids[a:b]), pa.string()),
                                                 pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1)), d)],
                                                schema=schema))
@@ -608,13 +666,17 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if dist.is_main():
+        timing = counts.pop("timing")  # this rank's seconds: the device's work and its waits on reads and writes
         counts.update(items=int(model.config.n_items), device=device.type, ranks=dist.world())
         write_manifest(tmp, stage="query", spec_hash=spec_hash, inputs=inputs, counts=counts, started=started,
-                       extra={"checkpoint": str(ckpt), "items": str(items)})
+                       extra={"checkpoint": str(ckpt), "items": str(items), "timing": timing})
         replace_dir(tmp, out)
+        say(f"query: answering loop {timing['loop_s']}s: {timing['answer_s']}s packing and answering, "
+            f"{timing['read_wait_s']}s waiting on reads, {timing['write_wait_s']}s on writes")
     dist.barrier()
+    took = time.time() - started
     say(f"query: {counts['users']:,} users, {counts['snapshots']:,} snapshots x {counts['queries']} queries "
-        f"(d={counts['d']}) on {dist.world()} rank(s) in {time.time() - started:.1f}s -> {out}")
+        f"(d={counts['d']}) on {dist.world()} rank(s) in {took:.1f}s ({counts['users'] / took:,.0f} users/s) -> {out}")
     return out
 
 

@@ -8,7 +8,7 @@ reader and tokenizer: user_id, item_id (raw MovieLens ids), timestamp, label (ra
 LUM's and left out), and the feature columns a ranker would join from its own tables: the user's
 gender, age and occupation (users.dat codes, as text), the movie's year (from its title, an integer;
 null when the title has none) and genres ('|'-separated), and hour (hour of the day). WORK/samples.toml
-declares none of them; specs/ml-1m-ctr-samples.toml declares all but hour (the warm-up tables of
+declares none of them; specs/ml-1m-ctr-samples.toml declares all but hour (the ML-1M CPU ranking table of
 specs/report-cpu.toml). WORK/builtin.toml: the spec with [fuse] backbone/lum set (the built-in route).
 WORK/samples.toml: the same with [fuse] samples pointing at the table. Both write their stores under
 WORK/stores.

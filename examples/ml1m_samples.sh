@@ -8,7 +8,8 @@ WORK=${WORK:-stores/examples/ml1m-samples}
 LUMCTL=${LUMCTL:-lumctl}
 PYTHON=${PYTHON:-python}
 
-# the ratings as a sample table (user_id, item_id, timestamp, label, split, hour) and two specs
+# the ratings as a sample table (user_id, item_id, timestamp, label, split; gender, age, occupation,
+# year, genres, hour: feature columns these two specs do not declare) and two specs
 $PYTHON examples/ml1m_samples.py "$SPEC" "$WORK" --backbone "$BACKBONE" --lum none
 for route in builtin samples; do
   $LUMCTL tokenize "$WORK/$route.toml"

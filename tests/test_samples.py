@@ -44,6 +44,7 @@ def test_gauc_of_one_user_is_its_auc():
 import json  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from helpers import invoke  # noqa: E402
 from test_fuse import answers, data_dict, ragged  # noqa: E402
@@ -330,3 +331,19 @@ def test_ml1m_samples_example_writes_the_builtin_samples(tmp_path, monkeypatch):
     table = read_samples(spec.fuse.samples, data)
     for k in ("user", "item", "ts", "split", "hist_end"):
         np.testing.assert_array_equal(table.arrays[k], s[k][keep], err_msg=k)
+    # the feature columns: users.dat and movies.dat by raw id (user 1: F, age 1, occupation 10; Toy Story)
+    u1 = t.filter(pc.equal(t["user_id"], "1")).select(["gender", "age", "occupation"]).to_pylist()
+    assert u1 and all(r == {"gender": "F", "age": "1", "occupation": "10"} for r in u1)
+    toy = t.filter(pc.equal(t["item_id"], "1")).select(["year", "genres"]).to_pylist()
+    assert toy and all(r == {"year": 1995, "genres": "Animation|Children's|Comedy"} for r in toy)
+    assert all(t[c].null_count == 0 for c in ("gender", "age", "occupation", "year", "genres"))
+    # specs/ml-1m-ctr-samples.toml declares them: 3 categorical, year standardised on the train rows, genres
+    ss = load_spec(REPO / "specs" / "ml-1m-ctr-samples.toml").fuse.samples.model_copy(
+        update={"path": str(tmp_path / "ml1m_samples.parquet")})
+    feats = read_samples(ss, data)
+    assert feats.arrays["extra_cat"].shape == (t.num_rows, 3) and feats.cat_vocab == [2 + 2, 7 + 2, 21 + 2]
+    train = feats.arrays["split"] == 0
+    year = feats.arrays["extra_num"][:, 0]
+    assert abs(year[train].mean()) < 1e-3 and abs(year[train].std() - 1) < 1e-3
+    first = np.flatnonzero(t["item_id"].to_numpy(zero_copy_only=False) == "1")[0]
+    assert (feats.arrays["extra_multi"][first, 0] > 0).sum() == 3      # Animation, Children's, Comedy

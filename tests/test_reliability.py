@@ -402,6 +402,34 @@ def test_sigkill_in_the_write_window_then_rerun_is_identical(tmp_path, stage):
     assert tmp_folders(tmp_path / "killed") == []
 
 
+def test_killed_query_continues_from_its_written_batches(tmp_path):
+    """A query killed while answering its 4th batch leaves its finished batches; the rerun answers
+    only the others and the store equals an uninterrupted run's, with no folder left behind."""
+    full = {**FULL, "query": {**FULL["query"], "batch_snapshots": 8}}
+    clean = tiny(tmp_path, "clean.toml", store_root=tmp_path / "clean", **full)
+    for s in ORDER[:ORDER.index("query") + 1]:
+        ok(s, clean)
+    p = tiny(tmp_path, "killed.toml", store_root=tmp_path / "killed", **full)
+    for s in ORDER[:ORDER.index("query")]:
+        ok(s, p)
+    r = subprocess.run([PY, "-c", KILLER, "lumctl.stages.query", "answer", "4", "query", str(p)],
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    out = load_spec(p).store("query")
+    assert read_manifest(out) is None
+    partial = list(out.parent.glob(".query.partial-*"))
+    assert len(partial) == 1 and len(list((partial[0] / ".batches-done").glob("b*"))) >= 2
+    r = ok("query", p)
+    n = int(json.loads((load_spec(clean).store("query") / MANIFEST).read_text())["counts"]["snapshots"])
+    assert f"continuing an interrupted run: " in r.stderr and f"of {-(-n // 8)} batches were written" in r.stderr
+    assert content(load_spec(clean).store("query"), "query") == content(out, "query")
+    assert not list(out.parent.glob(".query.partial-*")) and tmp_folders(tmp_path / "killed") == []
+    # another run's leftovers (other work) are removed, not continued
+    (out.parent / ".query.partial-0123456789abcdef").mkdir()
+    ok("query", p, "--force")
+    assert not list(out.parent.glob(".query.partial-*"))
+
+
 @pytest.mark.slow
 def test_sigkill_at_any_time_then_rerun_is_identical(tmp_path):
     """`lumctl run` (synth ... fuse) killed after 1, 3, 5, ... seconds, each time rerun to the end."""

@@ -60,11 +60,14 @@ batches are in flight: a thread reads the next one while the device answers this
 thread writes the last one. Memory is bounded by three batches (plus a few int64 per user), not
 by the number of users or events; the manifest's counts say how long the device waited on reads
 and writes (read_wait_s, write_wait_s).
-Under torchrun each rank takes a contiguous run of batches, so ranks write disjoint whole chunks
-of one store, and writes its latest rows to a part file; rank 0 creates the arrays first and,
-once every rank has written, joins the parts into latest.parquet (row group by row group),
-writes the manifest last and renames the folder into place. One process is the same code with
-one rank.
+Each batch writes its latest rows to a part file and then a marker; once every batch is written,
+the parts are joined into latest.parquet (row group by row group), the manifest is written last
+and the folder renamed into place. The folder, `.query.partial-<key>` beside the store, is named by
+the work (spec, inputs, code): a run that was killed or interrupted leaves its finished batches
+there, and the next run of the same work answers only the batches without a marker (a run of other
+work removes it). Under torchrun each rank takes a contiguous run of the batches, so ranks write
+disjoint whole chunks of one store; rank 0 creates the arrays first and joins the parts. One
+process is the same code with one rank.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ from lumctl.stages import tokenize
 from lumctl.stages.pretrain import load_model, resolve_device
 from lumctl.store import (
     atomic_dir,
-    fresh_dir_beside,
+    code_identity,
     hash_file,
     hash_obj,
     is_up_to_date,
@@ -99,6 +102,7 @@ from lumctl.store import (
     read_manifest,
     replace_dir,
     require_checkpoint,
+    resumable_dir,
     require_store,
     store_hash,
     write_manifest,
@@ -449,10 +453,11 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
     chunk = max(1, min(qs.batch_snapshots, (8 << 20) // (N * d * dtype.itemsize)))  # rows per chunk (<= 8 MiB of emb)
     step = qs.batch_snapshots // chunk * chunk                            # rows per batch: whole chunks
     batches = [(r0, min(S, r0 + step)) for r0 in range(0, S, step)]
-    mine = [batches[i] for i in np.array_split(np.arange(len(batches)), world)[rank]]
-
     path = Path(path)
-    if dist.is_main():
+    done_dir, parts = path.parent / ".batches-done", path.parent / ".latest-parts"  # removed once complete
+    if dist.is_main() and not (done_dir / "created").is_file():   # a fresh start (or one cut before this point)
+        for f in (path, done_dir, parts):
+            shutil.rmtree(f, ignore_errors=True)
         g = zarrio.create(path)
         for name, shape, dt in (("snap/emb", (S, N, d), dtype), ("snap/ts", (S,), np.int64), ("snap/pos", (S,), np.int64),
                                 ("snap/slot", (S,), np.int32), ("snap/query_cond", (S, N, F), np.int32)):
@@ -468,12 +473,18 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
         g.attrs.update({"queries": queries.asked, "condition_fields": cond_names, "snapshot": qs.snapshot,
                         "every_n_events": qs.every_n_events, "snapshot_names": names, "max_items": max_items,
                         "seq_len": seq_len, **(attrs or {})})
+        parts.mkdir()
+        done_dir.mkdir()
+        (done_dir / "created").write_text("")
     dist.barrier()
+    done = {int(f.name[1:]) for f in done_dir.glob("b*")}                # batches an interrupted run finished
+    mine = [i for i in np.array_split(np.arange(len(batches)), world)[rank] if i not in done]
+    if done and dist.is_main():
+        say(f"query: continuing an interrupted run: {len(done)} of {len(batches)} batches were written")
     g = zarrio.open_write(path)
     arr = {k: g[f"snap/{k}"] for k in ("emb", "ts", "pos", "slot", "query_cond")}
     meta = {"lumctl.queries": json.dumps(queries.asked), "lumctl.condition_fields": json.dumps(cond_names)}
     schema = latest_schema(queries.names, d, bool(queries.top_k), meta, qs.dtype)
-    part = path.parent / ("latest.parquet" if world == 1 else f"latest.part-{rank:05d}.parquet")
 
     def read(r0: int, r1: int) -> dict:
         """The inputs of snapshot rows [r0, r1): only the events of the users holding them (Zarr slices)."""
@@ -500,30 +511,33 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
                 "snap_ts": ts[off + cut - 1], "has": has, "latest_row": last[has] - r0,
                 "user_id": src.per_user("vocab/user", u[has])}
 
-    def write(b: dict, emb: np.ndarray, latest) -> None:
-        """Rows [r0, r1) of every snap/ array and the latest rows of the batch's users."""
+    def write(k: int, b: dict, emb: np.ndarray) -> None:
+        """Batch k: rows [r0, r1) of every snap/ array, the latest rows of its users (a part file),
+        then its marker (holding its token count): a batch with a marker is never answered again."""
         r0, r1, i = b["r0"], b["r1"], b["latest_row"]
         qcond = np.broadcast_to(b["qcond"], (r1 - r0, N, F))
-        for k, v in (("emb", emb), ("ts", b["snap_ts"]), ("pos", b["cut"]), ("slot", b["slot"]), ("query_cond", qcond)):
-            arr[k][r0:r1] = v
-        latest.write_table(latest_table(schema, b["user_id"], b["u"][b["has"]], [names[k] for k in b["slot"][i]],
-                                        b["snap_ts"][i], b["cut"][i], emb[i], qcond[i], cond_names, vocabs))
+        for key, v in (("emb", emb), ("ts", b["snap_ts"]), ("pos", b["cut"]), ("slot", b["slot"]), ("query_cond", qcond)):
+            arr[key][r0:r1] = v
+        t = latest_table(schema, b["user_id"], b["u"][b["has"]], [names[s_] for s_ in b["slot"][i]],
+                         b["snap_ts"][i], b["cut"][i], emb[i], qcond[i], cond_names, vocabs)
+        tmp = parts / f".b{k:06d}.tmp"
+        pq.write_table(t, tmp, use_dictionary=list(LATEST_KEYS), compression=latest_compression(schema))
+        os.replace(tmp, parts / f"b{k:06d}.parquet")
+        (done_dir / f"b{k:06d}").write_text(str(int(2 * b["n_in"].sum() + N * len(b["cut"]))))
 
     # three stages in flight: the next batch is read, this one answered on the device, the last one written
-    tokens, wait = 0, {"read": 0.0, "answer": 0.0, "write": 0.0}
+    wait = {"read": 0.0, "answer": 0.0, "write": 0.0}
     cuda = device.type == "cuda"
-    started = time.time()
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer, \
-            pq.ParquetWriter(part, schema, use_dictionary=list(LATEST_KEYS), compression=latest_compression(schema)) as latest, \
-            progress() as bar:
+    started, answered = time.time(), 0
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer, progress() as bar:
         task = bar.add_task("query", total=len(mine), info="", visible=show)
-        nxt = reader.submit(read, *mine[0]) if mine else None
+        nxt = reader.submit(read, *batches[mine[0]]) if mine else None
         written = None
-        for k in range(len(mine)):
+        for j, k in enumerate(mine):
             t = time.time()
             b = nxt.result()
             wait["read"] += time.time() - t
-            nxt = reader.submit(read, *mine[k + 1]) if k + 1 < len(mine) else None
+            nxt = reader.submit(read, *batches[mine[j + 1]]) if j + 1 < len(mine) else None
             t = time.time()
             emb = answer(model, b["items"], b["cond"], b["first"], b["n_in"], b["qcond"], seq_len, qs.batch_rows,
                          device, autocast=cuda).astype(dtype)               # (D, N, d)
@@ -532,24 +546,25 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
             if written is not None:
                 written.result()                                           # at most one batch being written
             wait["write"] += time.time() - t
-            written = writer.submit(write, b, emb, latest)
-            tokens += int(2 * b["n_in"].sum() + N * len(b["cut"]))
-            r1 = b["r1"]
-            bar.update(task, advance=1, info=f"{r1:,}/{S:,} snapshots, {r1 / max(1e-9, time.time() - started):,.0f}/s")
+            written = writer.submit(write, k, b, emb)
+            answered += b["r1"] - b["r0"]
+            bar.update(task, advance=1, info=f"{answered:,} snapshots, {answered / max(1e-9, time.time() - started):,.0f}/s")
         if written is not None:
             t = time.time()
             written.result()
             wait["write"] += time.time() - t
-    tokens = int(dist.all_reduce_sum(tokens))
     dist.barrier()
-    if world > 1 and dist.is_main():  # the ranks' latest rows, in rank (= user) order
-        parts = [path.parent / f"latest.part-{r:05d}.parquet" for r in range(world)]
-        with pq.ParquetWriter(path.parent / "latest.parquet", schema) as w:
-            for f in parts:
-                pf = pq.ParquetFile(f)
-                for k in range(pf.num_row_groups):
-                    w.write_table(pf.read_row_group(k))
-                f.unlink()
+    tokens = 0
+    if dist.is_main():  # every batch's latest rows, in batch (= user) order, and its token count
+        with pq.ParquetWriter(path.parent / "latest.parquet", schema, use_dictionary=list(LATEST_KEYS),
+                              compression=latest_compression(schema)) as w:
+            for k in range(len(batches)):
+                pf = pq.ParquetFile(parts / f"b{k:06d}.parquet")
+                for rg in range(pf.num_row_groups):
+                    w.write_table(pf.read_row_group(rg))
+                tokens += int((done_dir / f"b{k:06d}").read_text())
+        shutil.rmtree(parts)
+        shutil.rmtree(done_dir)
     return {"users": U, "snapshots": S, "max_snapshots": p.T, "queries": N, "d": d,
             "users_with_snapshots": int((np.diff(so) > 0).sum()), "tokens": tokens, "seq_len": seq_len,
             "timing": {"loop_s": round(time.time() - started, 2), "read_wait_s": round(wait["read"], 2),
@@ -654,14 +669,16 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
     if dist.is_main():
         wrote = write_items(items, model, src, qs.dtype, str(ckpt), inputs["checkpoint"])
         say(f"query: item embeddings {'written to' if wrote else 'reused from'} {items}")
-    tmp = fresh_dir_beside(out) if dist.is_main() else None
+    tmp = None
+    if dist.is_main():  # an interrupted run of the same work (spec, inputs, code) is continued, not redone
+        tmp, _ = resumable_dir(out, hash_obj({"spec": spec_hash, "inputs": inputs, "code": code_identity()["hash"]}))
     tmp = Path(dist.broadcast_object(str(tmp) if tmp else None))
     attrs = {"checkpoint": str(ckpt), "checkpoint_hash": inputs["checkpoint"], "model": cfg["model"],
              "items": os.path.relpath(items, out)}
     try:
         counts = write_answers(tmp / "answers.zarr", src, model, qs, cond_names, user_idx, max_items,
                                int(cfg["seq_len"]), device, attrs=attrs, show=True)
-    except BaseException:
+    except Exception:  # an error: nothing to continue (a kill or Ctrl-C leaves the finished batches)
         if dist.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         raise

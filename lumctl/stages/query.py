@@ -548,7 +548,8 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
             wait["write"] += time.time() - t
             written = writer.submit(write, k, b, emb)
             answered += b["r1"] - b["r0"]
-            bar.update(task, advance=1, info=f"{answered:,} snapshots, {answered / max(1e-9, time.time() - started):,.0f}/s")
+            bar.update(task, advance=1, info=f"{answered:,} snapshots, {answered / max(1e-9, time.time() - started):,.0f}/s; "
+                       f"answering {wait['answer']:.0f} s, waiting {wait['read']:.0f} s on reads and {wait['write']:.0f} s on writes")
         if written is not None:
             t = time.time()
             written.result()

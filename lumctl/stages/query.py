@@ -76,10 +76,12 @@ import itertools
 import json
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Queue
 from typing import Callable
 
 import numpy as np
@@ -357,19 +359,41 @@ def answer(model, items: np.ndarray, conds: np.ndarray, first: np.ndarray, count
         lambda: torch.autocast(device.type, enabled=False))
     was_training = model.training
     model.eval()
+    def prepare(r0: int) -> tuple[dict, object]:
+        """The device tensors and the attention mask of the rows r0 : r0 + batch_rows."""
+        idx = np.arange(r0, min(R, r0 + batch_rows))
+        if backend == "flex" and len(idx) < batch_rows:  # one shape for the compiled kernels: pad with copies
+            idx = np.concatenate([idx, np.full(batch_rows - len(idx), idx[-1])])
+        b = {key: torch.from_numpy(np.ascontiguousarray(rows[key][idx])).to(dt).to(device) for key, dt in BATCH_KEYS.items()}
+        if backend == "flex":
+            from lumctl.attention import query_block_mask
+            mask = query_block_mask(torch.from_numpy(rows["segment"][idx]).to(device),
+                                    torch.from_numpy(rows["is_query"][idx]).to(device))
+        else:
+            mask = torch.from_numpy(grouped_query_mask(rows["segment"][idx], rows["is_query"][idx])).to(device)
+        return b, mask
+
+    def steps():
+        """prepare() of every step, made by a thread while the model runs (as pretrain's batches)."""
+        q: Queue = Queue(maxsize=3)
+
+        def work():
+            try:
+                for r0 in range(0, R, batch_rows):
+                    q.put(prepare(r0))
+            except BaseException as e:  # raised again in the caller
+                q.put(e)
+            q.put(None)
+        threading.Thread(target=work, daemon=True).start()
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
     with progress() as bar, ctx():
         task = bar.add_task("query", total=(R + batch_rows - 1) // batch_rows, info="", visible=show)
-        for k, r0 in enumerate(range(0, R, batch_rows)):
-            idx = np.arange(r0, min(R, r0 + batch_rows))
-            if backend == "flex" and len(idx) < batch_rows:  # one shape for the compiled kernels: pad with copies
-                idx = np.concatenate([idx, np.full(batch_rows - len(idx), idx[-1])])
-            b = {key: torch.from_numpy(np.ascontiguousarray(rows[key][idx])).to(dt).to(device) for key, dt in BATCH_KEYS.items()}
-            if backend == "flex":
-                from lumctl.attention import query_block_mask
-                mask = query_block_mask(torch.from_numpy(rows["segment"][idx]).to(device),
-                                        torch.from_numpy(rows["is_query"][idx]).to(device))
-            else:
-                mask = torch.from_numpy(grouped_query_mask(rows["segment"][idx], rows["is_query"][idx])).to(device)
+        for k, (b, mask) in enumerate(steps()):
+            r0 = k * batch_rows
             o = model(b, mask)                                                     # (B, S, d)
             docs = order[bounds[k]:bounds[k + 1]]                                  # documents in these rows
             r_i = torch.as_tensor(rows["row"][docs] - r0, device=device)[:, None]  # (n, 1)

@@ -421,7 +421,8 @@ def test_killed_query_continues_from_its_written_batches(tmp_path):
     assert len(partial) == 1 and len(list((partial[0] / ".batches-done").glob("b*"))) >= 2
     r = ok("query", p)
     n = int(json.loads((load_spec(clean).store("query") / MANIFEST).read_text())["counts"]["snapshots"])
-    assert f"continuing an interrupted run: " in r.stderr and f"of {-(-n // 8)} batches were written" in r.stderr
+    assert "continuing an interrupted run: " in r.stderr and f"of {-(-n // 8)} batches were written" in r.stderr
+    assert f"of {-(-n // 8)} batches answered in this run" in r.stderr
     assert content(load_spec(clean).store("query"), "query") == content(out, "query")
     assert not list(out.parent.glob(".query.partial-*")) and tmp_folders(tmp_path / "killed") == []
     # another run's leftovers (other work) are removed, not continued

@@ -593,7 +593,8 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
     return {"users": U, "snapshots": S, "max_snapshots": p.T, "queries": N, "d": d,
             "users_with_snapshots": int((np.diff(so) > 0).sum()), "tokens": tokens, "seq_len": seq_len,
             "timing": {"loop_s": round(time.time() - started, 2), "read_wait_s": round(wait["read"], 2),
-                       "answer_s": round(wait["answer"], 2), "write_wait_s": round(wait["write"], 2)}}
+                       "answer_s": round(wait["answer"], 2), "write_wait_s": round(wait["write"], 2),
+                       "batches": len(batches), "batches_answered": len(mine)}}
 
 
 # ------------------------------------------------------------------------------------ item embeddings
@@ -717,8 +718,10 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
             f"{timing['read_wait_s']}s waiting on reads, {timing['write_wait_s']}s on writes")
     dist.barrier()
     took = time.time() - started
+    rate = (f"{counts['users'] / took:,.0f} users/s" if dist.world() > 1 or timing["batches_answered"] == timing["batches"]
+            else f"{timing['batches_answered']} of {timing['batches']} batches answered in this run")
     say(f"query: {counts['users']:,} users, {counts['snapshots']:,} snapshots x {counts['queries']} queries "
-        f"(d={counts['d']}) on {dist.world()} rank(s) in {took:.1f}s ({counts['users'] / took:,.0f} users/s) -> {out}")
+        f"(d={counts['d']}) on {dist.world()} rank(s) in {took:.1f}s ({rate}) -> {out}")
     return out
 
 

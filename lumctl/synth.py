@@ -26,10 +26,10 @@ kind = "taobao": a log shaped like Taobao UserBehavior.csv, `rows` events, any s
 - behaviour: pv / cart / fav / buy in the real shares (89.5 / 5.5 / 2.9 / 2.0 %), with
   cart / fav / buy NONPV_LIFT times as likely on focused events as on the others, so the
   (behaviour, category) condition tells about the user;
-- time: 9 days, 2017-11-25 00:00 to 2017-12-03 23:59:59 UTC+8. A user acts in sessions (one per
-  SESSION_EVENTS events); a session starts on a day (the last two days busier) at an hour drawn
+- time: 9 days, 2017-11-25 00:00 to 2017-12-03 23:59:59 UTC+8. A user acts in visits (one per
+  VISIT_EVENTS events); a visit starts on a day (the last two days busier) at an hour drawn
   from a daily rhythm (quiet at night, busy in the evening, local time) and its events follow it
-  by exponential offsets (mean SESSION_SECONDS); each user's events are in time order, except
+  by exponential offsets (mean VISIT_SECONDS); each user's events are in time order, except
   OUTLIER_SHARE of rows whose timestamp lies days to years outside the 9 days (as in the real file);
 - raw ids are random integers, not 0..N: user ids below ~1.03 * users, item and category ids
   below ~1.03 * items (at 100M rows about the real file's ranges: ~1.02M and ~5.16M).
@@ -111,8 +111,8 @@ TASTE_WEIGHTS = np.array([0.45, 0.25, 0.18, 0.12])         # a user's preferred 
 TASTES = len(TASTE_WEIGHTS)
 FOCUS = 0.8                    # share of events in the user's preferred categories
 NONPV_LIFT = 3.0               # cart/fav/buy are this many times as likely on focused events
-SESSION_EVENTS = 8             # a session per this many events of a user
-SESSION_SECONDS = 900          # mean offset of an event from its session's start
+VISIT_EVENTS = 8               # a visit per this many events of a user
+VISIT_SECONDS = 900            # mean offset of an event from its visit's start
 DAY_WEIGHTS = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.3, 1.3])   # the last two days are busier
 HOUR_WEIGHTS = np.array([      # local hour 0..23: quiet at night, busy in the evening
     3.0, 1.6, 0.9, 0.6, 0.5, 0.6, 1.1, 2.2, 3.3, 4.0, 4.4, 4.5,
@@ -207,17 +207,17 @@ def taobao_block(s: SynthSpec, cat: Catalogue, b: int) -> tuple[pa.Table, np.nda
     which = 1 + np.searchsorted(_cum(BEHAVIOR_SHARES[1:]), rng.random(n_rows), side="right")
     behavior = np.where(acted, which, 0)                          # [T] index into BEHAVIORS
 
-    # time: sessions start on a (weighted) day at a rhythm-weighted hour; rows follow their session's start
-    sessions = 1 + (n - 1) // SESSION_EVENTS                      # [U]
-    first = np.cumsum(sessions) - sessions
-    sid = first[user] + (rng.random(n_rows) * sessions[user]).astype(np.int64)  # [T]
-    n_sess = int(sessions.sum())
-    day = np.searchsorted(_cum(DAY_WEIGHTS), rng.random(n_sess), side="right")
-    hour = np.searchsorted(_cum(HOUR_WEIGHTS), rng.random(n_sess), side="right")
-    start = START + day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, n_sess)  # [S]
-    offset = rng.exponential(SESSION_SECONDS, n_rows).astype(np.int64)
+    # time: visits start on a (weighted) day at a rhythm-weighted hour; rows follow their visit's start
+    visits = 1 + (n - 1) // VISIT_EVENTS                      # [U]
+    first = np.cumsum(visits) - visits
+    sid = first[user] + (rng.random(n_rows) * visits[user]).astype(np.int64)  # [T]
+    n_visits = int(visits.sum())
+    day = np.searchsorted(_cum(DAY_WEIGHTS), rng.random(n_visits), side="right")
+    hour = np.searchsorted(_cum(HOUR_WEIGHTS), rng.random(n_visits), side="right")
+    start = START + day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, n_visits)  # [S]
+    offset = rng.exponential(VISIT_SECONDS, n_rows).astype(np.int64)
     ts = start[sid] + offset
-    ts = np.clip(np.where(ts > END, start[sid] - offset, ts), START, END)  # a session at the very end runs backwards
+    ts = np.clip(np.where(ts > END, start[sid] - offset, ts), START, END)  # a visit at the very end runs backwards
     # rows of a user are exchangeable, so sorting the times alone puts each user's rows in time order
     ts = START + (np.sort(user.astype(np.int64) << 20 | (ts - START)) & ((1 << 20) - 1))  # 9 days < 2^20 s
     k = rng.binomial(n_rows, OUTLIER_SHARE)

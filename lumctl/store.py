@@ -362,11 +362,11 @@ def fresh_dir_beside(target: Path) -> Path:
     return tmp
 
 
-def resumable_dir(target: Path, key: str) -> tuple[Path, bool]:
-    """The folder a resumable stage writes `target` in, `.<name>.partial-<key[:16]>` beside it, and
-    whether it holds an interrupted run of the same work (`key`: spec, inputs and code) to continue.
-    Partial folders of other work on the same target, and dead runs' temporary folders, are removed.
-    Call it holding the target's store lock."""
+def resumable_dir(target: Path, key: str) -> Path:
+    """The folder a resumable stage writes `target` in, `.<name>.partial-<key[:16]>` beside it: made, or
+    kept as an interrupted run of the same work (`key`: spec, inputs and code) left it, for the stage
+    to continue. Partial folders of other work on the same target, and dead runs' temporary folders,
+    are removed. Call it holding the target's store lock."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_dead(target.parent)
@@ -374,9 +374,8 @@ def resumable_dir(target: Path, key: str) -> tuple[Path, bool]:
     for d in target.parent.glob(f".{target.name}.partial-*"):
         if d != mine:
             shutil.rmtree(d, ignore_errors=True)
-    resumed = mine.is_dir()
     mine.mkdir(exist_ok=True)
-    return mine, resumed
+    return mine
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

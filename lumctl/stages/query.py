@@ -533,7 +533,7 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
         return {"r0": r0, "r1": r1, "u": u, "cut": cut, "slot": slot, "n_in": n_in, "first": off + cut - n_in,
                 "cond": cond, "items": src.events("events/item", u), "qcond": queries.resolve(cond, off, cut),  # (N, F) | (D, N, F)
                 "snap_ts": ts[off + cut - 1], "has": has, "latest_row": last[has] - r0,
-                "user_id": src.per_user("vocab/user", u[has])}
+                "user_id": np.asarray(g["user_id"][ua:ub])[keep][has]}   # (this store's copy: small chunks)
 
     def write(k: int, b: dict, emb: np.ndarray) -> None:
         """Batch k: rows [r0, r1) of every snap/ array, the latest rows of its users (a part file),
@@ -550,7 +550,7 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
         (done_dir / f"b{k:06d}").write_text(str(int(2 * b["n_in"].sum() + N * len(b["cut"]))))
 
     # three stages in flight: the next batch is read, this one answered on the device, the last one written
-    wait = {"read": 0.0, "answer": 0.0, "write": 0.0}
+    secs = {"read": 0.0, "answer": 0.0, "write": 0.0}   # waiting on reads, answering, waiting on writes
     cuda = device.type == "cuda"
     started, answered = time.time(), 0
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer, progress() as bar:
@@ -560,24 +560,24 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
         for j, k in enumerate(mine):
             t = time.time()
             b = nxt.result()
-            wait["read"] += time.time() - t
+            secs["read"] += time.time() - t
             nxt = reader.submit(read, *batches[mine[j + 1]]) if j + 1 < len(mine) else None
             t = time.time()
             emb = answer(model, b["items"], b["cond"], b["first"], b["n_in"], b["qcond"], seq_len, qs.batch_rows,
                          device, autocast=cuda).astype(dtype)               # (D, N, d)
-            wait["answer"] += time.time() - t
+            secs["answer"] += time.time() - t
             t = time.time()
             if written is not None:
                 written.result()                                           # at most one batch being written
-            wait["write"] += time.time() - t
+            secs["write"] += time.time() - t
             written = writer.submit(write, k, b, emb)
             answered += b["r1"] - b["r0"]
             bar.update(task, advance=1, info=f"{answered:,} snapshots, {answered / max(1e-9, time.time() - started):,.0f}/s; "
-                       f"answering {wait['answer']:.0f} s, waiting {wait['read']:.0f} s on reads and {wait['write']:.0f} s on writes")
+                       f"answering {secs['answer']:.0f} s, waiting {secs['read']:.0f} s on reads and {secs['write']:.0f} s on writes")
         if written is not None:
             t = time.time()
             written.result()
-            wait["write"] += time.time() - t
+            secs["write"] += time.time() - t
     dist.barrier()
     tokens = 0
     if dist.is_main():  # every batch's latest rows, in batch (= user) order, and its token count
@@ -592,8 +592,8 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
         shutil.rmtree(done_dir)
     return {"users": U, "snapshots": S, "max_snapshots": p.T, "queries": N, "d": d,
             "users_with_snapshots": int((np.diff(so) > 0).sum()), "tokens": tokens, "seq_len": seq_len,
-            "timing": {"loop_s": round(time.time() - started, 2), "read_wait_s": round(wait["read"], 2),
-                       "answer_s": round(wait["answer"], 2), "write_wait_s": round(wait["write"], 2),
+            "timing": {"loop_s": round(time.time() - started, 2), "read_wait_s": round(secs["read"], 2),
+                       "answer_s": round(secs["answer"], 2), "write_wait_s": round(secs["write"], 2),
                        "batches": len(batches), "batches_answered": len(mine)}}
 
 
@@ -697,7 +697,7 @@ def run(spec: Spec, force: bool = False, users: str | None = None) -> Path:
         say(f"query: item embeddings {'written to' if wrote else 'reused from'} {items}")
     tmp = None
     if dist.is_main():  # an interrupted run of the same work (spec, inputs, code) is continued, not redone
-        tmp, _ = resumable_dir(out, hash_obj({"spec": spec_hash, "inputs": inputs, "code": code_identity()["hash"]}))
+        tmp = resumable_dir(out, hash_obj({"spec": spec_hash, "inputs": inputs, "code": code_identity()["hash"]}))
     tmp = Path(dist.broadcast_object(str(tmp) if tmp else None))
     attrs = {"checkpoint": str(ckpt), "checkpoint_hash": inputs["checkpoint"], "model": cfg["model"],
              "items": os.path.relpath(items, out)}

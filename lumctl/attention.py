@@ -38,6 +38,25 @@ def query_block_mask(segment: torch.Tensor, is_query: torch.Tensor):
     return create_block_mask(mask_mod, B, None, S, S, device=segment.device, _compile=segment.is_cuda)
 
 
+def query_dense_mask(segment: torch.Tensor, is_query: torch.Tensor) -> torch.Tensor:
+    """The mask of `query_block_mask` as a dense bool (B, S, S) on the tensors' device (True = may
+    attend), for sdpa: the same user's earlier non-query tokens, and itself."""
+    S = segment.shape[1]
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment >= 0)[:, :, None]      # (B, S, S)
+    causal = torch.ones(S, S, dtype=torch.bool, device=segment.device).tril()
+    return (same & causal & ~is_query[:, None, :]) | torch.eye(S, dtype=torch.bool, device=segment.device)
+
+
+def query_backend(attention: str, device: torch.device, seq_len: int) -> str:
+    """The attention kernel of a query: sdpa on the CPU; on CUDA flex or sdpa, 'auto' = sdpa for rows of
+    at most 2048 tokens (its dense mask is B x S x S; measured faster than flex there), else flex."""
+    if device.type != "cuda":
+        return "sdpa"
+    if attention == "auto":
+        return "sdpa" if seq_len <= 2048 else "flex"
+    return attention
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention

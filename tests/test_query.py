@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import invoke
+from lumctl.attention import query_backend, query_dense_mask
 from lumctl.models.lum import LUM, LUMConfig
 from lumctl.ops.packing import (document_causal_mask, grouped_query_mask, grouped_query_mask_ref, pack_queries,
                                 pack_queries_ref, top_values, top_values_ref)
@@ -71,6 +72,7 @@ def test_grouped_mask_by_hand():
     ], bool)
     np.testing.assert_array_equal(grouped_query_mask(seg, isq)[0], want)
     np.testing.assert_array_equal(grouped_query_mask_ref(seg, isq)[0], want)
+    np.testing.assert_array_equal(query_dense_mask(torch.from_numpy(seg), torch.from_numpy(isq))[0].numpy(), want)
     # without query tokens it is the document-causal mask of pretraining
     np.testing.assert_array_equal(grouped_query_mask(seg, np.zeros_like(isq)), document_causal_mask(seg))
 
@@ -120,6 +122,17 @@ def test_pack_queries_and_mask_match_reference(case):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     np.testing.assert_array_equal(grouped_query_mask(got["segment"], got["is_query"]),
                                   grouped_query_mask_ref(got["segment"], got["is_query"]))
+    np.testing.assert_array_equal(query_dense_mask(torch.from_numpy(got["segment"]), torch.from_numpy(got["is_query"])).numpy(),
+                                  grouped_query_mask_ref(got["segment"], got["is_query"]))
+
+
+def test_query_backend():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert query_backend("flex", cpu, 1024) == "sdpa"            # the CPU always runs sdpa
+    assert query_backend("auto", cuda, 2048) == "sdpa"
+    assert query_backend("auto", cuda, 4096) == "flex"
+    assert query_backend("flex", cuda, 1024) == "flex"
+    assert query_backend("sdpa", cuda, 4096) == "sdpa"
 
 
 @settings(max_examples=60, deadline=None)

@@ -48,7 +48,7 @@ per checkpoint (and dtype) and reused by every query of it (other users, other q
     item_emb.zarr/  item_emb float16|32 [I, d] e^i = model.item_table() of every item vocab id (0 pad,
                     1 unknown);  item_id str [I]
     items.parquet   item_id (the raw id) and emb (fixed-size list<float16|32>[d], the store's dtype) of every real item
-                    (vocab ids >= 2), the table `export_items` writes
+                    (vocab ids >= 2), written with item_emb.zarr by `write_items`
     manifest.json
 
 Streaming. A counting pass reads the selected users' timestamps in blocks and counts their
@@ -88,6 +88,7 @@ import numpy as np
 import torch
 
 from lumctl import dist, zarrio
+from lumctl.attention import query_backend
 from lumctl.errors import InputError
 from lumctl.ops.packing import grouped_query_mask, pack_queries, top_values
 from lumctl.progress import progress, say
@@ -340,7 +341,8 @@ def answer(model, items: np.ndarray, conds: np.ndarray, first: np.ndarray, count
     """Outputs o_q [D, N, d] (float32) of every document's N queries ([N, F] or [D, N, F]).
     grouped: one sequence per document (prefix once + N query tokens); otherwise one sequence
     per (document, query) with its own copy of the prefix (the baseline of the benchmark).
-    backend: 'flex' (BlockMask) or 'sdpa' (dense Numba mask); default flex on CUDA."""
+    backend: 'flex' (BlockMask) or 'sdpa' (dense mask: Numba on the CPU, made on the device on CUDA);
+    default `query_backend('auto', device, seq_len)`."""
     D = len(count)
     q = np.asarray(queries, np.int32)
     N = q.shape[-2]
@@ -349,7 +351,7 @@ def answer(model, items: np.ndarray, conds: np.ndarray, first: np.ndarray, count
         first, count = np.repeat(first, N), np.repeat(count, N)
         q = np.ascontiguousarray(qd).reshape(D * N, 1, q.shape[-1])
     rows = pack_queries(items, conds, first, count, q, seq_len)
-    backend = backend or ("flex" if device.type == "cuda" else "sdpa")
+    backend = backend or query_backend("auto", device, seq_len)
     R = len(rows["type"])
     d_model = model.norm.weight.shape[0]
     out = torch.empty(len(count), q.shape[-2], d_model, device=device)          # (D', N', d)
@@ -365,11 +367,11 @@ def answer(model, items: np.ndarray, conds: np.ndarray, first: np.ndarray, count
         if backend == "flex" and len(idx) < batch_rows:  # one shape for the compiled kernels: pad with copies
             idx = np.concatenate([idx, np.full(batch_rows - len(idx), idx[-1])])
         b = {key: torch.from_numpy(np.ascontiguousarray(rows[key][idx])).to(dt).to(device) for key, dt in BATCH_KEYS.items()}
-        if backend == "flex":
-            from lumctl.attention import query_block_mask
-            mask = query_block_mask(torch.from_numpy(rows["segment"][idx]).to(device),
-                                    torch.from_numpy(rows["is_query"][idx]).to(device))
-        else:
+        if backend == "flex" or device.type == "cuda":   # the mask made on the device from the segments
+            from lumctl.attention import query_block_mask, query_dense_mask
+            make = query_block_mask if backend == "flex" else query_dense_mask
+            mask = make(torch.from_numpy(rows["segment"][idx]).to(device), torch.from_numpy(rows["is_query"][idx]).to(device))
+        else:                                            # CPU: the Numba mask
             mask = torch.from_numpy(grouped_query_mask(rows["segment"][idx], rows["is_query"][idx])).to(device)
         return b, mask
 
@@ -429,10 +431,13 @@ def latest_schema(names: list[str], d: int, top_k: bool, meta: dict[str, str], d
     return pa.schema(fields, metadata=meta)
 
 
-def latest_compression(schema) -> dict[str, str]:
-    """Snappy for ids and names; none for the embedding columns (dense floats that barely compress)."""
+def latest_options(schema) -> dict:
+    """Parquet writer options of latest.parquet: dictionaries for the string keys; snappy and statistics for
+    ids and names; neither for the embedding columns (dense floats that barely compress, min / max of no use)."""
     import pyarrow as pa
-    return {f.name: "none" if pa.types.is_fixed_size_list(f.type) else "snappy" for f in schema}
+    emb = {f.name for f in schema if pa.types.is_fixed_size_list(f.type)}
+    return {"use_dictionary": list(LATEST_KEYS), "compression": {f.name: "none" if f.name in emb else "snappy" for f in schema},
+            "write_statistics": [f.name for f in schema if f.name not in emb]}
 
 
 def latest_table(schema, user_ids: np.ndarray, users: np.ndarray, snap: list[str], ts: np.ndarray, pos: np.ndarray,
@@ -545,13 +550,14 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
         t = latest_table(schema, b["user_id"], b["u"][b["has"]], [names[s_] for s_ in b["slot"][i]],
                          b["snap_ts"][i], b["cut"][i], emb[i], qcond[i], cond_names, vocabs)
         tmp = parts / f".b{k:06d}.tmp"
-        pq.write_table(t, tmp, use_dictionary=list(LATEST_KEYS), compression=latest_compression(schema))
+        pq.write_table(t, tmp, **latest_options(schema))
         os.replace(tmp, parts / f"b{k:06d}.parquet")
         (done_dir / f"b{k:06d}").write_text(str(int(2 * b["n_in"].sum() + N * len(b["cut"]))))
 
     # three stages in flight: the next batch is read, this one answered on the device, the last one written
     secs = {"read": 0.0, "answer": 0.0, "write": 0.0}   # waiting on reads, answering, waiting on writes
     cuda = device.type == "cuda"
+    backend = query_backend(qs.attention, device, seq_len)
     started, answered = time.time(), 0
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer, progress() as bar:
         task = bar.add_task("query", total=len(mine), info="", visible=show)
@@ -564,7 +570,7 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
             nxt = reader.submit(read, *batches[mine[j + 1]]) if j + 1 < len(mine) else None
             t = time.time()
             emb = answer(model, b["items"], b["cond"], b["first"], b["n_in"], b["qcond"], seq_len, qs.batch_rows,
-                         device, autocast=cuda).astype(dtype)               # (D, N, d)
+                         device, backend=backend, autocast=cuda).astype(dtype)   # (D, N, d)
             secs["answer"] += time.time() - t
             t = time.time()
             if written is not None:
@@ -581,8 +587,7 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
     dist.barrier()
     tokens = 0
     if dist.is_main():  # every batch's latest rows, in batch (= user) order, and its token count
-        with pq.ParquetWriter(path.parent / "latest.parquet", schema, use_dictionary=list(LATEST_KEYS),
-                              compression=latest_compression(schema)) as w:
+        with pq.ParquetWriter(path.parent / "latest.parquet", schema, **latest_options(schema)) as w:
             for k in range(len(batches)):
                 pf = pq.ParquetFile(parts / f"b{k:06d}.parquet")
                 for rg in range(pf.num_row_groups):
@@ -606,50 +611,45 @@ def items_dir(spec: Spec, checkpoint_hash: str, dtype: str) -> Path:
 @torch.no_grad()
 def write_items(path: Path, model, src: Source, dtype: str, checkpoint: str, checkpoint_hash: str,
                 block: int = 1 << 16) -> bool:
-    """Write the item store of a checkpoint unless it is there already; True when it was written."""
+    """Write the item store of a checkpoint unless it is there already; True when it was written.
+    One pass, block by block: item_emb.zarr (every vocab id) and items.parquet (item_id, the raw id, and
+    emb, fixed-size list<float16|32>[d], of every real item: vocab ids >= 2)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     m = read_manifest(path)
     if m is not None and m.get("inputs") == {"checkpoint": checkpoint_hash} and m.get("dtype") == dtype:
         return False
     started = time.time()
     I, d = int(model.config.n_items), int(model.norm.weight.shape[0])
     dev = model.norm.weight.device
+    value, tdt = arrow_float(dtype), getattr(torch, np.dtype(dtype).name)   # cast on the device
+    schema = pa.schema([("item_id", pa.string()), ("emb", pa.list_(value, d))])
+    vocab = src["vocab/item"]
+    if vocab.shape[0] != I:
+        raise InputError(checkpoint, f"checkpoint has {I} items, the tokenize store {vocab.shape[0]}")
+    step = max(block, int(getattr(vocab, "chunks", (block,))[0]))   # ids a whole stored chunk at a time
     with atomic_dir(path) as tmp:
         g = zarrio.create(tmp / "item_emb.zarr")
-        emb = g.create_array("item_emb", shape=(I, d), dtype=dtype, chunks=(min(I, block), d))
+        emb = g.create_array("item_emb", shape=(I, d), dtype=dtype, chunks=(min(I, block), d),
+                             compressors=None)                              # dense floats: stored raw
         ids = g.create_array("item_id", shape=(I,), dtype=str, chunks=(min(I, block),))
-        vocab = src["vocab/item"]
-        if vocab.shape[0] != I:
-            raise InputError(checkpoint, f"checkpoint has {I} items, the tokenize store {vocab.shape[0]}")
-        step = max(block, int(getattr(vocab, "chunks", (block,))[0]))   # ids a whole stored chunk at a time
-        for a in range(0, I, step):
-            ids[a:a + step] = _str(vocab[a:a + step])
-            for c in range(a, min(I, a + step), block):
-                e = min(I, c + block)
-                emb[c:e] = model.item_table(torch.arange(c, e, device=dev)).float().cpu().numpy().astype(dtype)  # (e-c, d)
-        export_items(tmp, tmp / "items.parquet", block)
+        # raw ids are unique and embeddings dense floats: no dictionaries, no compression or statistics of the floats
+        with pq.ParquetWriter(tmp / "items.parquet", schema, compression={"item_id": "snappy", "emb": "none"},
+                              use_dictionary=False, write_statistics=["item_id"]) as w:
+            for a in range(0, I, step):
+                names = _str(vocab[a:a + step])
+                ids[a:a + step] = names
+                for c in range(a, min(I, a + step), block):
+                    e = min(I, c + block)
+                    x = model.item_table(torch.arange(c, e, device=dev)).to(tdt).cpu().numpy()   # (e-c, d)
+                    emb[c:e] = x
+                    real = slice(max(0, 2 - c), e - c)                      # vocab ids 0, 1: padding, unknown
+                    w.write_table(pa.Table.from_arrays(
+                        [pa.array(names[c - a:e - a][real], pa.string()),
+                         pa.FixedSizeListArray.from_arrays(pa.array(x[real].reshape(-1)), d)], schema=schema))
         write_manifest(tmp, stage="query-items", spec_hash=dtype, inputs={"checkpoint": checkpoint_hash},
                        counts={"items": I, "d": d}, started=started, extra={"checkpoint": checkpoint, "dtype": dtype})
     return True
-
-
-def export_items(path: Path, out: Path, block: int = 1 << 16) -> Path:
-    """items.parquet of an item store (streamed): item_id (raw id) and emb (fixed-size list<float16|32>[d])
-    of every real item (vocab ids >= 2)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    g = zarrio.open_read(Path(path) / "item_emb.zarr")
-    emb, ids = g["item_emb"], g["item_id"]
-    I, d = emb.shape
-    value = arrow_float(emb.dtype)
-    schema = pa.schema([("item_id", pa.string()), ("emb", pa.list_(value, d))])
-    with pq.ParquetWriter(out, schema, compression={"item_id": "snappy", "emb": "none"}) as w:
-        for a in range(2, I, block):
-            b = min(I, a + block)
-            e = np.asarray(emb[a:b], value.to_pandas_dtype())               # (b-a, d)
-            w.write_table(pa.Table.from_arrays([pa.array(_str(ids[a:b]), pa.string()),
-                                                pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1)), d)],
-                                               schema=schema))
-    return out
 
 
 # ------------------------------------------------------------------------------------ run

@@ -6,6 +6,8 @@
 #   OUT=/tmp/out LIMIT=560 bash experiments/taobao-scale/run.sh                 # until LIMIT seconds
 #   STEPS=2000 OUT=/tmp/out bash experiments/taobao-scale/run.sh                # a longer pretrain
 #   SPEC=my.toml ...                                                             # another spec (default taobao-synth-gpu)
+#   VERBS="query" ...                                                            # only these verbs (default: all five)
+#   EXTRA="--set query.seq_len=1024 --set query.batch_rows=256" ...              # more overrides, every verb
 set -u
 [ -d .wheels ] && [ -z "${NO_SETUP:-}" ] && . experiments/h100/setup.sh   # NO_SETUP=1: use this environment
 export LUMCTL_STORES=${LUMCTL_STORES:-$PWD/stores}
@@ -13,9 +15,10 @@ OUT=${OUT:-/tmp/lumctl-taobao}
 mkdir -p $OUT
 S=${SPEC:-specs/taobao-synth-gpu.toml}
 STEPS=${STEPS:-300}
-SET=(--set pretrain.optim.max_steps=$STEPS --set pretrain.eval.every_steps=$STEPS --set pretrain.optim.warmup_steps=50)
+WARM=$(( STEPS < 250 ? STEPS / 5 : 50 ))
+SET=(--set pretrain.optim.max_steps=$STEPS --set pretrain.eval.every_steps=$STEPS --set pretrain.optim.warmup_steps=$WARM ${EXTRA:-})
 end=$(( $(date +%s) + ${LIMIT:-560} ))
-for verb in synth tokenize pack pretrain query; do
+for verb in ${VERBS:-synth tokenize pack pretrain query}; do
   left=$(( end - $(date +%s) ))
   [ $left -le 5 ] && { echo "== $verb: not started (time limit)" | tee -a $OUT/times.txt; break; }
   python3 - "$left" "$verb" "$S" "${SET[@]}" >> $OUT/$verb.log 2>&1 <<'PY'

@@ -7,7 +7,7 @@
 #   STEPS=2000 OUT=/tmp/out bash experiments/taobao-scale/run.sh                # a longer pretrain
 #   SPEC=my.toml ...                                                             # another spec (default taobao-synth-gpu)
 #   VERBS="query" ...                                                            # only these verbs (default: all five)
-#   EXTRA="--set query.seq_len=1024 --set query.batch_rows=256" ...              # more overrides, every verb
+#   EXTRA="--set query.attention=flex" ...                                       # more overrides, every verb
 set -u
 [ -d .wheels ] && [ -z "${NO_SETUP:-}" ] && . experiments/h100/setup.sh   # NO_SETUP=1: use this environment
 export LUMCTL_STORES=${LUMCTL_STORES:-$PWD/stores}

@@ -564,3 +564,37 @@ def test_grouped_queries_on_cuda_flex_match_cpu_sdpa():
         got = q.answer(mc, d["events/item"], d["events/cond"], first, count, queries, 384, 2, dev, grouped=grouped)
         rel = np.linalg.norm(got - cpu) / np.linalg.norm(cpu)
         assert rel < 1e-3, (grouped, rel)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_item_store_in_blocks(tmp_path, dtype):
+    """write_items over several blocks and stored vocabulary chunks: item_emb.zarr holds every vocab id's
+    e^i, items.parquet the real items (ids >= 2) with the same values, in order."""
+    import pyarrow.parquet as pq
+    import zarr
+    from lumctl import zarrio
+    I, d = 37, 6
+    g = zarrio.create(tmp_path / "tok.zarr")
+    zarrio.put(g, "users/offsets", np.arange(3, dtype=np.int64))
+    vocab = np.array(["<pad>", "<unk>"] + [f"item{i}" for i in range(I - 2)])
+    g.create_array("vocab/item", shape=(I,), dtype=str, chunks=(10,))[...] = vocab   # chunks of 10 ids
+    torch.manual_seed(0)
+    table = torch.randn(I, d)
+
+    class Model:
+        config = type("C", (), {"n_items": I})
+        norm = torch.nn.LayerNorm(d)
+
+        def item_table(self, ids):
+            return table[ids]
+
+    src = q.Source(zarrio.open_read(tmp_path / "tok.zarr"))
+    assert q.write_items(tmp_path / "items", Model(), src, dtype, "ckpt", "h", block=8)
+    assert not q.write_items(tmp_path / "items", Model(), src, dtype, "ckpt", "h", block=8)   # reused
+    ig = zarr.open_group(str(tmp_path / "items" / "item_emb.zarr"), mode="r")
+    want = table.numpy().astype(dtype)
+    np.testing.assert_array_equal(ig["item_emb"][...], want)
+    assert list(ig["item_id"][...]) == list(vocab)
+    it = pq.read_table(tmp_path / "items" / "items.parquet")
+    assert it.column("item_id").to_pylist() == list(vocab[2:])
+    np.testing.assert_array_equal(np.stack(it.column("emb").to_numpy(zero_copy_only=False)), want[2:])

@@ -640,7 +640,7 @@ def write_items(path: Path, model, src: Source, dtype: str, checkpoint: str, che
                 names = _str(vocab[a:a + step])
                 ids[a:a + step] = names
                 for c in range(a, min(I, a + step), block):
-                    e = min(I, c + block)
+                    e = min(I, a + step, c + block)                # within this chunk of ids
                     x = model.item_table(torch.arange(c, e, device=dev)).to(tdt).cpu().numpy()   # (e-c, d)
                     emb[c:e] = x
                     real = slice(max(0, 2 - c), e - c)                      # vocab ids 0, 1: padding, unknown

@@ -51,6 +51,15 @@ def timed(fn, steps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def call_s(fn) -> float:
+    """Seconds of one synchronised call of fn (a first call includes its compiles)."""
+    import torch
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return round(time.perf_counter() - t, 2)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="19m")
@@ -68,7 +77,7 @@ def main(argv=None) -> dict:
     from lumctl.attention import query_block_mask
     from lumctl.models.lum import LUM, PRESETS, LUMConfig
     from lumctl.ops.packing import grouped_query_mask, pack_queries
-    from lumctl.stages.query import BATCH_KEYS, answer
+    from lumctl.stages.query import answer, step_tensors
     if not torch.cuda.is_available():
         sys.exit("profile_query_step.py needs a CUDA GPU")
     dev = torch.device("cuda")
@@ -92,30 +101,18 @@ def main(argv=None) -> dict:
     tokens = int(2 * n.sum() + 8 * args.docs)
     idx = np.arange(B) % R
 
-    def h2d():
-        return {k: torch.from_numpy(np.ascontiguousarray(rows[k][idx])).to(dt).to(dev) for k, dt in BATCH_KEYS.items()}
-
     seg, isq = torch.from_numpy(rows["segment"][idx]).to(dev), torch.from_numpy(rows["is_query"][idx]).to(dev)
     r = {"benchmark": "query_step", "preset": args.preset, "items": args.items, "docs": args.docs,
          "tokens": tokens, "rows": R, "seq_len": args.seq_len, "batch_rows": B, "fill": round(tokens / (R * args.seq_len), 4),
          "pack_s": round(pack_s, 3)}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        t = time.perf_counter()
-        query_block_mask(seg, isq)
-        torch.cuda.synchronize()
-        r["mask_first_s"] = round(time.perf_counter() - t, 2)
+        r["mask_first_s"] = call_s(lambda: query_block_mask(seg, isq))
         r["mask_s"], mask = timed(lambda: query_block_mask(seg, isq), args.steps)
-        r["h2d_s"], batch = timed(h2d, args.steps)
-        t = time.perf_counter()
-        model(batch, mask)
-        torch.cuda.synchronize()
-        r["forward_first_s"] = round(time.perf_counter() - t, 2)
+        r["h2d_s"], batch = timed(lambda: step_tensors(rows, idx, dev), args.steps)
+        r["forward_first_s"] = call_s(lambda: model(batch, mask))
         r["forward_s"], _ = timed(lambda: model(batch, mask), args.steps)
         compiled = torch.compile(model, dynamic=False)
-        t = time.perf_counter()
-        compiled(batch, mask)
-        torch.cuda.synchronize()
-        r["forward_compiled_first_s"] = round(time.perf_counter() - t, 2)
+        r["forward_compiled_first_s"] = call_s(lambda: compiled(batch, mask))
         r["forward_compiled_s"], _ = timed(lambda: compiled(batch, mask), args.steps)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -129,7 +126,7 @@ def main(argv=None) -> dict:
         S2, B2 = map(int, shape.split("x"))
         rows2 = pack_queries(items, conds, first, n, queries, S2)
         i2 = np.arange(B2) % len(rows2["type"])
-        b2 = {k: torch.from_numpy(np.ascontiguousarray(rows2[k][i2])).to(dt).to(dev) for k, dt in BATCH_KEYS.items()}
+        b2 = step_tensors(rows2, i2, dev)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             m2 = query_block_mask(torch.from_numpy(rows2["segment"][i2]).to(dev), torch.from_numpy(rows2["is_query"][i2]).to(dev))
             f2, _ = timed(lambda: model(b2, m2), args.steps)
@@ -143,14 +140,12 @@ def main(argv=None) -> dict:
     r["sparsity"] = round(float(mask.sparsity()), 2)
     r["forward_us_per_filled_token"] = round(1e6 * r["forward_s"] / (B * args.seq_len * r["fill"]), 3)
     n_steps = (R + B - 1) // B
-    t = time.perf_counter()
-    answer(model, items, conds, first, n, queries, args.seq_len, B, dev, backend="flex", autocast=True)
-    torch.cuda.synchronize()
-    r["answer_first_s"] = round(time.perf_counter() - t, 2)
-    t = time.perf_counter()
-    answer(model, items, conds, first, n, queries, args.seq_len, B, dev, backend="flex", autocast=True)
-    torch.cuda.synchronize()
-    r["answer_s"] = round(time.perf_counter() - t, 2)
+
+    def run_answer():
+        answer(model, items, conds, first, n, queries, args.seq_len, B, dev, backend="flex", autocast=True)
+
+    r["answer_first_s"] = call_s(run_answer)
+    r["answer_s"] = call_s(run_answer)
     r["answer_per_step_s"] = round(r["answer_s"] / n_steps, 4)
     r["answer_snapshots_per_s"] = round(args.docs / r["answer_s"], 1)
     flops = 2 * tokens / R * B * model.num_params()                                  # matmul FLOPs of one step

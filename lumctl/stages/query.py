@@ -88,7 +88,7 @@ import numpy as np
 import torch
 
 from lumctl import dist, zarrio
-from lumctl.attention import query_backend
+from lumctl.attention import query_backend, query_block_mask, query_dense_mask
 from lumctl.errors import InputError
 from lumctl.ops.packing import grouped_query_mask, pack_queries, top_values
 from lumctl.progress import progress, say
@@ -334,6 +334,11 @@ def plan(src: Source, users: np.ndarray, qs: QuerySpec, cuts: CutFn) -> Plan:
     return Plan(users, np.r_[0, np.cumsum(count)].astype(np.int64), longest, int(count.max(initial=0)))
 
 # ------------------------------------------------------------------------------------ model passes
+def step_tensors(rows: dict[str, np.ndarray], idx: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    """The model inputs (BATCH_KEYS) of packed rows `idx` of `pack_queries`' rows, on `device`: each (B, S[, F])."""
+    return {key: torch.from_numpy(np.ascontiguousarray(rows[key][idx])).to(dt).to(device) for key, dt in BATCH_KEYS.items()}
+
+
 @torch.no_grad()
 def answer(model, items: np.ndarray, conds: np.ndarray, first: np.ndarray, count: np.ndarray, queries: np.ndarray,
            seq_len: int, batch_rows: int, device: torch.device, grouped: bool = True, backend: str | None = None,
@@ -366,9 +371,8 @@ def answer(model, items: np.ndarray, conds: np.ndarray, first: np.ndarray, count
         idx = np.arange(r0, min(R, r0 + batch_rows))
         if backend == "flex" and len(idx) < batch_rows:  # one shape for the compiled kernels: pad with copies
             idx = np.concatenate([idx, np.full(batch_rows - len(idx), idx[-1])])
-        b = {key: torch.from_numpy(np.ascontiguousarray(rows[key][idx])).to(dt).to(device) for key, dt in BATCH_KEYS.items()}
+        b = step_tensors(rows, idx, device)
         if backend == "flex" or device.type == "cuda":   # the mask made on the device from the segments
-            from lumctl.attention import query_block_mask, query_dense_mask
             make = query_block_mask if backend == "flex" else query_dense_mask
             mask = make(torch.from_numpy(rows["segment"][idx]).to(device), torch.from_numpy(rows["is_query"][idx]).to(device))
         else:                                            # CPU: the Numba mask

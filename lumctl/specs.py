@@ -288,6 +288,9 @@ class ModelSpec(Strict):
     attention: Literal["auto", "flex", "sdpa"] = Field("auto", description=(
         "auto = flex on CUDA, sdpa elsewhere; hstu's SiLU attention always runs dense (flex: mask from segments)"))
     item_features: bool = Field(True, description="lum: use item side features (genres, category, popularity); baselines ignore it")
+    item_proj: bool = Field(True, description=(
+        "lum: project the item token's features to d_model; false = the item id embedding is the token and the "
+        "retrieval key as it is (as SASRec's shared table; needs item_features = false and d_feat = 0)"))
 
     @model_validator(mode="after")
     def _check(self):
@@ -298,6 +301,11 @@ class ModelSpec(Strict):
             raise ValueError(f"embed_dropout is a lum option; {self.kind} drops its embeddings with `dropout`")
         if self.kind != "lum" and self.d_feat:
             raise ValueError(f"d_feat is a lum option; {self.kind} has no token feature encoder")
+        if self.kind != "lum" and not self.item_proj:
+            raise ValueError(f"item_proj is a lum option; {self.kind} has no item projection")
+        if not self.item_proj and (self.item_features or self.d_feat):
+            raise ValueError("item_proj = false needs item_features = false and d_feat = 0 "
+                             "(the id embedding alone is the item token)")
         if self.kind == "hstu" and self.d_ff is not None:
             raise ValueError("d_ff does not apply to hstu (it has no feed-forward layer)")
         d, h = self.d_model, self.n_heads

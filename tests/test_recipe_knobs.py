@@ -102,6 +102,30 @@ def test_embed_dropout_is_a_lum_option():
         ModelSpec(kind="sasrec", preset="sasrec-ml1m", embed_dropout=0.3)
 
 
+def test_lum_item_proj_false_uses_the_id_embedding_as_token_and_key():
+    c = LUMConfig(n_items=10, d_model=16, n_layers=1, n_heads=2, d_ff=32, item_proj=False)
+    m = LUM(c)
+    ids = torch.tensor([2, 3, 9])
+    assert torch.equal(m.item_table(ids), m.items.id.weight[ids])            # the key is the id embedding
+    b = {"type": torch.full((1, 3), 2), "item": ids[None], "cond": torch.zeros(1, 3, 0, dtype=torch.long)}
+    assert torch.equal(m.embed(b)[0], m.items.id.weight[ids])                # and so is the input token
+    assert not any(k.startswith("items.proj") for k in m.state_dict())
+    assert "items.proj.weight" in LUM(LUMConfig(n_items=10, d_model=16, n_layers=1, n_heads=2, d_ff=32)).state_dict()
+    with pytest.raises(ValueError, match="item_proj = False needs"):          # side features need the projection
+        LUM(LUMConfig(n_items=10, n_popularity=4, d_model=16, n_layers=1, n_heads=2, d_ff=32, item_proj=False))
+
+
+def test_item_proj_is_a_lum_option_without_side_features():
+    from lumctl.specs import ModelSpec
+    assert not ModelSpec(kind="lum", item_features=False, item_proj=False).item_proj
+    with pytest.raises(ValueError, match="item_proj = false needs item_features = false"):
+        ModelSpec(kind="lum", item_proj=False)
+    with pytest.raises(ValueError, match="item_proj = false needs"):
+        ModelSpec(kind="lum", item_features=False, d_feat=32, item_proj=False)
+    with pytest.raises(ValueError, match="item_proj is a lum option"):
+        ModelSpec(kind="sasrec", preset="sasrec-ml1m", item_proj=False)
+
+
 def test_early_stop_counts_evaluations_since_the_best():
     assert not pt.early_stop(step=30, best_step=10, eval_every=10, patience=0)   # off
     assert not pt.early_stop(step=20, best_step=10, eval_every=10, patience=2)   # 1 evaluation without gain

@@ -43,6 +43,7 @@ class LUMConfig:
     d_feat: int = 0                  # width of each feature embedding (0 = d_model)
     dropout: float = 0.0             # residual and attention dropout
     embed_dropout: float = 0.0       # dropout on the token embeddings (input of the first block)
+    item_proj: bool = True           # False: e^i is the id embedding itself (no side features, d_feat = d_model)
     rope_base: float = 10000.0
     attention: str = "sdpa"          # "sdpa" (dense mask) | "flex" (block mask)
 
@@ -107,7 +108,8 @@ class Block(nn.Module):
 
 
 class ItemEncoder(nn.Module):
-    """e^i = proj(concat(id emb, genre bag, category emb, popularity emb))."""
+    """e^i = proj(concat(id emb, genre bag, category emb, popularity emb)); with `item_proj = False`
+    (an item with no side features) e^i = id emb, the token and the retrieval key alike."""
 
     def __init__(self, c: LUMConfig):
         super().__init__()
@@ -117,7 +119,10 @@ class ItemEncoder(nn.Module):
         self.category = nn.Embedding(c.n_categories, d // 2, padding_idx=0) if c.n_categories else None
         self.popularity = nn.Embedding(c.n_popularity, d // 4, padding_idx=0) if c.n_popularity else None
         width = d + (d // 2 if self.genre else 0) + (d // 2 if self.category else 0) + (d // 4 if self.popularity else 0)
-        self.proj = nn.Linear(width, c.d_model, bias=False)
+        if not c.item_proj and width != c.d_model:
+            raise ValueError("item_proj = False needs an item of its id embedding only, d_model wide "
+                             f"(got {width} feature dims for d_model {c.d_model}: side features or d_feat)")
+        self.proj = nn.Linear(width, c.d_model, bias=False) if c.item_proj else nn.Identity()
         # item side-feature tables, indexed by item id (filled by set_features)
         self.register_buffer("genres", torch.zeros(c.n_items, c.n_genres), persistent=True)
         self.register_buffer("categories", torch.zeros(c.n_items, dtype=torch.long), persistent=True)

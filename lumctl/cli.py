@@ -221,8 +221,9 @@ def eval_(spec: Path = typer.Argument(..., help="report spec (TOML with a [repor
           allow_missing: bool = typer.Option(False, "--allow-missing", help="show rows whose stores are missing or "
                                              "stale as 'not run' instead of failing"),
           keep_previous: bool = typer.Option(False, "--keep-previous", help="with --out (and --allow-missing): a "
-                                             "table none of whose rows ran here keeps its rendering from the previous "
-                                             "OUT/results/results.json, marked with that page's date and commit"),
+                                             "table with rows that did not run here keeps its rendering from the previous "
+                                             "OUT/results/results.json when that one had more rows run, marked with "
+                                             "that page's date and commit"),
           train: bool = typer.Option(False, "--train", help="first train the runs whose stores are missing or "
                                      "stale (upstream stores shared where specs agree; logs in "
                                      "<store_root>/<report>/logs/)"),

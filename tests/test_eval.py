@@ -161,6 +161,29 @@ def test_keep_previous_keeps_tables_whose_runs_are_elsewhere(tmp_path):
     assert r.exit_code == 0 and "| LUM | not run: `tiny`: no finished pretrain store" in (out / "results.md").read_text()
 
 
+def test_keep_previous_keeps_a_table_that_ran_more_rows_before(tmp_path):
+    """A table two of whose rows ran on another machine and one of them again here keeps the fuller
+    previous rendering; once every row ran here the new rendering replaces it."""
+    spec = tiny_experiment(tmp_path)
+    rows = [{"label": "a", "spec": spec}, {"label": "b", "spec": spec, "name": "b", "set": {"pretrain": {"seed": 1}}}]
+    rep = report_in(tmp_path, [{"name": "r", "title": "R", "kind": "retrieval", "rows": rows}])
+    runs = ev.unique_runs(ev.plan(load_report(rep), rep))
+    for run in runs:
+        run_all(run.spec)
+    out = tmp_path / "docs"
+    assert invoke("eval", rep, "--out", out).exit_code == 0
+    before = json.loads((out / "results" / "results.json").read_text())
+    shutil.move(tmp_path / "stores" / "tiny-b", tmp_path / "elsewhere")         # row b is on another machine
+    r = invoke("eval", rep, "--allow-missing", "--out", out, "--keep-previous", "--force")
+    assert r.exit_code == 0 and "1 tables kept from the previous page" in r.stderr, r.output
+    kept = json.loads((out / "results" / "results.json").read_text())["tables"][0]
+    assert kept["rows"] == before["tables"][0]["rows"] and kept["kept_from"]["commit"] == before["commit"]
+    shutil.move(tmp_path / "elsewhere", tmp_path / "stores" / "tiny-b")
+    r = invoke("eval", rep, "--allow-missing", "--out", out, "--keep-previous", "--force")
+    assert r.exit_code == 0 and "kept from the previous page" not in r.stderr, r.output
+    assert "kept_from" not in json.loads((out / "results" / "results.json").read_text())["tables"][0]
+
+
 # ------------------------------------------------------------------------------ end to end
 def test_size_report_end_to_end(tmp_path):
     """A tiny size sweep (width 8 and 32, two seeds each) on the synthetic spec, trained in-process;

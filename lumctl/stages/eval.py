@@ -689,9 +689,10 @@ def run(rep: ReportFile, force: bool = False, out: str | Path | None = None, all
 
 def export(dest: Path, out: Path, keep_previous: bool = False) -> None:
     """Write <out>/results.md (images under <out>/results/) and <out>/results/results.json.
-    keep_previous: a table none of whose rows ran here keeps its rendering from the previous
-    <out>/results/results.json (rows, runs and plot), marked with that report's date and commit: a
-    page assembled from runs made on several machines."""
+    keep_previous: a table with rows that did not run here keeps its rendering from the previous
+    <out>/results/results.json (rows, runs and plot), marked with that report's date and commit, when
+    that rendering had more of its rows run: a page assembled from runs made on several machines, where
+    some of a table's runs are shared with a table rerun here."""
     res = json.loads((dest / "results.json").read_text())
     img = out / "results"
     plots = {t["name"]: dest / f"{t['name']}.png" for t in res["tables"]}
@@ -699,9 +700,10 @@ def export(dest: Path, out: Path, keep_previous: bool = False) -> None:
     prev_f = img / "results.json"
     if keep_previous and prev_f.is_file():
         prev = json.loads(prev_f.read_text())
-        before = {t["name"]: t for t in prev["tables"] if any(r["status"] != "not run" for r in t["rows"])}
+        ran = lambda t: sum(r["status"] != "not run" for r in t["rows"])  # noqa: E731
+        before = {t["name"]: t for t in prev["tables"] if ran(t)}
         for i, t in enumerate(res["tables"]):
-            if all(r["status"] == "not run" for r in t["rows"]) and t["name"] in before \
+            if t["name"] in before and ran(t) < min(len(t["rows"]), ran(before[t["name"]])) \
                     and (img / f"{t['name']}.png").is_file():
                 kept = before[t["name"]]
                 kept["kept_from"] = kept.get("kept_from") or {"generated": prev["generated"], "commit": prev["commit"]}

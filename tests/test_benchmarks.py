@@ -40,3 +40,15 @@ def test_bench_serving_cpu(tmp_path):
     assert paths == [("lum_step3", "tiny"), ("hstu_e2e", "tiny"), ("hstu_e2e", "tiny")]
     assert lines[-1]["summary"] and "hstu_over_budget" in lines[-1]
     assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in lines[:-1])
+
+
+@pytest.mark.slow
+def test_bench_latest_write_cpu(tmp_path):
+    out = tmp_path / "latest.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_latest_write.py"), "--users", "3000",
+                        "--batch", "1000", "--d", "16", "--out", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.splitlines()[0])
+    assert res["same_table"] and res["former"]["after_last_batch_s"] > 0 and res["now"]["after_last_batch_s"] == 0
+    assert json.loads(out.read_text())[-1]["users"] == 3000

@@ -60,14 +60,16 @@ batches are in flight: a thread reads the next one while the device answers this
 thread writes the last one. Memory is bounded by three batches (plus a few int64 per user), not
 by the number of users or events; the manifest's counts say how long the device waited on reads
 and writes (read_wait_s, write_wait_s).
-Each batch writes its latest rows to a part file and then a marker; once every batch is written,
-the parts are joined into latest.parquet (row group by row group), the manifest is written last
-and the folder renamed into place. The folder, `.query.partial-<key>` beside the store, is named by
-the work (spec, inputs, code): a run that was killed or interrupted leaves its finished batches
-there, and the next run of the same work answers only the batches without a marker (a run of other
-work removes it). Under torchrun each rank takes a contiguous run of the batches, so ranks write
-disjoint whole chunks of one store; rank 0 creates the arrays first and joins the parts. One
-process is the same code with one rank.
+Each batch writes its rows and then a marker. In one process the writer thread also appends the
+batch's latest rows to latest.parquet as it goes (batches are written in order), so the file is
+complete when the last batch is; the manifest is written last and the folder renamed into place.
+The folder, `.query.partial-<key>` beside the store, is named by the work (spec, inputs, code): a run
+that was killed or interrupted leaves its finished batches there, and the next run of the same work
+answers only the batches without a marker (a run of other work removes it); the latest rows of the
+finished batches are read back from the stored answers. Under torchrun each rank takes a contiguous
+run of the batches, so ranks write disjoint whole chunks of one store; rank 0 creates the arrays
+first and, once every rank is done, writes latest.parquet from the stored answers. One process is
+the same code with one rank.
 """
 
 from __future__ import annotations
@@ -487,9 +489,10 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
     step = qs.batch_snapshots // chunk * chunk                            # rows per batch: whole chunks
     batches = [(r0, min(S, r0 + step)) for r0 in range(0, S, step)]
     path = Path(path)
-    done_dir, parts = path.parent / ".batches-done", path.parent / ".latest-parts"  # removed once complete
+    done_dir = path.parent / ".batches-done"                              # removed once complete
+    latest_tmp = path.parent / ".latest.parquet.tmp"                      # latest.parquet while it is written
     if dist.is_main() and not (done_dir / "created").is_file():   # a fresh start (or one cut before this point)
-        for f in (path, done_dir, parts):
+        for f in (path, done_dir):
             shutil.rmtree(f, ignore_errors=True)
         g = zarrio.create(path)
         for name, shape, dt in (("snap/emb", (S, N, d), dtype), ("snap/ts", (S,), np.int64), ("snap/pos", (S,), np.int64),
@@ -506,7 +509,6 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
         g.attrs.update({"queries": queries.asked, "condition_fields": cond_names, "snapshot": qs.snapshot,
                         "every_n_events": qs.every_n_events, "snapshot_names": names, "max_items": max_items,
                         "seq_len": seq_len, **(attrs or {})})
-        parts.mkdir()
         done_dir.mkdir()
         (done_dir / "created").write_text("")
     dist.barrier()
@@ -544,18 +546,35 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
                 "snap_ts": ts[off + cut - 1], "has": has, "latest_row": last[has] - r0,
                 "user_id": np.asarray(g["user_id"][ua:ub])[keep][has]}   # (this store's copy: small chunks)
 
+    last_row = so[1:][np.diff(so) > 0] - 1                               # latest snapshot row of each user with one
+    last_user = np.flatnonzero(np.diff(so) > 0)                           # (its index in `users`)
+
+    def stored_latest(r0: int, r1: int):
+        """latest.parquet rows of the users whose latest snapshot is in rows [r0, r1), read back from the store."""
+        a, b = np.searchsorted(last_row, [r0, r1])
+        rows, u = last_row[a:b] - r0, last_user[a:b]
+        slot = np.asarray(arr["slot"][r0:r1])[rows]
+        return latest_table(schema, np.asarray(g["user_id"][int(u[0]):int(u[-1]) + 1])[u - u[0]] if len(u) else u,
+                            users[u], [names[s_] for s_ in slot], np.asarray(arr["ts"][r0:r1])[rows],
+                            np.asarray(arr["pos"][r0:r1])[rows], np.asarray(arr["emb"][r0:r1])[rows],
+                            np.asarray(arr["query_cond"][r0:r1])[rows], cond_names, vocabs)
+
+    # one process writes latest.parquet as its batches finish (in order); under torchrun rank 0 writes it at the end
+    stream = world == 1 and done == set(range(len(done)))
+    latest = pq.ParquetWriter(latest_tmp, schema, **latest_options(schema)) if stream else None
+    for k in sorted(done) if stream else ():
+        latest.write_table(stored_latest(*batches[k]))
+
     def write(k: int, b: dict, emb: np.ndarray) -> None:
-        """Batch k: rows [r0, r1) of every snap/ array, the latest rows of its users (a part file),
-        then its marker (holding its token count): a batch with a marker is never answered again."""
+        """Batch k: rows [r0, r1) of every snap/ array, its users' latest rows appended to latest.parquet (one
+        process), then its marker (holding its token count): a batch with a marker is never answered again."""
         r0, r1, i = b["r0"], b["r1"], b["latest_row"]
         qcond = np.broadcast_to(b["qcond"], (r1 - r0, N, F))
         for key, v in (("emb", emb), ("ts", b["snap_ts"]), ("pos", b["cut"]), ("slot", b["slot"]), ("query_cond", qcond)):
             arr[key][r0:r1] = v
-        t = latest_table(schema, b["user_id"], b["u"][b["has"]], [names[s_] for s_ in b["slot"][i]],
-                         b["snap_ts"][i], b["cut"][i], emb[i], qcond[i], cond_names, vocabs)
-        tmp = parts / f".b{k:06d}.tmp"
-        pq.write_table(t, tmp, **latest_options(schema))
-        os.replace(tmp, parts / f"b{k:06d}.parquet")
+        if latest is not None:
+            latest.write_table(latest_table(schema, b["user_id"], b["u"][b["has"]], [names[s_] for s_ in b["slot"][i]],
+                                            b["snap_ts"][i], b["cut"][i], emb[i], qcond[i], cond_names, vocabs))
         (done_dir / f"b{k:06d}").write_text(str(int(2 * b["n_in"].sum() + N * len(b["cut"]))))
 
     # three stages in flight: the next batch is read, this one answered on the device, the last one written
@@ -588,16 +607,17 @@ def write_answers(path: Path, src: Source, model, qs: QuerySpec, cond_names: lis
             t = time.time()
             written.result()
             secs["write"] += time.time() - t
+    if latest is not None:
+        latest.close()
     dist.barrier()
     tokens = 0
-    if dist.is_main():  # every batch's latest rows, in batch (= user) order, and its token count
-        with pq.ParquetWriter(path.parent / "latest.parquet", schema, **latest_options(schema)) as w:
-            for k in range(len(batches)):
-                pf = pq.ParquetFile(parts / f"b{k:06d}.parquet")
-                for rg in range(pf.num_row_groups):
-                    w.write_table(pf.read_row_group(rg))
-                tokens += int((done_dir / f"b{k:06d}").read_text())
-        shutil.rmtree(parts)
+    if dist.is_main():  # latest.parquet in batch (= user) order; the token count of every batch
+        if latest is None:
+            with pq.ParquetWriter(latest_tmp, schema, **latest_options(schema)) as w:
+                for r0, r1 in batches:
+                    w.write_table(stored_latest(r0, r1))
+        os.replace(latest_tmp, path.parent / "latest.parquet")
+        tokens = sum(int((done_dir / f"b{k:06d}").read_text()) for k in range(len(batches)))
         shutil.rmtree(done_dir)
     return {"users": U, "snapshots": S, "max_snapshots": p.T, "queries": N, "d": d,
             "users_with_snapshots": int((np.diff(so) > 0).sum()), "tokens": tokens, "seq_len": seq_len,

@@ -700,7 +700,9 @@ def export(dest: Path, out: Path, keep_previous: bool = False) -> None:
     prev_f = img / "results.json"
     if keep_previous and prev_f.is_file():
         prev = json.loads(prev_f.read_text())
-        ran = lambda t: sum(r["status"] != "not run" for r in t["rows"])  # noqa: E731
+
+        def ran(t: dict) -> int:
+            return sum(r["status"] != "not run" for r in t["rows"])
         before = {t["name"]: t for t in prev["tables"] if ran(t)}
         for i, t in enumerate(res["tables"]):
             if t["name"] in before and ran(t) < min(len(t["rows"]), ran(before[t["name"]])) \

@@ -1,7 +1,9 @@
 """Report specs (`lumctl eval`): which finished stores make which tables.
 
 A report spec is a TOML file with a [report] section; each row of a table names an experiment spec
-(plus recipes and overrides) whose runs it reads. See lumctl/stages/eval.py for how rows resolve.
+(plus recipes and overrides) whose runs it reads. A table may instead copy another report's table,
+`{ from = "other.toml#table-name", title = "..." }`: that table, with the keys given here on top, so a
+table shown by two reports is written once. See lumctl/stages/eval.py for how rows resolve.
 """
 
 from __future__ import annotations
@@ -187,16 +189,53 @@ def parse_report(data: dict, path: str = "<report>") -> ReportFile:
     return validate(ReportFile, data, path)
 
 
+def resolve_table_refs(data: dict, path: str | Path) -> dict:
+    """Replace each table `{ from = "REPORT.toml#NAME", key = value ... }` of a raw report by table NAME of
+    REPORT.toml (a path relative to this report's folder, `extends` merged) with the given keys on top;
+    keys replace whole values (a `rows` given here replaces the other table's rows). One level: the table
+    copied must not itself be a copy."""
+    tables = data.get("report", {}).get("tables")
+    if not isinstance(tables, list):
+        return data
+    others: dict[Path, list] = {}
+    out = []
+    for i, t in enumerate(tables):
+        if not isinstance(t, dict) or "from" not in t:
+            out.append(t)
+            continue
+        where = f"[report].tables.{i}.from"
+        file, sep, name = str(t["from"]).partition("#")
+        if not (sep and file and name):
+            raise InputError(str(path), f"{where}: expected 'REPORT.toml#TABLE' (got {t['from']!r})")
+        src = Path(path).parent / file
+        if src not in others:
+            if not src.is_file():
+                raise InputError(str(path), f"{where}: no report file {src}")
+            other = load_toml(src)
+            if not is_report(other):
+                raise InputError(str(path), f"{where}: {src} is not a report spec (no [report] section)")
+            others[src] = other["report"].get("tables", [])
+        found = [x for x in others[src] if isinstance(x, dict) and x.get("name") == name]
+        if not found:
+            names = ", ".join(str(x.get("name")) for x in others[src] if isinstance(x, dict))
+            raise InputError(str(path), f"{where}: {src} has no table '{name}' (its tables: {names})")
+        if "from" in found[0]:
+            raise InputError(str(path), f"{where}: table '{name}' of {src} is itself a copy; name the original")
+        out.append({**found[0], **{k: v for k, v in t.items() if k != "from"}})
+    data["report"]["tables"] = out
+    return data
+
+
 def load_report(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> ReportFile:
     """Read (extends merged, `--set` overrides applied) and validate a report spec; any problem becomes
     one InputError line."""
     data = load_toml(path, sets)
     if not is_report(data):
         raise InputError(str(path), "[report]: section missing; this is an experiment spec, not a report spec")
-    return parse_report(data, str(path))
+    return parse_report(resolve_table_refs(data, path), str(path))
 
 
 def load_any(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Spec | ReportFile:
     """An experiment spec or a report spec, whichever the file is."""
     data = load_toml(path, sets)
-    return parse_report(data, str(path)) if is_report(data) else parse_spec(data, str(path))
+    return parse_report(resolve_table_refs(data, path), str(path)) if is_report(data) else parse_spec(data, str(path))

@@ -70,6 +70,35 @@ def test_a_report_spec_is_not_an_experiment_spec(tmp_path):
     assert r.exit_code == 0 and r.stdout.strip() == f"{rep}: ok (report 'rep')"
 
 
+def test_a_table_copied_from_another_report(tmp_path):
+    rows = [{"label": "A", "spec": "x.toml", "seeds": [0, 1]}, {"label": "B", "spec": "y.toml", "vs": ["A"]}]
+    other = tmp_path / "gpu.toml"
+    other.write_text(dump_toml({"experiment": "gpu", "report": {"tables": [
+        {"name": "t", "title": "T", "kind": "retrieval", "note": "n", "metrics": ["hr@10", "mrr"], "rows": rows}]}}))
+    rep = report_in(tmp_path, [{"name": "own", "title": "O", "kind": "retrieval", "rows": rows[:1]},
+                               {"from": "gpu.toml#t", "name": "t-gpu", "title": "T on a GPU"}])
+    own, copy = load_report(rep).report.tables
+    assert own.name == "own"
+    assert (copy.name, copy.title, copy.note, copy.metrics) == ("t-gpu", "T on a GPU", "n", ["hr@10", "mrr"])
+    assert [(r.label, r.spec, r.seeds, r.vs) for r in copy.rows] == [("A", "x.toml", [0, 1], []), ("B", "y.toml", [], ["A"])]
+    r = invoke("spec", "resolve", rep)                         # the resolved report writes the copy out
+    assert r.exit_code == 0 and 'name = "t-gpu"' in r.stdout and "from =" not in r.stdout
+
+    def err(ref: str) -> str:
+        with pytest.raises(InputError) as e:
+            load_report(report_in(tmp_path, [{"from": ref}]))
+        return str(e.value)
+
+    assert err("gpu.toml") == f"{rep}: [report].tables.0.from: expected 'REPORT.toml#TABLE' (got 'gpu.toml')"
+    assert err("cpu.toml#t") == f"{rep}: [report].tables.0.from: no report file {tmp_path / 'cpu.toml'}"
+    assert err("gpu.toml#u") == f"{rep}: [report].tables.0.from: {other} has no table 'u' (its tables: t)"
+    (tmp_path / "x.toml").write_text('experiment = "x"\n')
+    assert "x.toml is not a report spec" in err("x.toml#t")
+    chain = tmp_path / "chain.toml"
+    chain.write_text(dump_toml({"experiment": "c", "report": {"tables": [{"from": "gpu.toml#t", "name": "t"}]}}))
+    assert "table 't' of " in err("chain.toml#t") and "is itself a copy" in err("chain.toml#t")
+
+
 def test_rows_resolve_to_runs(tmp_path):
     spec = tiny_experiment(tmp_path, '\n[query]\neach = ["scenario"]\ntop_k = { category = 2 }\n\n[fuse]\nbackbone = "din"\n')
     rep = load_report(report_in(tmp_path, [

@@ -301,14 +301,11 @@ def spec_resolve(spec: Path = typer.Argument(..., help="experiment or report spe
                  sets: list[str] = SetOpt):
     """Print the spec as TOML with its `extends` recipes and --set overrides merged in (validated)."""
     def go():
-        from lumctl.report_specs import load_any, resolve_table_refs
-        from lumctl.spec_io import dump_toml, is_report, load_toml
+        from lumctl.report_specs import load_any, load_resolved
+        from lumctl.spec_io import dump_toml
         load_any(spec, sets)  # validate first: a resolved spec that would not run is an error
-        data = load_toml(spec, sets)
-        if is_report(data):
-            data = resolve_table_refs(data, spec)  # tables copied from another report, written out
         typer.echo(f"# {spec} resolved" + "".join(f" --set {s}" for s in sets), nl=True)
-        typer.echo(dump_toml(data), nl=False)
+        typer.echo(dump_toml(load_resolved(spec, sets)), nl=False)
     _guard(go, spec)
 
 

@@ -194,8 +194,9 @@ def resolve_table_refs(data: dict, path: str | Path) -> dict:
     REPORT.toml (a path relative to this report's folder, `extends` merged) with the given keys on top;
     keys replace whole values (a `rows` given here replaces the other table's rows). One level: the table
     copied must not itself be a copy."""
-    tables = data.get("report", {}).get("tables")
-    if not isinstance(tables, list):
+    report = data.get("report")
+    tables = report.get("tables") if isinstance(report, dict) else None
+    if not isinstance(tables, list):                     # an experiment spec, or a report pydantic will refuse
         return data
     others: dict[Path, list] = {}
     out = []
@@ -226,16 +227,22 @@ def resolve_table_refs(data: dict, path: str | Path) -> dict:
     return data
 
 
+def load_resolved(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> dict:
+    """A spec file as a plain dict: `extends` merged, `--set` overrides applied and, in a report, the
+    tables copied from another report written out (not yet validated)."""
+    return resolve_table_refs(load_toml(path, sets), path)
+
+
 def load_report(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> ReportFile:
     """Read (extends merged, `--set` overrides applied) and validate a report spec; any problem becomes
     one InputError line."""
-    data = load_toml(path, sets)
+    data = load_resolved(path, sets)
     if not is_report(data):
         raise InputError(str(path), "[report]: section missing; this is an experiment spec, not a report spec")
-    return parse_report(resolve_table_refs(data, path), str(path))
+    return parse_report(data, str(path))
 
 
 def load_any(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Spec | ReportFile:
     """An experiment spec or a report spec, whichever the file is."""
-    data = load_toml(path, sets)
-    return parse_report(resolve_table_refs(data, path), str(path)) if is_report(data) else parse_spec(data, str(path))
+    data = load_resolved(path, sets)
+    return parse_report(data, str(path)) if is_report(data) else parse_spec(data, str(path))

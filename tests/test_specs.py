@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from helpers import REPO, invoke, write_toml
 from lumctl.errors import InputError
-from lumctl.report_specs import load_any, resolve_table_refs
+from lumctl.report_specs import load_any, load_resolved
 from lumctl.spec_io import dump_toml, parse_set, read_toml
 from lumctl.specs import PackSpec, Spec, SynthSpec, TokenizeSpec, expand_vars, load_spec, parse_spec
 
@@ -93,7 +93,7 @@ def test_spec_resolve_round_trips(path, tmp_path, monkeypatch):
     out.write_text(r.stdout)
     assert "extends" not in read_toml(out)
     assert "\nfrom =" not in r.stdout
-    assert read_toml(out) == resolve_table_refs(read_toml(path), path)
+    assert read_toml(out) == load_resolved(path)
     assert load_any(out) == load_any(path)
 
 

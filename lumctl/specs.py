@@ -281,7 +281,8 @@ class ModelSpec(Strict):
     d_ff: int | None = Field(None, gt=0, description="override the preset's SwiGLU (lum) / FFN (sasrec) width; hstu has none")
     d_feat: int = Field(0, ge=0, description="lum: width of each token feature embedding (0 = d_model)")
     dropout: float = Field(0.0, ge=0, lt=1, description=(
-        "lum: residual/attention dropout; sasrec: embedding, attention and FFN dropout; hstu: embedding and linear dropout"))
+        "lum: residual/attention dropout; sasrec: embedding, attention and FFN dropout; hstu: embedding and linear dropout. "
+        "Attention weights are dropped on the sdpa kernel only: flex (the 'auto' choice on CUDA) has no attention dropout"))
     embed_dropout: float = Field(0.0, ge=0, lt=1, description=(
         "lum: dropout on the token embeddings, the input of the first block (sasrec and hstu drop theirs with "
         "`dropout`); 0 = none"))

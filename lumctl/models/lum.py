@@ -41,7 +41,7 @@ class LUMConfig:
     n_heads: int = 2
     d_ff: int = 192
     d_feat: int = 0                  # width of each feature embedding (0 = d_model)
-    dropout: float = 0.0             # residual and attention dropout
+    dropout: float = 0.0             # residual and attention dropout (attention: sdpa only; flex has none)
     embed_dropout: float = 0.0       # dropout on the token embeddings (input of the first block)
     item_proj: bool = True           # False: e^i is the id embedding itself (no side features, d_feat = d_model)
     rope_base: float = 10000.0

@@ -361,6 +361,9 @@ def run(spec: Spec, force: bool = False, resume: bool = False, until_step: int |
     wrapped = dist.wrap(model, p.parallel, device)  # world 1: model itself; else DDP or FSDP2 (shards in place)
     if cfg["attention"] == "flex" and device.type == "cpu" and p.model.kind == "lum":
         raise InputError("[pretrain.model].attention", "flex attention has no backward pass on CPU; use 'sdpa' or 'auto'")
+    if cfg["attention"] == "flex" and p.model.dropout > 0 and p.model.kind in ("lum", "sasrec"):
+        say(f"pretrain: flex attention has no dropout: dropout {p.model.dropout} is not applied to attention weights "
+            "([pretrain.model] attention = 'sdpa' applies it there too)")
     log_tau = torch.nn.Parameter(torch.tensor(math.log(p.loss.temperature), device=device),
                                  requires_grad=p.loss.learn_temperature)
     # weight decay on matrices, never on embedding tables, norms or biases

@@ -34,7 +34,7 @@ tar czf $OUT/logs.tgz stores/*/logs
 # one line per finished run: steps (early stopping), best step, valid and test HR@10 / NDCG@10, seconds
 python3 - <<'PY'
 import glob, json, os
-for m in sorted(glob.glob("stores/beauty-*/pretrain/manifest.json")):
+for m in sorted(glob.glob("stores/*/pretrain/manifest.json")):
     d = json.load(open(m)); c = d.get("counts", {}); v, t = c.get("valid", {}), c.get("test", {})
     run = m.split("/")[1]
     if not t:

@@ -292,6 +292,14 @@ class ModelSpec(Strict):
     item_proj: bool = Field(True, description=(
         "lum: project the item token's features to d_model; false = the item id embedding is the token and the "
         "retrieval key as it is (as SASRec's shared table; needs item_features = false and d_feat = 0)"))
+    lowpass_bins: int = Field(0, ge=0, description=(
+        "lum: > 0 adds BSARec's frequency branch beside attention in every block, read causally: each token's "
+        "low-pass filter over its last `lowpass_window` tokens (the first `lowpass_bins` Fourier bins) plus its "
+        "high-frequency rest scaled by a learned beta^2 per channel; 0 = attention only. Costs a (B, S, S) "
+        "matrix a step, as the sdpa mask"))
+    lowpass_window: int = Field(50, ge=2, description="lum: tokens the low-pass filter spans (BSARec: the max length)")
+    lowpass_alpha: float = Field(0.7, gt=0, le=1, description=(
+        "lum: weight of the low-pass branch; attention gets 1 - alpha (BSARec's alpha)"))
 
     @model_validator(mode="after")
     def _check(self):
@@ -307,6 +315,11 @@ class ModelSpec(Strict):
         if not self.item_proj and (self.item_features or self.d_feat):
             raise ValueError("item_proj = false needs item_features = false and d_feat = 0 "
                              "(the id embedding alone is the item token)")
+        if self.kind != "lum" and self.lowpass_bins:
+            raise ValueError(f"lowpass_bins is a lum option; {self.kind} has no low-pass branch")
+        if self.lowpass_bins > self.lowpass_window // 2:
+            raise ValueError(f"lowpass_bins must be <= lowpass_window // 2 = {self.lowpass_window // 2} "
+                             f"(got {self.lowpass_bins})")
         if self.kind == "hstu" and self.d_ff is not None:
             raise ValueError("d_ff does not apply to hstu (it has no feed-forward layer)")
         d, h = self.d_model, self.n_heads

@@ -27,10 +27,10 @@ CPU = torch.device("cpu")
 COND_VOCAB = [5, 4]  # field a: <pad> <any> a0 a1 a2; field b: <pad> <any> b0 b1
 
 
-def model(seed: int = 0, d: int = 32) -> LUM:
+def model(seed: int = 0, d: int = 32, **kw) -> LUM:
     """A LUM with larger-than-init weights, so attention is far from uniform and a wrong mask shows."""
     torch.manual_seed(seed)
-    m = LUM(LUMConfig(n_items=30, cond_vocab=COND_VOCAB, d_model=d, n_layers=2, n_heads=2, d_ff=48))
+    m = LUM(LUMConfig(n_items=30, cond_vocab=COND_VOCAB, d_model=d, n_layers=2, n_heads=2, d_ff=48, **kw))
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
@@ -152,6 +152,21 @@ def test_top_values_by_hand():
 
 
 # ------------------------------------------------------------------------------ (a) grouped == per pass
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_grouped_queries_with_a_lowpass_branch_equal_one_query_per_pass(backend):
+    """The low-pass branch reads the dense mask: a query token filters its user's prefix, never the other queries."""
+    m = model(lowpass_bins=2, lowpass_window=6)
+    d = data_dict([9, 4, 1, 13, 6], seed=1)
+    first, count = d["users/offsets"][:-1], np.diff(d["users/offsets"])
+    queries = np.array([[2, 1], [3, 2], [4, 3], [1, 1]], np.int32)
+    kw = dict(seq_len=40, batch_rows=2, device=CPU, backend=backend)
+    grouped = q.answer(m, d["events/item"], d["events/cond"], first, count, queries, grouped=True, **kw)
+    single = q.answer(m, d["events/item"], d["events/cond"], first, count, queries, grouped=False, **kw)
+    np.testing.assert_allclose(grouped, single, atol=1e-5, rtol=0)
+    plain = q.answer(model(), d["events/item"], d["events/cond"], first, count, queries, grouped=True, **kw)
+    assert np.abs(grouped - plain).max() > 1e-2  # the branch is on
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_grouped_queries_equal_one_query_per_pass(backend):
     m = model()

@@ -46,6 +46,9 @@ class LUMConfig:
     item_proj: bool = True           # False: e^i is the id embedding itself (no side features, d_feat = d_model)
     rope_base: float = 10000.0
     attention: str = "sdpa"          # "sdpa" (dense mask) | "flex" (block mask)
+    lowpass_bins: int = 0            # > 0: a low-pass filter branch beside attention (BSARec), keeping this many
+    lowpass_window: int = 50         #   Fourier bins of a window of this many tokens; 0 = attention only
+    lowpass_alpha: float = 0.7       # the filter branch's weight; attention gets 1 - alpha
 
 
 class RMSNorm(nn.Module):
@@ -84,6 +87,35 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, S, D))  # (B, S, D)
 
 
+def lowpass_kernel(window: int, bins: int) -> torch.Tensor:
+    """(window,) weights by lag: the last output of BSARec's low-pass filter (rfft over `window` positions,
+    keep the first `bins` bins, irfft) is sum_d kernel[d] x[-1 - d]. It is the filter read causally."""
+    lag = torch.arange(window, dtype=torch.float64)
+    freq = torch.arange(1, bins, dtype=torch.float64)[:, None]
+    return ((1 + 2 * torch.cos(2 * math.pi * freq * lag / window).sum(0)) / window).float()
+
+
+def lowpass_matrix(pos: torch.Tensor, allowed: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The low-pass filter as a (B, S, S) matrix: token t takes kernel[pos_t - pos_s] of each token s it may
+    attend to (allowed (B, S, S) bool) that lies 0 .. window - 1 positions before it; pos (B, S)."""
+    lag = (pos[:, :, None] - pos[:, None, :]).long()                     # (B, S, S)
+    ok = allowed & (lag >= 0) & (lag < len(kernel))
+    return torch.where(ok, kernel[lag.clamp(0, len(kernel) - 1)], 0.0)
+
+
+class LowPass(nn.Module):
+    """BSARec's frequency branch (arXiv 2312.10325), causal: low(x) + beta^2 (x - low(x)), the low-pass part
+    of each token's recent past and its own high-frequency rest rescaled per channel."""
+
+    def __init__(self, c: LUMConfig):
+        super().__init__()
+        self.sqrt_beta = nn.Parameter(torch.randn(c.d_model))
+
+    def forward(self, x, lp):  # x (B, S, D), lp (B, S, S) from lowpass_matrix -> (B, S, D)
+        low = torch.bmm(lp.to(x.dtype), x)
+        return low + self.sqrt_beta ** 2 * (x - low)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, c: LUMConfig):
         super().__init__()
@@ -101,9 +133,14 @@ class Block(nn.Module):
         self.norm1, self.attn = RMSNorm(c.d_model), Attention(c)
         self.norm2, self.mlp = RMSNorm(c.d_model), SwiGLU(c)
         self.drop = nn.Dropout(c.dropout)
+        self.lowpass, self.alpha = (LowPass(c), c.lowpass_alpha) if c.lowpass_bins else (None, 0.0)
 
-    def forward(self, x, pos, mask):
-        x = x + self.drop(self.attn(self.norm1(x), pos, mask))
+    def forward(self, x, pos, mask, lp=None):
+        h = self.norm1(x)
+        a = self.attn(h, pos, mask)
+        if self.lowpass is not None:  # BSARec's mix of the two branches
+            a = self.alpha * self.lowpass(h, lp) + (1 - self.alpha) * a
+        x = x + self.drop(a)
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -173,6 +210,8 @@ class LUM(nn.Module):
         self.embed_drop = nn.Dropout(c.embed_dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.d_model)
+        if c.lowpass_bins:
+            self.register_buffer("lowpass_kernel", lowpass_kernel(c.lowpass_window, c.lowpass_bins), persistent=False)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
             if name.endswith(("attn.proj.weight", "mlp.down.weight")):
@@ -197,9 +236,22 @@ class LUM(nn.Module):
 
     def forward(self, batch, mask) -> torch.Tensor:
         x = self.embed_drop(self.embed(batch))                # (B, S, D)
+        lp = self.lowpass_weights(batch, mask) if self.config.lowpass_bins else None
         for block in self.blocks:
-            x = block(x, batch["pos"], mask)
+            x = block(x, batch["pos"], mask, lp)
         return self.norm(x)                                   # (B, S, D)
+
+    def lowpass_weights(self, batch, mask) -> torch.Tensor:
+        """(B, S, S) low-pass weights over what each token may attend to: the dense mask (sdpa), or a
+        document-causal one from the rows' segments (flex)."""
+        if isinstance(mask, torch.Tensor):
+            allowed = mask
+        elif "segment" in batch:
+            seg = batch["segment"]
+            allowed = (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, :, None]
+        else:
+            raise ValueError("the low-pass branch needs a dense mask or the rows' segments")
+        return lowpass_matrix(batch["pos"], allowed, self.lowpass_kernel)
 
     def item_table(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         if ids is None:

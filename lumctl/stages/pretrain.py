@@ -91,7 +91,8 @@ def model_config(p: PretrainSpec, data: dict, cond_names: list[str], device: tor
         "n_popularity": int(data["items/popularity"].max()) + 1 if feats else 0,
         "d_model": m.d_model or d, "n_layers": m.n_layers or L, "n_heads": m.n_heads or H, "d_ff": m.d_ff or ff,
         "d_feat": m.d_feat, "dropout": m.dropout, "embed_dropout": m.embed_dropout, "attention": attention,
-        "item_proj": m.item_proj,
+        "item_proj": m.item_proj, "lowpass_bins": m.lowpass_bins, "lowpass_window": m.lowpass_window,
+        "lowpass_alpha": m.lowpass_alpha,
     }
 
 

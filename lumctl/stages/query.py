@@ -359,6 +359,8 @@ def answer(model, items: np.ndarray, conds: np.ndarray, first: np.ndarray, count
         q = np.ascontiguousarray(qd).reshape(D * N, 1, q.shape[-1])
     rows = pack_queries(items, conds, first, count, q, seq_len)
     backend = backend or query_backend("auto", device, seq_len)
+    if getattr(model.config, "lowpass_bins", 0):  # the low-pass branch reads the dense mask (grouped queries)
+        backend = "sdpa"
     R = len(rows["type"])
     d_model = model.norm.weight.shape[0]
     out = torch.empty(len(count), q.shape[-2], d_model, device=device)          # (D', N', d)

@@ -5,6 +5,7 @@ own token encoder: its features are embedded, concatenated and projected to d_mo
 causal transformer (RMSNorm, RoPE with positions restarting per user, SwiGLU) reads packed rows
 with a document-causal mask; the output at a condition token `c_l` is trained (InfoNCE, see
 lumctl/loss.py) to retrieve the item `i_l` through the item token encoder's embedding `e^i`.
+Optionally (`lowpass_bins`) each block mixes attention with BSARec's low-pass filter branch, read causally.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ class LUMConfig:
     item_proj: bool = True           # False: e^i is the id embedding itself (no side features, d_feat = d_model)
     rope_base: float = 10000.0
     attention: str = "sdpa"          # "sdpa" (dense mask) | "flex" (block mask)
-    lowpass_bins: int = 0            # > 0: a low-pass filter branch beside attention (BSARec), keeping this many
-    lowpass_window: int = 50         #   Fourier bins of a window of this many tokens; 0 = attention only
-    lowpass_alpha: float = 0.7       # the filter branch's weight; attention gets 1 - alpha
+    lowpass_bins: int = 0            # > 0: BSARec's low-pass branch beside attention, keeping this many Fourier bins
+    lowpass_window: int = 50         # tokens the low-pass filter spans (its causal kernel's length)
+    lowpass_alpha: float = 0.7       # the low-pass branch's weight; attention gets 1 - alpha
 
 
 class RMSNorm(nn.Module):

@@ -52,3 +52,10 @@ def test_bench_latest_write_cpu(tmp_path):
     res = json.loads(r.stdout.splitlines()[0])
     assert res["same_table"] and res["former"]["after_last_batch_s"] > 0 and res["now"]["after_last_batch_s"] == 0
     assert json.loads(out.read_text())[-1]["users"] == 3000
+
+
+@pytest.mark.slow
+def test_bench_lowpass_cpu(tmp_path):
+    _run("bench_lowpass.py", ["--rows", "1", "--seq-len", "256", "--repeat", "1"], tmp_path / "lowpass.json")
+    saved = json.loads((tmp_path / "lowpass.json").read_text())[-1]
+    assert saved["seconds_attention"] > 0 and saved["seconds_lowpass"] > 0 and saved["seq_len"] == 256

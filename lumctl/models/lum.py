@@ -99,9 +99,11 @@ def lowpass_kernel(window: int, bins: int) -> torch.Tensor:
 def lowpass_matrix(pos: torch.Tensor, allowed: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """The low-pass filter as a (B, S, S) matrix: token t takes kernel[pos_t - pos_s] of each token s it may
     attend to (allowed (B, S, S) bool) that lies 0 .. window - 1 positions before it; pos (B, S)."""
-    lag = (pos[:, :, None] - pos[:, None, :]).long()                     # (B, S, S)
-    ok = allowed & (lag >= 0) & (lag < len(kernel))
-    return torch.where(ok, kernel[lag.clamp(0, len(kernel) - 1)], 0.0)
+    W = len(kernel)
+    p = pos.to(torch.int32)
+    lag = p[:, :, None] - p[:, None, :]                                   # (B, S, S)
+    lag = torch.where(allowed & (lag >= 0) & (lag < W), lag, W)          # W: the zero weight appended below
+    return torch.cat([kernel, kernel.new_zeros(1)])[lag]
 
 
 class LowPass(nn.Module):

@@ -3,7 +3,8 @@
 - sdpa: a dense bool mask (B, S, S) built by Numba (`lumctl.ops.packing.document_causal_mask`)
 - flex: a `torch.nn.attention.flex_attention` BlockMask from segment ids (document-causal),
   with the kernel and the block-mask construction compiled on CUDA (eager elsewhere)
-- dense: no mask is passed; the model builds one from segment ids on its device (HSTU)
+- dense: no mask is passed; the model builds one from segment ids on its device (HSTU;
+  `dense_document_causal`, also LUM's low-pass branch under flex)
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ def document_causal_block_mask(segment: torch.Tensor):
         return (same & (kv <= q)) | (q == kv)
 
     return create_block_mask(mask_mod, B, None, S, S, device=segment.device, _compile=segment.is_cuda)
+
+
+def dense_document_causal(segment: torch.Tensor) -> torch.Tensor:
+    """segment (B, S) -> bool (B, S, S): same user, key not after query; padding rows all False."""
+    S = segment.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=segment.device).tril()           # (S, S)
+    return (segment[:, :, None] == segment[:, None, :]) & causal & (segment >= 0)[:, :, None]
 
 
 def query_block_mask(segment: torch.Tensor, is_query: torch.Tensor):

@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lumctl.attention import dense_document_causal
+
 # name -> (d_model, n_layers, n_heads); per-head widths d_qk = d_v = d_model // n_heads unless set
 PRESETS = {
     "tiny": (32, 2, 2),                  # CI
@@ -91,13 +93,6 @@ class _BiasGather(torch.autograd.Function):
 def bias_gather(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """w (n,), idx (...) long -> w[idx] (...), with a histogram backward."""
     return _BiasGather.apply(w, idx)
-
-
-def dense_document_causal(segment: torch.Tensor) -> torch.Tensor:
-    """segment (B, S) -> bool (B, S, S): same user, key not after query; padding rows all False."""
-    S = segment.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=segment.device).tril()           # (S, S)
-    return (segment[:, :, None] == segment[:, None, :]) & causal & (segment >= 0)[:, :, None]
 
 
 class HSTULayer(nn.Module):

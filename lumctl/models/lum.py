@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lumctl.attention import attend
+from lumctl.attention import attend, dense_document_causal
 
 # name -> (d_model, n_layers, n_heads, d_ff); transformer parameters ~ 12 d^2 L (SwiGLU d_ff ~ 2.75 d)
 PRESETS = {
@@ -250,8 +250,7 @@ class LUM(nn.Module):
         if isinstance(mask, torch.Tensor):
             allowed = mask
         elif "segment" in batch:
-            seg = batch["segment"]
-            allowed = (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, :, None]
+            allowed = dense_document_causal(batch["segment"])
         else:
             raise ValueError("the low-pass branch needs a dense mask or the rows' segments")
         return lowpass_matrix(batch["pos"], allowed, self.lowpass_kernel)

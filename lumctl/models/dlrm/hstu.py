@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lumctl.attention import dense_document_causal
 from lumctl.models.dlrm.common import DLRMConfig, Ranker
-from lumctl.models.hstu import HSTUConfig, HSTULayer, dense_document_causal, relative_buckets
+from lumctl.models.hstu import HSTUConfig, HSTULayer, relative_buckets
 
 
 class HSTURanker(Ranker):

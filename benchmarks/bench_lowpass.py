@@ -15,23 +15,18 @@ import torch
 
 from common import REPO, append_result, machine
 from lumctl.models.lum import LUM, LUMConfig
-from lumctl.ops.packing import document_causal_mask
+from lumctl.ops.packing import document_causal_mask, pack_sequences
 
 
 def packed_rows(rows: int, seq_len: int, seed: int = 0) -> dict:
-    """Rows filled with users of 3-50 item tokens, positions restarting per user."""
+    """`rows` rows of item-only users of 3-50 events, packed by the real packer (`pack_sequences`)."""
     rng = np.random.default_rng(seed)
-    seg = np.full((rows, seq_len), -1, np.int32)
-    pos = np.zeros((rows, seq_len), np.int64)
-    for r in range(rows):
-        t, u = 0, 0
-        while t < seq_len:
-            n = min(int(rng.integers(3, 51)), seq_len - t)
-            seg[r, t:t + n], pos[r, t:t + n] = u, np.arange(n)
-            t, u = t + n, u + 1
-    return {"type": torch.full((rows, seq_len), 2, dtype=torch.int8), "cond": torch.zeros(rows, seq_len, 0, dtype=torch.long),
-            "item": torch.from_numpy(rng.integers(2, 12102, (rows, seq_len))), "pos": torch.from_numpy(pos),
-            "segment": torch.from_numpy(seg)}
+    counts = rng.integers(3, 51, 2 * rows * seq_len // 26)               # users for about twice the rows
+    E = int(counts.sum())
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    packed = pack_sequences(rng.integers(2, 12102, E), np.zeros((E, 0), np.int32), first, counts, seq_len, False)
+    keys = {"type": torch.int8, "item": torch.long, "cond": torch.long, "pos": torch.long, "segment": torch.int32}
+    return {k: torch.from_numpy(packed[k][:rows]).to(dt) for k, dt in keys.items()}
 
 
 def step_seconds(bins: int, batch: dict, device: torch.device, repeat: int) -> float:
